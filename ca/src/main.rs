@@ -3,25 +3,317 @@
 
 mod policy_cmd;
 
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use citadel_ca::auth::jwt::{JwksSource, JwtConfig};
+use citadel_ca::cli::StoreArgs;
+use citadel_ca::duration::parse_duration_secs;
+use citadel_ca::serve::ServeConfig;
+use citadel_identity::TrustDomain;
+use citadel_identity::lifetime::LifetimePolicy;
 use clap::{Parser, Subcommand};
 
-/// Citadel certificate authority and operator CLI.
+/// Citadel: a certificate authority and identity service for service meshes.
 #[derive(Parser, Debug)]
 #[command(name = "citadel", version, about)]
 struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "CITADEL_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the CA: Istio's CSR API over TLS, metrics and health over HTTP.
+    Serve(Box<ServeArgs>),
+    /// Inspect the signing authorities and the trust bundle.
+    Root {
+        #[command(subcommand)]
+        command: RootCommand,
+    },
+    /// Check the issuance ledger.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+    /// List issued certificates from the ledger.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Validate and explain Istio PeerAuthentication and AuthorizationPolicy files.
     Policy(policy_cmd::PolicyArgs),
 }
 
-fn main() -> anyhow::Result<std::process::ExitCode> {
-    let cli = Cli::parse();
+#[derive(Subcommand, Debug)]
+enum RootCommand {
+    /// Show each authority (state, expiry, live certificates) and print the trust bundle.
+    Status {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Trust domain of the bundle.
+        #[arg(long, env = "CITADEL_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LedgerCommand {
+    /// Recompute the hash chain; exit 1 and name the first bad row if it is broken.
+    Verify {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// List issuances, oldest first.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Only this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Only certificates still valid now.
+        #[arg(long)]
+        live: bool,
+        /// At most this many rows.
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Flags of `citadel serve`.
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Trust domain of every identity issued.
+    #[arg(long, env = "CITADEL_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Address of the CSR API (gRPC over TLS).
+    #[arg(long, env = "CITADEL_LISTEN", default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Address of /metrics, /healthz and /readyz (plain HTTP).
+    #[arg(long, env = "CITADEL_HTTP_LISTEN", default_value = "0.0.0.0:15014")]
+    http_listen: SocketAddr,
+    /// DNS names in the CA's serving certificate (repeatable).
+    #[arg(long = "dns-name", default_values = ["citadel.citadel-system.svc", "localhost"])]
+    dns_names: Vec<String>,
+    /// IP addresses in the CA's serving certificate (repeatable); the listen
+    /// address is added when it is not a wildcard.
+    #[arg(long = "ip-address", default_values = ["127.0.0.1"])]
+    ip_addresses: Vec<IpAddr>,
+    /// Sign with the operator's CA from this directory (Istio cacerts layout:
+    /// ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem; or tls.crt, tls.key, ca.crt).
+    #[arg(long, env = "CITADEL_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// Leaf lifetime when the request asks for none.
+    #[arg(long, default_value = "24h", value_parser = parse_duration_secs)]
+    default_ttl: i64,
+    /// Longest leaf lifetime a request may ask for (longer requests are rejected).
+    #[arg(long, default_value = "90d", value_parser = parse_duration_secs)]
+    max_ttl: i64,
+    /// Lifetime of a self-signed root created on first start.
+    #[arg(long, default_value = "10y", value_parser = parse_duration_secs)]
+    root_ttl: i64,
+    /// Expected `iss` of service-account JWTs (enables local JWT verification).
+    #[arg(long, env = "CITADEL_JWT_ISSUER", requires = "jwt_jwks")]
+    jwt_issuer: Option<String>,
+    /// The issuer's JWKS: a file path or an https:// URL.
+    #[arg(long, env = "CITADEL_JWT_JWKS", requires = "jwt_issuer")]
+    jwt_jwks: Option<String>,
+    /// Accepted JWT audiences (repeatable).
+    #[arg(long = "jwt-audience", default_values = ["istio-ca"])]
+    jwt_audiences: Vec<String>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<ServeConfig> {
+        let trust_domain = TrustDomain::new(&self.trust_domain)
+            .with_context(|| format!("--trust-domain {:?}", self.trust_domain))?;
+        let lifetime = LifetimePolicy {
+            default_ttl_secs: self.default_ttl,
+            max_ttl_secs: self.max_ttl,
+            ..LifetimePolicy::default()
+        };
+        citadel_identity::lifetime::validate_policy(&lifetime).context("--default-ttl/--max-ttl")?;
+        anyhow::ensure!(self.root_ttl > self.max_ttl, "--root-ttl must be longer than --max-ttl");
+        let jwt = match (self.jwt_issuer, self.jwt_jwks) {
+            (Some(issuer), Some(jwks)) => Some(JwtConfig {
+                issuer,
+                audiences: self.jwt_audiences,
+                jwks: JwksSource::parse(&jwks).map_err(anyhow::Error::msg)?,
+                trust_domain: trust_domain.clone(),
+            }),
+            _ => None,
+        };
+        let mut ip_addresses = self.ip_addresses;
+        if !self.listen.ip().is_unspecified() && !ip_addresses.contains(&self.listen.ip()) {
+            ip_addresses.push(self.listen.ip());
+        }
+        Ok(ServeConfig {
+            data_dir: self.store.data_dir,
+            database_url: self.store.database_url,
+            trust_domain,
+            listen: self.listen,
+            http_listen: self.http_listen,
+            dns_names: self.dns_names,
+            ip_addresses,
+            ca_dir: self.ca_dir,
+            lifetime,
+            root_lifetime_secs: self.root_ttl,
+            jwt,
+        })
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut stdout = std::io::stdout().lock();
     match cli.command {
+        Command::Serve(args) => {
+            let config = args.into_config()?;
+            tracing::info!(
+                data_dir = %config.data_dir.display(),
+                store = %redact_url(&config.store_url()),
+                trust_domain = %config.trust_domain,
+                listen = %config.listen,
+                http_listen = %config.http_listen,
+                default_ttl_secs = config.lifetime.default_ttl_secs,
+                max_ttl_secs = config.lifetime.max_ttl_secs,
+                jwt = config.jwt.is_some(),
+                "starting"
+            );
+            let ca = citadel_ca::serve::start(config).await?;
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            ca.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Root {
+            command: RootCommand::Status { store, trust_domain },
+        } => {
+            let td = TrustDomain::new(&trust_domain).context("--trust-domain")?;
+            let store = store.open().await?;
+            citadel_ca::cli::root_status(store.as_ref(), &td, &mut stdout).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ledger {
+            command: LedgerCommand::Verify { store },
+        } => {
+            let store = store.open().await?;
+            let ok = citadel_ca::cli::ledger_verify(store.as_ref(), &mut stdout).await?;
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Certs {
+            command: CertsCommand::List { store, spiffe_id, live, limit, json },
+        } => {
+            let store = store.open().await?;
+            let filter = citadel_store::LedgerFilter {
+                spiffe_id,
+                live_at: live.then(|| {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64)
+                }),
+                limit,
+                ..Default::default()
+            };
+            citadel_ca::cli::certs_list(store.as_ref(), &filter, json, &mut stdout).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Policy(args) => policy_cmd::run(args),
+    }
+}
+
+/// A store URL without its password, for logs.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_database_password() {
+        assert_eq!(
+            redact_url("postgres://user:secret@db:5432/x"),
+            "postgres://user:***@db:5432/x"
+        );
+        assert_eq!(redact_url("sqlite:///a/b.db"), "sqlite:///a/b.db");
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

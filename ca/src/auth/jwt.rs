@@ -1,0 +1,301 @@
+//! Local verification of Kubernetes service-account JWTs against the
+//! issuer's JWKS: no API-server round trip.
+//!
+//! Accepted: RS256 and ES256 signatures by a key of the issuer's JWKS
+//! (looked up by `kid`), the configured `iss`, one of the configured
+//! audiences, `exp`/`nbf` within a 30 s leeway. The identity comes from the
+//! `kubernetes.io` claims, or from `sub` = `system:serviceaccount:<ns>:<sa>`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use citadel_identity::{SpiffeId, TrustDomain};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use super::{AuthMethod, Authenticator, Caller, Credentials, Rejection};
+
+/// Clock skew tolerated on `exp` and `nbf`, seconds.
+pub const LEEWAY_SECS: i64 = 30;
+/// An unknown `kid` triggers a JWKS refresh at most this often.
+const REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+/// Largest JWKS document accepted.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+
+/// Where the issuer's keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    /// A local JWKS file (re-read when a token names an unknown key).
+    File(PathBuf),
+    /// An HTTPS URL serving the JWKS (re-fetched when a token names an unknown key).
+    Url(String),
+}
+
+impl JwksSource {
+    /// `https://…` is a URL, anything else a file path.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.starts_with("https://") {
+            Ok(JwksSource::Url(s.to_owned()))
+        } else if s.starts_with("http://") {
+            Err(format!("JWKS URL {s} must use https"))
+        } else {
+            Ok(JwksSource::File(PathBuf::from(s)))
+        }
+    }
+}
+
+/// Settings of a [`JwtAuthenticator`].
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    /// Expected `iss`.
+    pub issuer: String,
+    /// Accepted audiences (any one must be in `aud`).
+    pub audiences: Vec<String>,
+    /// The issuer's keys.
+    pub jwks: JwksSource,
+    /// Trust domain identities are minted in.
+    pub trust_domain: TrustDomain,
+}
+
+/// Could not load the JWKS.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot load JWKS from {source_name}: {reason}")]
+pub struct JwksError {
+    source_name: String,
+    reason: String,
+}
+
+/// Verifies JWTs locally.
+pub struct JwtAuthenticator {
+    config: JwtConfig,
+    keys: RwLock<Arc<JwkSet>>,
+    last_refresh: tokio::sync::Mutex<Instant>,
+    http: reqwest::Client,
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: i64,
+    nbf: Option<i64>,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: Option<KubernetesClaims>,
+}
+
+#[derive(Debug, Deserialize)]
+struct KubernetesClaims {
+    namespace: String,
+    serviceaccount: Option<NamedObject>,
+    pod: Option<NamedObject>,
+    node: Option<NamedObject>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NamedObject {
+    name: String,
+}
+
+fn reject(reason: impl Into<String>) -> Rejection {
+    Rejection {
+        method: AuthMethod::Jwt.as_str(),
+        reason: reason.into(),
+    }
+}
+
+impl JwtAuthenticator {
+    /// Loads the JWKS once; a source that cannot be read is an error.
+    pub async fn new(config: JwtConfig) -> Result<Self, JwksError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| JwksError {
+                source_name: "https client".into(),
+                reason: e.to_string(),
+            })?;
+        let keys = fetch(&config.jwks, &http).await?;
+        Ok(Self {
+            config,
+            keys: RwLock::new(Arc::new(keys)),
+            last_refresh: tokio::sync::Mutex::new(Instant::now()),
+            http,
+        })
+    }
+
+    fn current(&self) -> Arc<JwkSet> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Re-reads the JWKS, at most once per [`REFRESH_INTERVAL`].
+    async fn refresh(&self) {
+        let mut last = self.last_refresh.lock().await;
+        if last.elapsed() < REFRESH_INTERVAL {
+            return;
+        }
+        *last = Instant::now();
+        match fetch(&self.config.jwks, &self.http).await {
+            Ok(keys) => *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys),
+            Err(e) => tracing::warn!(error = %e, "JWKS refresh failed; keeping the keys we have"),
+        }
+    }
+
+    fn verify(&self, token: &str, keys: &JwkSet, now: i64) -> Result<Caller, KeyLookup> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| KeyLookup::Rejected(reject("token is not a well-formed JWT")))?;
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+            return Err(KeyLookup::Rejected(reject(format!(
+                "signature algorithm {:?} is not accepted (RS256 or ES256 only)",
+                header.alg
+            ))));
+        }
+        let jwk = match &header.kid {
+            Some(kid) => keys.find(kid).ok_or_else(|| KeyLookup::UnknownKid(kid.clone()))?,
+            None if keys.keys.len() == 1 => &keys.keys[0],
+            None => return Err(KeyLookup::Rejected(reject("token has no kid and the issuer has several keys"))),
+        };
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|e| KeyLookup::Rejected(reject(format!("issuer key is unusable: {e}"))))?;
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&self.config.issuer]);
+        validation.set_audience(&self.config.audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        // Time is judged below against the caller-supplied `now`.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
+            KeyLookup::Rejected(reject(match e.kind() {
+                ErrorKind::InvalidSignature => "signature does not verify".to_string(),
+                ErrorKind::InvalidIssuer => format!("issuer is not {}", self.config.issuer),
+                ErrorKind::InvalidAudience => format!(
+                    "audience is not one of [{}]",
+                    self.config.audiences.join(", ")
+                ),
+                ErrorKind::InvalidAlgorithm => "algorithm does not match the issuer key".into(),
+                ErrorKind::MissingRequiredClaim(c) => format!("required claim '{c}' is missing"),
+                ErrorKind::Json(_) => "claims are not valid JSON of the expected shape".into(),
+                _ => "token is invalid".into(),
+            }))
+        })?;
+        let claims = data.claims;
+        if claims.exp + LEEWAY_SECS < now {
+            return Err(KeyLookup::Rejected(reject("token has expired")));
+        }
+        if let Some(nbf) = claims.nbf {
+            if nbf - LEEWAY_SECS > now {
+                return Err(KeyLookup::Rejected(reject("token is not valid yet (nbf)")));
+            }
+        }
+        self.identity(&claims).map_err(KeyLookup::Rejected)
+    }
+
+    fn identity(&self, claims: &Claims) -> Result<Caller, Rejection> {
+        let from_sub = claims
+            .sub
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.split_once(':'));
+        let (namespace, name, pod, node) = match &claims.kubernetes {
+            Some(k) => {
+                let sa = k
+                    .serviceaccount
+                    .as_ref()
+                    .ok_or_else(|| reject("kubernetes.io claims carry no serviceaccount"))?;
+                if let Some((ns, sa_name)) = from_sub {
+                    if ns != k.namespace || sa_name != sa.name {
+                        return Err(reject("sub and kubernetes.io claims name different service accounts"));
+                    }
+                }
+                (
+                    k.namespace.as_str(),
+                    sa.name.as_str(),
+                    k.pod.as_ref().map(|p| p.name.clone()),
+                    k.node.as_ref().map(|n| n.name.clone()),
+                )
+            }
+            None => {
+                let (ns, sa) = from_sub.ok_or_else(|| {
+                    reject("sub is not system:serviceaccount:<namespace>:<name>")
+                })?;
+                (ns, sa, None, None)
+            }
+        };
+        let identity = SpiffeId::for_service_account(&self.config.trust_domain, namespace, name)
+            .map_err(|e| reject(format!("service account does not form a SPIFFE ID: {e}")))?;
+        Ok(Caller {
+            identity,
+            method: AuthMethod::Jwt,
+            node,
+            pod,
+        })
+    }
+}
+
+enum KeyLookup {
+    UnknownKid(String),
+    Rejected(Rejection),
+}
+
+#[async_trait]
+impl Authenticator for JwtAuthenticator {
+    async fn authenticate(&self, creds: &Credentials<'_>) -> Result<Option<Caller>, Rejection> {
+        let Some(token) = creds.bearer_token else {
+            return Ok(None);
+        };
+        match self.verify(token, &self.current(), creds.now) {
+            Ok(caller) => Ok(Some(caller)),
+            Err(KeyLookup::Rejected(r)) => Err(r),
+            Err(KeyLookup::UnknownKid(_)) => {
+                // The issuer may have rotated its keys: look again, once.
+                self.refresh().await;
+                match self.verify(token, &self.current(), creds.now) {
+                    Ok(caller) => Ok(Some(caller)),
+                    Err(KeyLookup::Rejected(r)) => Err(r),
+                    Err(KeyLookup::UnknownKid(kid)) => {
+                        Err(reject(format!("unknown signing key id (kid) {kid:?}")))
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn fetch(source: &JwksSource, http: &reqwest::Client) -> Result<JwkSet, JwksError> {
+    let (name, bytes) = match source {
+        JwksSource::File(path) => {
+            let name = path.display().to_string();
+            let bytes = tokio::fs::read(path).await.map_err(|e| JwksError {
+                source_name: name.clone(),
+                reason: e.to_string(),
+            })?;
+            (name, bytes)
+        }
+        JwksSource::Url(url) => {
+            let err = |reason: String| JwksError {
+                source_name: url.clone(),
+                reason,
+            };
+            let resp = http
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            if !resp.status().is_success() {
+                return Err(err(format!("HTTP {}", resp.status())));
+            }
+            let bytes = resp.bytes().await.map_err(|e| err(e.to_string()))?;
+            (url.clone(), bytes.to_vec())
+        }
+    };
+    if bytes.len() > MAX_JWKS_BYTES {
+        return Err(JwksError {
+            source_name: name,
+            reason: format!("document is larger than {MAX_JWKS_BYTES} bytes"),
+        });
+    }
+    serde_json::from_slice(&bytes).map_err(|e| JwksError {
+        source_name: name,
+        reason: format!("not a JWKS document: {e}"),
+    })
+}

@@ -1,0 +1,97 @@
+//! Prometheus metrics of the CA.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label of a failed issuance.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// Short machine-readable reason (`unauthenticated`, `bad_csr`, …).
+    pub reason: &'static str,
+}
+
+/// Label of a successful issuance.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuedLabels {
+    /// How the caller authenticated.
+    pub method: &'static str,
+}
+
+/// Every metric the CA exports.
+pub struct CaMetrics {
+    registry: Registry,
+    /// Certificates issued.
+    pub issued: Family<IssuedLabels, Counter>,
+    /// Issuance failures by reason.
+    pub failures: Family<FailureLabels, Counter>,
+    /// Seconds from request to durable answer.
+    pub issuance_seconds: Histogram,
+    /// Seconds until the active root expires (set at scrape time).
+    pub root_expiry_seconds: Gauge,
+    /// Seconds until the active signing certificate expires (set at scrape time).
+    pub signer_expiry_seconds: Gauge,
+}
+
+impl Default for CaMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CaMetrics {
+    /// Registers every metric under the `citadel_ca` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("citadel_ca");
+        let issued = Family::<IssuedLabels, Counter>::default();
+        let failures = Family::<FailureLabels, Counter>::default();
+        let issuance_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let root_expiry_seconds = Gauge::default();
+        let signer_expiry_seconds = Gauge::default();
+        registry.register("certificates_issued", "Certificates issued", issued.clone());
+        registry.register(
+            "issuance_failures",
+            "Certificate requests refused or failed, by reason",
+            failures.clone(),
+        );
+        registry.register(
+            "issuance_duration_seconds",
+            "Time from request to durable answer",
+            issuance_seconds.clone(),
+        );
+        registry.register(
+            "root_expiry_seconds",
+            "Seconds until the active root certificate expires",
+            root_expiry_seconds.clone(),
+        );
+        registry.register(
+            "signer_expiry_seconds",
+            "Seconds until the active signing certificate expires",
+            signer_expiry_seconds.clone(),
+        );
+        Self {
+            registry,
+            issued,
+            failures,
+            issuance_seconds,
+            root_expiry_seconds,
+            signer_expiry_seconds,
+        }
+    }
+
+    /// Counts one failure.
+    pub fn fail(&self, reason: &'static str) {
+        self.failures.get_or_create(&FailureLabels { reason }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,273 @@
+//! `citadel serve`: assembles the CA from its configuration and runs it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use citadel_identity::TrustDomain;
+use citadel_identity::lifetime::{LifetimePolicy, leaf_validity};
+use citadel_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
+use citadel_store::{GroupCommitLedger, NewIssuance, Store};
+use rcgen::PublicKeyData;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::client_cert::ClientCertAuthenticator;
+use crate::auth::jwt::{JwtAuthenticator, JwtConfig};
+use crate::auth::{AuthChain, Authenticator};
+use crate::authorities;
+use crate::authority::{Authority, LeafSpec, random_serial};
+use crate::csr::KeyKind;
+use crate::http::{OpsState, router};
+use crate::issuer::CertificateIssuer;
+use crate::keystore::FileKeyStore;
+use crate::metrics::CaMetrics;
+use crate::service::{IstioCaService, MAX_REQUEST_BYTES};
+use crate::tls::{ServingCertResolver, provider, server_config, tls_incoming};
+
+/// Everything `citadel serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Data directory (SQLite database, keys, bundle.pem); created 0700.
+    pub data_dir: PathBuf,
+    /// Store URL; `None` = SQLite in the data directory.
+    pub database_url: Option<String>,
+    /// Trust domain of every identity issued.
+    pub trust_domain: TrustDomain,
+    /// CSR API address.
+    pub listen: SocketAddr,
+    /// Metrics and health address.
+    pub http_listen: SocketAddr,
+    /// DNS names of the CA's serving certificate.
+    pub dns_names: Vec<String>,
+    /// IP addresses of the CA's serving certificate.
+    pub ip_addresses: Vec<IpAddr>,
+    /// Operator CA directory (plug-in mode).
+    pub ca_dir: Option<PathBuf>,
+    /// Leaf lifetime rules.
+    pub lifetime: LifetimePolicy,
+    /// Lifetime of a self-signed root.
+    pub root_lifetime_secs: i64,
+    /// Local JWT verification, if configured.
+    pub jwt: Option<JwtConfig>,
+}
+
+impl ServeConfig {
+    /// The store URL in effect.
+    pub fn store_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir.join("citadel.db").display())
+        })
+    }
+}
+
+/// A running CA.
+pub struct RunningCa {
+    /// Bound CSR API address.
+    pub grpc_addr: SocketAddr,
+    /// Bound HTTP address.
+    pub http_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningCa {
+    /// Stops accepting, lets in-flight requests finish, and waits.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Creates the data directory (0700).
+pub fn prepare_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set permissions of {}", dir.display()))?;
+    Ok(())
+}
+
+/// Issues the CA's own serving certificate and installs it; returns its notBefore/notAfter.
+async fn refresh_serving_cert(
+    authority: &Authority,
+    config: &ServeConfig,
+    resolver: &ServingCertResolver,
+    ledger: &GroupCommitLedger,
+) -> anyhow::Result<(i64, i64)> {
+    let now = unix_now();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let validity = leaf_validity(&config.lifetime, 0, authority.window(), now)?;
+    let leaf = authority.sign(&LeafSpec {
+        spiffe_id: None,
+        dns_names: &config.dns_names,
+        ip_addresses: &config.ip_addresses,
+        common_name: Some("citadel"),
+        spki_der: &key.subject_public_key_info(),
+        key_kind: KeyKind::EcdsaP256,
+        validity,
+        serial: random_serial()?,
+    })?;
+    ledger
+        .record(NewIssuance {
+            serial_hex: leaf.serial_hex.clone(),
+            spiffe_id: format!("dns:{}", config.dns_names.join(",")),
+            authority_id: authority.id().to_owned(),
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
+            requester: "citadel".into(),
+            node: None,
+            der_sha256: leaf.der_sha256,
+            issued_at: now,
+        })
+        .await
+        .context("recording the serving certificate")?;
+    let mut chain = vec![leaf.der.clone()];
+    if authority.signer() != authority.root() {
+        chain.push(authority.signer().clone());
+    }
+    chain.extend(authority.intermediates().iter().cloned());
+    resolver.set(chain, key.serialize_der())?;
+    Ok((leaf.not_before, leaf.not_after))
+}
+
+/// Starts the CA: store, authority, bundle, TLS, gRPC and HTTP servers.
+pub async fn start(config: ServeConfig) -> anyhow::Result<RunningCa> {
+    prepare_data_dir(&config.data_dir)?;
+    let store: Arc<dyn Store> = citadel_store::connect(&config.store_url())
+        .await
+        .context("opening the store")?;
+    let keys = FileKeyStore::open(config.data_dir.join("keys"))?;
+    let now = unix_now();
+    let authority = Arc::new(
+        authorities::load_or_create(
+            store.as_ref(),
+            &keys,
+            &config.trust_domain,
+            config.ca_dir.as_deref(),
+            config.root_lifetime_secs,
+            now,
+        )
+        .await?,
+    );
+    let bundle = authorities::current_bundle(store.as_ref(), &config.trust_domain).await?;
+    authorities::write_bundle(&config.data_dir.join("bundle.pem"), &bundle)?;
+    let (_authority_tx, authority_rx) = watch::channel(authority.clone());
+    let (_bundle_tx, bundle_rx) = watch::channel(bundle);
+
+    let ledger = GroupCommitLedger::spawn(store.clone(), 256);
+    let mut authenticators: Vec<Arc<dyn Authenticator>> =
+        vec![Arc::new(ClientCertAuthenticator::new(bundle_rx))];
+    match &config.jwt {
+        Some(jwt) => authenticators.push(Arc::new(
+            JwtAuthenticator::new(jwt.clone())
+                .await
+                .context("configuring JWT verification")?,
+        )),
+        None => tracing::warn!(
+            "no token authenticator configured (--jwt-issuer/--jwt-jwks): only renewals by client certificate will be accepted"
+        ),
+    }
+    let metrics = Arc::new(CaMetrics::new());
+    let issuer = Arc::new(CertificateIssuer::new(
+        config.trust_domain.clone(),
+        authority_rx.clone(),
+        AuthChain::new(authenticators),
+        ledger.clone(),
+        config.lifetime,
+        metrics.clone(),
+    ));
+
+    let provider = provider();
+    let resolver = Arc::new(ServingCertResolver::new(provider.clone()));
+    let (_, serving_not_after) =
+        refresh_serving_cert(&authority, &config, &resolver, &ledger).await?;
+    let tls = TlsAcceptor::from(Arc::new(server_config(provider, resolver.clone())?));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let grpc_listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http_listen))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let mut tasks = Vec::new();
+    let svc = IstioCertificateServiceServer::new(IstioCaService::new(issuer))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let mut rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let incoming = tls_incoming(grpc_listener, tls);
+        let result = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+
+    let ops = router(OpsState {
+        metrics,
+        store: store.clone(),
+        authority: authority_rx.clone(),
+    });
+    let mut rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let result = axum::serve(http_listener, ops)
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }));
+
+    // Renew the serving certificate at half of its lifetime.
+    let mut rx = shutdown_rx.clone();
+    let renew_config = config.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut not_after = serving_not_after;
+        loop {
+            let now = unix_now();
+            let wait = ((not_after - now) / 2).clamp(1, 86_400 * 365);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(wait as u64)) => {}
+                _ = rx.wait_for(|stop| *stop) => return,
+            }
+            let authority = authority_rx.borrow().clone();
+            match refresh_serving_cert(&authority, &renew_config, &resolver, &ledger).await {
+                Ok((_, na)) => not_after = na,
+                Err(e) => {
+                    tracing::warn!(error = %e, "serving certificate renewal failed; retrying in 30 s");
+                    not_after = unix_now() + 60;
+                }
+            }
+        }
+    }));
+
+    tracing::info!(%grpc_addr, %http_addr, trust_domain = %config.trust_domain, "citadel CA serving");
+    Ok(RunningCa {
+        grpc_addr,
+        http_addr,
+        shutdown: shutdown_tx,
+        tasks,
+    })
+}

@@ -1,0 +1,14 @@
+//! Compiles the .proto files with protox (a pure-Rust protobuf compiler), so a
+//! fresh machine needs no system `protoc`.
+
+const PROTOS: &[&str] = &["istio/security/v1alpha1/ca.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let descriptors = protox::compile(PROTOS, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(descriptors)?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! Runs the real binaries built by this workspace.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Path of a binary of this workspace (next to the test executable's `deps/`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_or(0, |a| a.port())
+}
+
+/// Runs `citadel ARGS…` to completion.
+pub fn citadel(args: &[&str]) -> anyhow::Result<Output> {
+    Command::new(binary("citadel"))
+        .args(args)
+        .output()
+        .context("running citadel")
+}
+
+/// A minimal HTTP/1.0 GET: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no HTTP status")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A `citadel serve` child process on loopback ports.
+pub struct CaProcess {
+    child: Child,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// CSR API address.
+    pub grpc_addr: SocketAddr,
+    /// HTTP address.
+    pub http_addr: SocketAddr,
+}
+
+impl CaProcess {
+    /// Starts `citadel serve --data-dir DIR` plus `extra` flags and waits until it is ready.
+    pub async fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let http_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let child = Command::new(binary("citadel"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--listen")
+            .arg(grpc_addr.to_string())
+            .arg("--http-listen")
+            .arg(http_addr.to_string())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning citadel serve")?;
+        let mut ca = CaProcess {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            grpc_addr,
+            http_addr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = ca.child.try_wait() {
+                anyhow::bail!("citadel serve exited early: {status}");
+            }
+            if let Ok((200, _)) = http_get(http_addr, "/readyz").await {
+                if tokio::net::TcpStream::connect(grpc_addr).await.is_ok() {
+                    return Ok(ca);
+                }
+            }
+            anyhow::ensure!(Instant::now() < deadline, "citadel serve not ready after 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The trust bundle the CA wrote.
+    pub fn bundle_pem(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(self.data_dir.join("bundle.pem"))?)
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()?;
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for CaProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
