@@ -31,7 +31,11 @@ pub fn record_of(a: &Authority, state: AuthorityState, key_ref: &str, now: i64) 
 
 fn one_cert(text: &str, what: &str) -> anyhow::Result<CertificateDer<'static>> {
     let mut certs = certs_from_pem(text, what).map_err(anyhow::Error::msg)?;
-    anyhow::ensure!(certs.len() == 1, "{what}: expected one certificate, found {}", certs.len());
+    anyhow::ensure!(
+        certs.len() == 1,
+        "{what}: expected one certificate, found {}",
+        certs.len()
+    );
     Ok(certs.remove(0))
 }
 
@@ -67,10 +71,14 @@ pub async fn load_or_create(
                 let mut rec = record_of(&authority, AuthorityState::Prepared, PLUGIN_KEY_REF, now);
                 rec.state = AuthorityState::Prepared;
                 store.insert_authority(&rec).await?;
-                store.set_authority_state(authority.id(), AuthorityState::Active).await?;
+                store
+                    .set_authority_state(authority.id(), AuthorityState::Active)
+                    .await?;
             }
             Some(r) if r.state != AuthorityState::Active => {
-                store.set_authority_state(authority.id(), AuthorityState::Active).await?;
+                store
+                    .set_authority_state(authority.id(), AuthorityState::Active)
+                    .await?;
             }
             Some(_) => {}
         }
@@ -95,7 +103,12 @@ pub async fn load_or_create(
         let key_ref = format!("{}.key.pem", authority.id());
         keys.save(&key_ref, &key).await?;
         match store
-            .insert_authority(&record_of(&authority, AuthorityState::Active, &key_ref, now))
+            .insert_authority(&record_of(
+                &authority,
+                AuthorityState::Active,
+                &key_ref,
+                now,
+            ))
             .await
         {
             Ok(()) => {
@@ -110,7 +123,10 @@ pub async fn load_or_create(
 }
 
 /// The trust bundle: the roots of every prepared, active or retired authority.
-pub async fn current_bundle(store: &dyn Store, trust_domain: &TrustDomain) -> anyhow::Result<TrustBundle> {
+pub async fn current_bundle(
+    store: &dyn Store,
+    trust_domain: &TrustDomain,
+) -> anyhow::Result<TrustBundle> {
     let records = store.list_authorities().await?;
     let mut roots = Vec::new();
     for r in records.iter().filter(|r| {

@@ -9,11 +9,11 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use citadel_identity::{SpiffeId, TrustDomain};
 use citadel_identity::lifetime::{SignerWindow, Validity};
-use rcgen::{PublicKeyData,
+use citadel_identity::{SpiffeId, TrustDomain};
+use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -121,8 +121,8 @@ fn to_time(unix: i64) -> Result<time::OffsetDateTime, AuthorityError> {
 }
 
 fn parse_cert<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, AuthorityError> {
-    let (rest, cert) =
-        X509Certificate::from_der(der).map_err(|e| invalid(format!("{what} does not parse: {e}")))?;
+    let (rest, cert) = X509Certificate::from_der(der)
+        .map_err(|e| invalid(format!("{what} does not parse: {e}")))?;
     if !rest.is_empty() {
         return Err(invalid(format!("{what} has trailing bytes")));
     }
@@ -130,15 +130,13 @@ fn parse_cert<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, Auth
 }
 
 fn is_self_signed(cert: &X509Certificate<'_>) -> bool {
-    cert.subject().as_raw() == cert.issuer().as_raw()
-        && cert.verify_signature(None).is_ok()
+    cert.subject().as_raw() == cert.issuer().as_raw() && cert.verify_signature(None).is_ok()
 }
 
 /// Loads a private key from PEM: PKCS#8 (`PRIVATE KEY`) or PKCS#1 RSA
 /// (`RSA PRIVATE KEY`, as older `openssl genrsa` writes and Istio samples use).
 pub fn key_pair_from_pem(key: &KeyPem) -> Result<KeyPair, AuthorityError> {
-    let parsed = pem::parse(key.expose())
-        .map_err(|_| invalid("private key is not PEM"))?;
+    let parsed = pem::parse(key.expose()).map_err(|_| invalid("private key is not PEM"))?;
     let der = match parsed.tag() {
         "PRIVATE KEY" => parsed.contents().to_vec(),
         "RSA PRIVATE KEY" => pkcs1_to_pkcs8(parsed.contents()),
@@ -151,7 +149,11 @@ pub fn key_pair_from_pem(key: &KeyPem) -> Result<KeyPair, AuthorityError> {
         "ENCRYPTED PRIVATE KEY" => {
             return Err(invalid("encrypted private keys are not supported"));
         }
-        other => return Err(invalid(format!("unexpected PEM block '{other}' for a private key"))),
+        other => {
+            return Err(invalid(format!(
+                "unexpected PEM block '{other}' for a private key"
+            )));
+        }
     };
     let der = rustls_pki_types::PrivatePkcs8KeyDer::from(der);
     KeyPair::try_from(&der).map_err(|e| invalid(format!("private key is not usable: {e}")))
@@ -163,7 +165,11 @@ fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
     if len < 0x80 {
         out.push(len as u8);
     } else {
-        let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
         out.push(0x80 | bytes.len() as u8);
         out.extend_from_slice(&bytes);
     }
@@ -252,7 +258,8 @@ impl Authority {
             return Err(invalid("root certificate is not self-signed"));
         }
         // Walk signer -> intermediates -> root, each signed by the next.
-        let mut path: Vec<(&CertificateDer<'static>, &str)> = vec![(&signer, "signing certificate")];
+        let mut path: Vec<(&CertificateDer<'static>, &str)> =
+            vec![(&signer, "signing certificate")];
         for i in &intermediates {
             path.push((i, "intermediate certificate"));
         }
@@ -292,7 +299,10 @@ impl Authority {
             intermediates,
             root,
             issuer,
-            window: SignerWindow { not_before, not_after },
+            window: SignerWindow {
+                not_before,
+                not_after,
+            },
             chain_pem,
         })
     }
@@ -312,7 +322,12 @@ impl Authority {
             || has("ca-key.pem")
             || has("root-cert.pem")
         {
-            for name in ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"] {
+            for name in [
+                "ca-cert.pem",
+                "ca-key.pem",
+                "cert-chain.pem",
+                "root-cert.pem",
+            ] {
                 if !has(name) {
                     return Err(AuthorityError::Files(format!(
                         "incomplete CA directory {}: {name} is missing (Istio cacerts layout needs ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem)",
@@ -336,7 +351,13 @@ impl Authority {
                     )));
                 }
             }
-            (certs(&read("tls.crt")?, "tls.crt")?, "tls.key", read("ca.crt")?, "ca.crt", Vec::new())
+            (
+                certs(&read("tls.crt")?, "tls.crt")?,
+                "tls.key",
+                read("ca.crt")?,
+                "ca.crt",
+                Vec::new(),
+            )
         } else {
             return Err(AuthorityError::Files(format!(
                 "{} holds no CA: expected ca-cert.pem, ca-key.pem, cert-chain.pem and root-cert.pem (or tls.crt, tls.key and ca.crt)",
@@ -412,18 +433,14 @@ impl Authority {
         }
         let mut sans = Vec::new();
         if let Some(id) = spec.spiffe_id {
-            sans.push(SanType::URI(
-                id.as_str()
-                    .try_into()
-                    .map_err(|_| AuthorityError::Signing("SPIFFE ID is not IA5".into()))?,
-            ));
+            sans.push(SanType::URI(id.as_str().try_into().map_err(|_| {
+                AuthorityError::Signing("SPIFFE ID is not IA5".into())
+            })?));
         }
         for dns in spec.dns_names {
-            sans.push(SanType::DnsName(
-                dns.as_str()
-                    .try_into()
-                    .map_err(|_| AuthorityError::Signing(format!("DNS name {dns:?} is not IA5")))?,
-            ));
+            sans.push(SanType::DnsName(dns.as_str().try_into().map_err(|_| {
+                AuthorityError::Signing(format!("DNS name {dns:?} is not IA5"))
+            })?));
         }
         sans.extend(spec.ip_addresses.iter().map(|ip| SanType::IpAddress(*ip)));
         params.subject_alt_names = sans;
@@ -440,7 +457,9 @@ impl Authority {
         params.serial_number = Some(SerialNumber::from_slice(&spec.serial));
         params.not_before = to_time(spec.validity.not_before)?;
         params.not_after = to_time(spec.validity.not_after)?;
-        let cert = params.signed_by(&public_key, &self.issuer).map_err(sign_err)?;
+        let cert = params
+            .signed_by(&public_key, &self.issuer)
+            .map_err(sign_err)?;
         let der = cert.der().clone();
         Ok(IssuedCertificate {
             der_sha256: sha256(&der),

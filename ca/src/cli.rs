@@ -23,9 +23,9 @@ pub struct StoreArgs {
 impl StoreArgs {
     /// The store URL in effect.
     pub fn url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", self.data_dir.join("citadel.db").display())
-        })
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("citadel.db").display()))
     }
 
     /// Opens the store; a missing SQLite database is an error, not a new one.
@@ -54,7 +54,10 @@ fn unix_now() -> i64 {
 fn fmt_time(t: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(t)
         .ok()
-        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| t.to_string())
 }
 
@@ -68,10 +71,21 @@ pub async fn root_status(
     let now = unix_now();
     let authorities = store.list_authorities().await?;
     let live = store.live_counts_by_authority(now).await?;
-    writeln!(out, "{:<34} {:<9} {:<22} {:>12}  ROOT", "AUTHORITY", "STATE", "NOT AFTER", "LIVE CERTS")?;
+    writeln!(
+        out,
+        "{:<34} {:<9} {:<22} {:>12}  ROOT",
+        "AUTHORITY", "STATE", "NOT AFTER", "LIVE CERTS"
+    )?;
     for a in &authorities {
-        let count = live.iter().find(|(id, _)| *id == a.id).map_or(0, |(_, n)| *n);
-        let root = if a.cert_pem == a.root_pem { "self-signed" } else { "intermediate" };
+        let count = live
+            .iter()
+            .find(|(id, _)| *id == a.id)
+            .map_or(0, |(_, n)| *n);
+        let root = if a.cert_pem == a.root_pem {
+            "self-signed"
+        } else {
+            "intermediate"
+        };
         writeln!(
             out,
             "{:<34} {:<9} {:<22} {:>12}  {}",
@@ -82,7 +96,10 @@ pub async fn root_status(
             root
         )?;
     }
-    if !authorities.iter().any(|a| a.state == AuthorityState::Active) {
+    if !authorities
+        .iter()
+        .any(|a| a.state == AuthorityState::Active)
+    {
         writeln!(out, "warning: no active authority")?;
     }
     let bundle = current_bundle(store, trust_domain).await?;
@@ -138,7 +155,11 @@ pub async fn certs_list(
         writeln!(out, "{}", serde_json::to_string_pretty(&items)?)?;
         return Ok(());
     }
-    writeln!(out, "{:>6}  {:<32}  {:<22}  SPIFFE ID", "SEQ", "SERIAL", "NOT AFTER")?;
+    writeln!(
+        out,
+        "{:>6}  {:<32}  {:<22}  SPIFFE ID",
+        "SEQ", "SERIAL", "NOT AFTER"
+    )?;
     for e in &rows {
         writeln!(
             out,

@@ -67,7 +67,9 @@ pub enum CsrError {
     #[error("csr signature does not verify with its own public key (proof of possession failed)")]
     BadSignature,
     /// RSA key outside the accepted range.
-    #[error("csr has an RSA key of {bits} bits; accepted sizes are {MIN_RSA_BITS} to {MAX_RSA_BITS}")]
+    #[error(
+        "csr has an RSA key of {bits} bits; accepted sizes are {MIN_RSA_BITS} to {MAX_RSA_BITS}"
+    )]
     RsaKeySize {
         /// Modulus size.
         bits: usize,
@@ -87,7 +89,9 @@ pub fn parse_and_verify(pem: &str) -> Result<VerifiedCsr, CsrError> {
     let (rest, csr) = X509CertificationRequest::from_der(der.as_ref())
         .map_err(|e| CsrError::MalformedDer(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(CsrError::MalformedDer("trailing bytes after the request".into()));
+        return Err(CsrError::MalformedDer(
+            "trailing bytes after the request".into(),
+        ));
     }
     let info = &csr.certification_request_info;
     let spki = &info.subject_pki;
@@ -102,9 +106,15 @@ pub fn parse_and_verify(pem: &str) -> Result<VerifiedCsr, CsrError> {
                 for name in &san.general_names {
                     match name {
                         GeneralName::URI(uri) => requested_uris.push((*uri).to_owned()),
-                        GeneralName::DNSName(dns) => requested_other_sans.push(format!("DNS:{dns}")),
-                        GeneralName::RFC822Name(m) => requested_other_sans.push(format!("email:{m}")),
-                        GeneralName::IPAddress(ip) => requested_other_sans.push(format!("IP:{ip:02x?}")),
+                        GeneralName::DNSName(dns) => {
+                            requested_other_sans.push(format!("DNS:{dns}"))
+                        }
+                        GeneralName::RFC822Name(m) => {
+                            requested_other_sans.push(format!("email:{m}"))
+                        }
+                        GeneralName::IPAddress(ip) => {
+                            requested_other_sans.push(format!("IP:{ip:02x?}"))
+                        }
                         other => requested_other_sans.push(format!("{other:?}")),
                     }
                 }
@@ -123,7 +133,9 @@ fn judge_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<KeyKi
     let alg = &spki.algorithm.algorithm;
     if *alg == OID_PKCS1_RSAENCRYPTION {
         let Ok(PublicKey::RSA(rsa)) = spki.parsed() else {
-            return Err(CsrError::MalformedDer("RSA public key does not parse".into()));
+            return Err(CsrError::MalformedDer(
+                "RSA public key does not parse".into(),
+            ));
         };
         let bits = rsa.key_size();
         if !(MIN_RSA_BITS..=MAX_RSA_BITS).contains(&bits) {
@@ -141,7 +153,9 @@ fn judge_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<KeyKi
             Some(c) if c == OID_EC_P256 => Ok(KeyKind::EcdsaP256),
             Some(c) if c == OID_NIST_EC_P384 => Ok(KeyKind::EcdsaP384),
             Some(c) => Err(CsrError::UnsupportedKey(format!("EC curve {c}"))),
-            None => Err(CsrError::UnsupportedKey("EC key without a named curve".into())),
+            None => Err(CsrError::UnsupportedKey(
+                "EC key without a named curve".into(),
+            )),
         };
     }
     if *alg == OID_SIG_ED25519 {
@@ -169,23 +183,34 @@ mod tests {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let csr = parse_and_verify(&csr_for(&key, &["spiffe://td/ns/a/sa/b"])).unwrap();
         assert_eq!(csr.key_kind, KeyKind::EcdsaP256);
-        assert_eq!(csr.requested_uris, vec!["spiffe://td/ns/a/sa/b".to_string()]);
+        assert_eq!(
+            csr.requested_uris,
+            vec!["spiffe://td/ns/a/sa/b".to_string()]
+        );
         assert_eq!(csr.spki_der, key.subject_public_key_info());
     }
 
     #[test]
     fn accepts_p384_and_ed25519_csrs() {
         let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
-        assert_eq!(parse_and_verify(&csr_for(&p384, &[])).unwrap().key_kind, KeyKind::EcdsaP384);
+        assert_eq!(
+            parse_and_verify(&csr_for(&p384, &[])).unwrap().key_kind,
+            KeyKind::EcdsaP384
+        );
         let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-        assert_eq!(parse_and_verify(&csr_for(&ed, &[])).unwrap().key_kind, KeyKind::Ed25519);
+        assert_eq!(
+            parse_and_verify(&csr_for(&ed, &[])).unwrap().key_kind,
+            KeyKind::Ed25519
+        );
     }
 
     #[test]
     fn rejects_malformed_pem() {
         assert_eq!(parse_and_verify("not a csr"), Err(CsrError::MalformedPem));
         assert_eq!(
-            parse_and_verify("-----BEGIN CERTIFICATE REQUEST-----\n!!!\n-----END CERTIFICATE REQUEST-----\n"),
+            parse_and_verify(
+                "-----BEGIN CERTIFICATE REQUEST-----\n!!!\n-----END CERTIFICATE REQUEST-----\n"
+            ),
             Err(CsrError::MalformedPem)
         );
     }
@@ -194,13 +219,20 @@ mod tests {
     fn rejects_two_csrs_in_one_pem() {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let one = csr_for(&key, &[]);
-        assert_eq!(parse_and_verify(&format!("{one}{one}")), Err(CsrError::MalformedPem));
+        assert_eq!(
+            parse_and_verify(&format!("{one}{one}")),
+            Err(CsrError::MalformedPem)
+        );
     }
 
     #[test]
     fn rejects_der_garbage_inside_valid_pem() {
-        let pem = "-----BEGIN CERTIFICATE REQUEST-----\nAAECAwQF\n-----END CERTIFICATE REQUEST-----\n";
-        assert!(matches!(parse_and_verify(pem), Err(CsrError::MalformedDer(_))));
+        let pem =
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAECAwQF\n-----END CERTIFICATE REQUEST-----\n";
+        assert!(matches!(
+            parse_and_verify(pem),
+            Err(CsrError::MalformedDer(_))
+        ));
     }
 
     #[test]
@@ -229,6 +261,9 @@ mod tests {
 
     #[test]
     fn accepts_rsa_2048() {
-        assert_eq!(parse_and_verify(RSA_2048_CSR).unwrap().key_kind, KeyKind::Rsa(2048));
+        assert_eq!(
+            parse_and_verify(RSA_2048_CSR).unwrap().key_kind,
+            KeyKind::Rsa(2048)
+        );
     }
 }

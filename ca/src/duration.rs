@@ -16,7 +16,11 @@ pub fn parse_duration_secs(s: &str) -> Result<i64, String> {
         "h" => 3600,
         "d" => 86_400,
         "y" => 365 * 86_400,
-        other => return Err(format!("unknown duration unit {other:?} in {s:?}; use s, m, h, d or y")),
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} in {s:?}; use s, m, h, d or y"
+            ));
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("duration {s:?} is too large"))

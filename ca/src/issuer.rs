@@ -223,8 +223,12 @@ impl CertificateIssuer {
         check_requested_names(&granted, &csr.requested_uris, &csr.requested_other_sans)?;
         let authority = self.authority.borrow().clone();
         let now = req.credentials.now;
-        let validity =
-            leaf_validity(&self.lifetime, req.requested_ttl_secs, authority.window(), now)?;
+        let validity = leaf_validity(
+            &self.lifetime,
+            req.requested_ttl_secs,
+            authority.window(),
+            now,
+        )?;
         let leaf = authority.sign(&LeafSpec {
             spiffe_id: Some(&granted),
             dns_names: &[],
@@ -285,7 +289,10 @@ mod tests {
     fn caller_gets_its_own_identity() {
         let c = caller("spiffe://td/ns/a/sa/b");
         assert_eq!(authorize(&c, None).unwrap(), c.identity);
-        assert_eq!(authorize(&c, Some("spiffe://td/ns/a/sa/b")).unwrap(), c.identity);
+        assert_eq!(
+            authorize(&c, Some("spiffe://td/ns/a/sa/b")).unwrap(),
+            c.identity
+        );
     }
 
     #[test]
@@ -309,7 +316,10 @@ mod tests {
         let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
         let err = check_requested_names(
             &id,
-            &["spiffe://td/ns/a/sa/b".into(), "spiffe://td/ns/a/sa/c".into()],
+            &[
+                "spiffe://td/ns/a/sa/b".into(),
+                "spiffe://td/ns/a/sa/c".into(),
+            ],
             &[],
         )
         .unwrap_err();

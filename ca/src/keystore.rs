@@ -47,7 +47,9 @@ pub enum KeyStoreError {
     #[error("invalid key reference {0:?}: use letters, digits, '.', '-' and '_' only")]
     InvalidRef(String),
     /// The key file is readable by others than its owner.
-    #[error("key file {path} has mode {mode:o}; it must not be accessible to group or others (chmod 600)")]
+    #[error(
+        "key file {path} has mode {mode:o}; it must not be accessible to group or others (chmod 600)"
+    )]
     LoosePermissions {
         /// The file.
         path: String,
@@ -242,11 +244,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = FileKeyStore::open(tmp.path()).unwrap();
         store.save("k", &KeyPem::new("k".into())).await.unwrap();
-        std::fs::set_permissions(
-            tmp.path().join("k"),
-            std::fs::Permissions::from_mode(0o644),
-        )
-        .unwrap();
+        std::fs::set_permissions(tmp.path().join("k"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
         assert!(matches!(
             store.load("k").await,
             Err(KeyStoreError::LoosePermissions { .. })

@@ -146,8 +146,12 @@ impl ServeArgs {
             max_ttl_secs: self.max_ttl,
             ..LifetimePolicy::default()
         };
-        citadel_identity::lifetime::validate_policy(&lifetime).context("--default-ttl/--max-ttl")?;
-        anyhow::ensure!(self.root_ttl > self.max_ttl, "--root-ttl must be longer than --max-ttl");
+        citadel_identity::lifetime::validate_policy(&lifetime)
+            .context("--default-ttl/--max-ttl")?;
+        anyhow::ensure!(
+            self.root_ttl > self.max_ttl,
+            "--root-ttl must be longer than --max-ttl"
+        );
         let jwt = match (self.jwt_issuer, self.jwt_jwks) {
             (Some(issuer), Some(jwks)) => Some(JwtConfig {
                 issuer,
@@ -180,8 +184,10 @@ impl ServeArgs {
 fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
@@ -230,7 +236,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Root {
-            command: RootCommand::Status { store, trust_domain },
+            command:
+                RootCommand::Status {
+                    store,
+                    trust_domain,
+                },
         } => {
             let td = TrustDomain::new(&trust_domain).context("--trust-domain")?;
             let store = store.open().await?;
@@ -242,10 +252,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let store = store.open().await?;
             let ok = citadel_ca::cli::ledger_verify(store.as_ref(), &mut stdout).await?;
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Certs {
-            command: CertsCommand::List { store, spiffe_id, live, limit, json },
+            command:
+                CertsCommand::List {
+                    store,
+                    spiffe_id,
+                    live,
+                    limit,
+                    json,
+                },
         } => {
             let store = store.open().await?;
             let filter = citadel_store::LedgerFilter {
@@ -282,7 +303,10 @@ fn redact_url(url: &str) -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

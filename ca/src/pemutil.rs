@@ -10,10 +10,7 @@ pub fn cert_to_pem(der: &[u8]) -> String {
 
 /// Parses every `CERTIFICATE` block of a PEM text; any other block or a bad
 /// block is an error naming `what`.
-pub fn certs_from_pem(
-    text: &str,
-    what: &str,
-) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn certs_from_pem(text: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let mut out = Vec::new();
     for item in CertificateDer::pem_slice_iter(text.as_bytes()) {
         out.push(item.map_err(|e| format!("{what}: {e}"))?);

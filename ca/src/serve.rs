@@ -29,6 +29,9 @@ use crate::metrics::CaMetrics;
 use crate::service::{IstioCaService, MAX_REQUEST_BYTES};
 use crate::tls::{ServingCertResolver, provider, server_config, tls_incoming};
 
+/// How long shutdown waits for open connections to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Everything `citadel serve` needs, validated.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -59,9 +62,9 @@ pub struct ServeConfig {
 impl ServeConfig {
     /// The store URL in effect.
     pub fn store_url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", self.data_dir.join("citadel.db").display())
-        })
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("citadel.db").display()))
     }
 }
 
@@ -76,11 +79,17 @@ pub struct RunningCa {
 }
 
 impl RunningCa {
-    /// Stops accepting, lets in-flight requests finish, and waits.
+    /// Stops accepting, lets in-flight requests finish for up to
+    /// [`SHUTDOWN_GRACE`], then drops whatever is left.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        let aborts: Vec<_> = self.tasks.iter().map(|t| t.abort_handle()).collect();
+        let all = futures::future::join_all(self.tasks);
+        if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
+            tracing::warn!("connections still open after the grace period; closing them");
+            for a in aborts {
+                a.abort();
+            }
         }
     }
 }
@@ -149,6 +158,15 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningCa> {
     let store: Arc<dyn Store> = citadel_store::connect(&config.store_url())
         .await
         .context("opening the store")?;
+    start_with_store(config, store).await
+}
+
+/// Starts the CA on an already opened store (tests wrap the store to inject faults).
+pub async fn start_with_store(
+    config: ServeConfig,
+    store: Arc<dyn Store>,
+) -> anyhow::Result<RunningCa> {
+    prepare_data_dir(&config.data_dir)?;
     let keys = FileKeyStore::open(config.data_dir.join("keys"))?;
     let now = unix_now();
     let authority = Arc::new(

@@ -48,7 +48,11 @@ impl ServingCertResolver {
     }
 
     /// Installs a new certificate chain and its PKCS#8 key.
-    pub fn set(&self, chain: Vec<CertificateDer<'static>>, key_pkcs8: Vec<u8>) -> Result<(), rustls::Error> {
+    pub fn set(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key_pkcs8: Vec<u8>,
+    ) -> Result<(), rustls::Error> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8));
         let signing_key = self.provider.key_provider.load_private_key(key)?;
         let certified = Arc::new(CertifiedKey::new(chain, signing_key));
@@ -59,7 +63,10 @@ impl ServingCertResolver {
 
 impl ResolvesServerCert for ServingCertResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

@@ -5,14 +5,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use citadel_ca::auth::jwt::{JwksSource, JwtConfig};
-use citadel_ca::serve::{RunningCa, ServeConfig, start};
+use citadel_ca::serve::{RunningCa, ServeConfig, start_with_store};
 use citadel_e2e::client::{connect, create, request};
 use citadel_e2e::csr::{csr_with, p256_csr};
 use citadel_e2e::tokens::{TEST_ISSUER, TokenIssuer};
 use citadel_e2e::unix_now;
 use citadel_identity::lifetime::LifetimePolicy;
 use citadel_identity::{TrustBundle, TrustDomain};
-use citadel_store::{LedgerFilter, Store};
+use std::sync::atomic::Ordering;
+
+use citadel_store::{
+    AuthorityRecord, AuthorityState, LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance,
+    Store, StoreError,
+};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tonic::Code;
@@ -29,6 +34,11 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Self {
+        Self::start_with(|s| s).await
+    }
+
+    /// Starts with the store wrapped by `wrap` (to inject faults).
+    async fn start_with(wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let tokens = TokenIssuer::new(TEST_ISSUER).unwrap();
         let jwks_path = dir.path().join("jwks.json");
@@ -54,9 +64,10 @@ impl Harness {
             }),
         };
         let url = config.store_url();
-        let ca = start(config).await.unwrap();
-        let bundle_pem = std::fs::read_to_string(data_dir.join("bundle.pem")).unwrap();
+        std::fs::create_dir_all(&data_dir).unwrap();
         let store = citadel_store::connect(&url).await.unwrap();
+        let ca = start_with_store(config, wrap(store.clone())).await.unwrap();
+        let bundle_pem = std::fs::read_to_string(data_dir.join("bundle.pem")).unwrap();
         Harness {
             ca: Some(ca),
             tokens,
@@ -80,12 +91,22 @@ impl Harness {
 
     /// Sends a request that must fail with `code`, and checks that the
     /// ledger did not change.
-    async fn expect_refusal(&self, req: tonic::Request<citadel_proto::istio::v1::auth::IstioCertificateRequest>, code: Code) -> String {
+    async fn expect_refusal(
+        &self,
+        req: tonic::Request<citadel_proto::istio::v1::auth::IstioCertificateRequest>,
+        code: Code,
+    ) -> String {
         let before = self.ledger_len().await;
         let mut client = connect(self.addr(), &self.bundle_pem, None).await.unwrap();
-        let err = create(&mut client, req).await.expect_err("request must be refused");
+        let err = create(&mut client, req)
+            .await
+            .expect_err("request must be refused");
         assert_eq!(err.code(), code, "unexpected status: {err:?}");
-        assert_eq!(self.ledger_len().await, before, "a refused request changed the ledger");
+        assert_eq!(
+            self.ledger_len().await,
+            before,
+            "a refused request changed the ledger"
+        );
         err.message().to_owned()
     }
 
@@ -110,19 +131,29 @@ async fn issues_a_chain_that_verifies_against_the_bundle_and_is_recorded() {
     let csr = p256_csr(&[WEB]).unwrap();
     let token = h.tokens.token("shop", "web");
     let mut client = connect(h.addr(), &h.bundle_pem, None).await.unwrap();
-    let resp = create(&mut client, request(&csr.pem, 0, Some(&token), None)).await.unwrap();
-    assert!(resp.cert_chain.len() >= 2, "istio-agent rejects chains of one element");
+    let resp = create(&mut client, request(&csr.pem, 0, Some(&token), None))
+        .await
+        .unwrap();
+    assert!(
+        resp.cert_chain.len() >= 2,
+        "istio-agent rejects chains of one element"
+    );
     let chain = chain_der(&resp.cert_chain);
     let leaf = citadel_identity::check_citadel_leaf(&chain[0]).unwrap();
     assert_eq!(leaf.spiffe_id.as_str(), WEB);
-    let bundle = TrustBundle::from_pem(TrustDomain::new("cluster.local").unwrap(), &h.bundle_pem).unwrap();
+    let bundle =
+        TrustBundle::from_pem(TrustDomain::new("cluster.local").unwrap(), &h.bundle_pem).unwrap();
     let verified = citadel_identity::verify_chain(&chain, &bundle, unix_now() as u64).unwrap();
     assert_eq!(verified.spiffe_id.as_str(), WEB);
     // Root last, and it is the bundle's root.
     assert!(bundle.contains(chain.last().unwrap()));
     // Default lifetime: 24 h, backdated by 2 minutes.
     assert_eq!(leaf.not_after - leaf.not_before, 86_400 + 120);
-    let rows = h.store.list_issuances(&LedgerFilter::default()).await.unwrap();
+    let rows = h
+        .store
+        .list_issuances(&LedgerFilter::default())
+        .await
+        .unwrap();
     assert_eq!(rows.len(), before + 1);
     let row = rows.last().unwrap();
     assert_eq!(row.issuance.spiffe_id, WEB);
@@ -138,7 +169,9 @@ async fn honours_requested_ttl_and_accepts_rs256_tokens() {
     let claims = h.tokens.claims("shop", "web", "istio-ca", unix_now(), 600);
     let token = h.tokens.sign_rs256(&claims);
     let mut client = connect(h.addr(), &h.bundle_pem, None).await.unwrap();
-    let resp = create(&mut client, request(&csr.pem, 3600, Some(&token), None)).await.unwrap();
+    let resp = create(&mut client, request(&csr.pem, 3600, Some(&token), None))
+        .await
+        .unwrap();
     let leaf = citadel_identity::check_citadel_leaf(&chain_der(&resp.cert_chain)[0]).unwrap();
     assert_eq!(leaf.not_after - leaf.not_before, 3600 + 120);
     h.stop().await;
@@ -152,10 +185,14 @@ async fn accepts_rsa_2048_and_ed25519_keys() {
     let rsa = include_str!("fixtures/rsa2048.csr.pem");
     // The fixture names another identity, so ask with a matching token.
     let rsa_token = h.tokens.token("default", "rsa");
-    let resp = create(&mut client, request(rsa, 0, Some(&rsa_token), None)).await.unwrap();
+    let resp = create(&mut client, request(rsa, 0, Some(&rsa_token), None))
+        .await
+        .unwrap();
     citadel_identity::check_citadel_leaf(&chain_der(&resp.cert_chain)[0]).unwrap();
     let ed = csr_with(&rcgen::PKCS_ED25519, &[], &[]).unwrap();
-    let resp = create(&mut client, request(&ed.pem, 0, Some(&token), None)).await.unwrap();
+    let resp = create(&mut client, request(&ed.pem, 0, Some(&token), None))
+        .await
+        .unwrap();
     citadel_identity::check_citadel_leaf(&chain_der(&resp.cert_chain)[0]).unwrap();
     h.stop().await;
 }
@@ -166,12 +203,18 @@ async fn a_workload_renews_its_identity_with_its_certificate() {
     let csr = p256_csr(&[WEB]).unwrap();
     let token = h.tokens.token("shop", "web");
     let mut client = connect(h.addr(), &h.bundle_pem, None).await.unwrap();
-    let first = create(&mut client, request(&csr.pem, 0, Some(&token), None)).await.unwrap();
+    let first = create(&mut client, request(&csr.pem, 0, Some(&token), None))
+        .await
+        .unwrap();
     let chain_pem = first.cert_chain.concat();
     let key_pem = csr.key.serialize_pem();
-    let mut mtls = connect(h.addr(), &h.bundle_pem, Some((&chain_pem, &key_pem))).await.unwrap();
+    let mut mtls = connect(h.addr(), &h.bundle_pem, Some((&chain_pem, &key_pem)))
+        .await
+        .unwrap();
     let next = p256_csr(&[WEB]).unwrap();
-    let renewed = create(&mut mtls, request(&next.pem, 0, None, None)).await.unwrap();
+    let renewed = create(&mut mtls, request(&next.pem, 0, None, None))
+        .await
+        .unwrap();
     let leaf = citadel_identity::check_citadel_leaf(&chain_der(&renewed.cert_chain)[0]).unwrap();
     assert_eq!(leaf.spiffe_id.as_str(), WEB);
     h.stop().await;
@@ -198,11 +241,17 @@ async fn rejects_client_certificate_from_a_foreign_root() {
     let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
     let chain = format!("{}{}", leaf.pem(), ca_cert.pem());
     let before = h.ledger_len().await;
-    let mut client = connect(h.addr(), &h.bundle_pem, Some((&chain, &leaf_key.serialize_pem())))
-        .await
-        .unwrap();
+    let mut client = connect(
+        h.addr(),
+        &h.bundle_pem,
+        Some((&chain, &leaf_key.serialize_pem())),
+    )
+    .await
+    .unwrap();
     let csr = p256_csr(&[WEB]).unwrap();
-    let err = create(&mut client, request(&csr.pem, 0, None, None)).await.unwrap_err();
+    let err = create(&mut client, request(&csr.pem, 0, None, None))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert_eq!(h.ledger_len().await, before);
     h.stop().await;
@@ -212,7 +261,16 @@ async fn rejects_client_certificate_from_a_foreign_root() {
 async fn rejects_malformed_pem() {
     let h = Harness::start().await;
     let token = h.tokens.token("shop", "web");
-    h.expect_refusal(request("-----BEGIN CERTIFICATE REQUEST-----\ngarbage", 0, Some(&token), None), Code::InvalidArgument).await;
+    h.expect_refusal(
+        request(
+            "-----BEGIN CERTIFICATE REQUEST-----\ngarbage",
+            0,
+            Some(&token),
+            None,
+        ),
+        Code::InvalidArgument,
+    )
+    .await;
     h.stop().await;
 }
 
@@ -221,14 +279,20 @@ async fn rejects_csr_with_bad_signature() {
     let h = Harness::start().await;
     let token = h.tokens.token("shop", "web");
     let csr = p256_csr(&[WEB]).unwrap();
-    let mut der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr.pem.as_bytes())
-        .unwrap()
-        .as_ref()
-        .to_vec();
+    let mut der =
+        rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr.pem.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec();
     let last = der.len() - 1;
     der[last] ^= 0x01;
     let tampered = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
-    let msg = h.expect_refusal(request(&tampered, 0, Some(&token), None), Code::InvalidArgument).await;
+    let msg = h
+        .expect_refusal(
+            request(&tampered, 0, Some(&token), None),
+            Code::InvalidArgument,
+        )
+        .await;
     assert!(msg.contains("signature"), "{msg}");
     h.stop().await;
 }
@@ -238,7 +302,12 @@ async fn rejects_csr_naming_another_identity() {
     let h = Harness::start().await;
     let token = h.tokens.token("shop", "web");
     let csr = p256_csr(&["spiffe://cluster.local/ns/shop/sa/admin"]).unwrap();
-    let msg = h.expect_refusal(request(&csr.pem, 0, Some(&token), None), Code::PermissionDenied).await;
+    let msg = h
+        .expect_refusal(
+            request(&csr.pem, 0, Some(&token), None),
+            Code::PermissionDenied,
+        )
+        .await;
     assert!(msg.contains("ns/shop/sa/admin"), "{msg}");
     h.stop().await;
 }
@@ -248,7 +317,9 @@ async fn rejects_rsa_key_below_2048_bits() {
     let h = Harness::start().await;
     let token = h.tokens.token("default", "rsa");
     let csr = include_str!("fixtures/rsa1024.csr.pem");
-    let msg = h.expect_refusal(request(csr, 0, Some(&token), None), Code::InvalidArgument).await;
+    let msg = h
+        .expect_refusal(request(csr, 0, Some(&token), None), Code::InvalidArgument)
+        .await;
     assert!(msg.contains("1024"), "{msg}");
     h.stop().await;
 }
@@ -258,7 +329,11 @@ async fn rejects_ttl_above_maximum() {
     let h = Harness::start().await;
     let token = h.tokens.token("shop", "web");
     let csr = p256_csr(&[]).unwrap();
-    h.expect_refusal(request(&csr.pem, 91 * 86_400, Some(&token), None), Code::InvalidArgument).await;
+    h.expect_refusal(
+        request(&csr.pem, 91 * 86_400, Some(&token), None),
+        Code::InvalidArgument,
+    )
+    .await;
     h.stop().await;
 }
 
@@ -266,16 +341,24 @@ async fn rejects_ttl_above_maximum() {
 async fn rejects_missing_token() {
     let h = Harness::start().await;
     let csr = p256_csr(&[]).unwrap();
-    h.expect_refusal(request(&csr.pem, 0, None, None), Code::Unauthenticated).await;
+    h.expect_refusal(request(&csr.pem, 0, None, None), Code::Unauthenticated)
+        .await;
     h.stop().await;
 }
 
 #[tokio::test]
 async fn rejects_expired_token() {
     let h = Harness::start().await;
-    let claims = h.tokens.claims("shop", "web", "istio-ca", unix_now() - 7200, 3600);
+    let claims = h
+        .tokens
+        .claims("shop", "web", "istio-ca", unix_now() - 7200, 3600);
     let csr = p256_csr(&[]).unwrap();
-    let msg = h.expect_refusal(request(&csr.pem, 0, Some(&h.tokens.sign_es256(&claims)), None), Code::Unauthenticated).await;
+    let msg = h
+        .expect_refusal(
+            request(&csr.pem, 0, Some(&h.tokens.sign_es256(&claims)), None),
+            Code::Unauthenticated,
+        )
+        .await;
     assert!(msg.contains("expired"), "{msg}");
     h.stop().await;
 }
@@ -283,9 +366,16 @@ async fn rejects_expired_token() {
 #[tokio::test]
 async fn rejects_wrong_audience_token() {
     let h = Harness::start().await;
-    let claims = h.tokens.claims("shop", "web", "some-other-api", unix_now(), 3600);
+    let claims = h
+        .tokens
+        .claims("shop", "web", "some-other-api", unix_now(), 3600);
     let csr = p256_csr(&[]).unwrap();
-    let msg = h.expect_refusal(request(&csr.pem, 0, Some(&h.tokens.sign_es256(&claims)), None), Code::Unauthenticated).await;
+    let msg = h
+        .expect_refusal(
+            request(&csr.pem, 0, Some(&h.tokens.sign_es256(&claims)), None),
+            Code::Unauthenticated,
+        )
+        .await;
     assert!(msg.contains("audience"), "{msg}");
     h.stop().await;
 }
@@ -296,7 +386,12 @@ async fn rejects_wrong_issuer_token() {
     let mut claims = h.tokens.claims("shop", "web", "istio-ca", unix_now(), 3600);
     claims["iss"] = "https://evil.example".into();
     let csr = p256_csr(&[]).unwrap();
-    let msg = h.expect_refusal(request(&csr.pem, 0, Some(&h.tokens.sign_es256(&claims)), None), Code::Unauthenticated).await;
+    let msg = h
+        .expect_refusal(
+            request(&csr.pem, 0, Some(&h.tokens.sign_es256(&claims)), None),
+            Code::Unauthenticated,
+        )
+        .await;
     assert!(msg.contains("issuer"), "{msg}");
     h.stop().await;
 }
@@ -313,7 +408,12 @@ async fn rejects_badly_signed_token() {
     let (_, forged_rest) = forged.split_once('.').unwrap();
     let token = format!("{real_head}.{forged_rest}");
     let csr = p256_csr(&[]).unwrap();
-    let msg = h.expect_refusal(request(&csr.pem, 0, Some(&token), None), Code::Unauthenticated).await;
+    let msg = h
+        .expect_refusal(
+            request(&csr.pem, 0, Some(&token), None),
+            Code::Unauthenticated,
+        )
+        .await;
     assert!(msg.contains("signature"), "{msg}");
     h.stop().await;
 }
@@ -324,7 +424,12 @@ async fn rejects_token_with_unknown_kid() {
     let claims = h.tokens.claims("shop", "web", "istio-ca", unix_now(), 3600);
     let token = h.tokens.sign_with_kid(&claims, "no-such-key");
     let csr = p256_csr(&[]).unwrap();
-    let msg = h.expect_refusal(request(&csr.pem, 0, Some(&token), None), Code::Unauthenticated).await;
+    let msg = h
+        .expect_refusal(
+            request(&csr.pem, 0, Some(&token), None),
+            Code::Unauthenticated,
+        )
+        .await;
     assert!(msg.contains("kid"), "{msg}");
     h.stop().await;
 }
@@ -334,7 +439,8 @@ async fn rejects_oversized_request() {
     let h = Harness::start().await;
     let token = h.tokens.token("shop", "web");
     let huge = "A".repeat(65 * 1024);
-    h.expect_refusal(request(&huge, 0, Some(&token), None), Code::OutOfRange).await;
+    h.expect_refusal(request(&huge, 0, Some(&token), None), Code::OutOfRange)
+        .await;
     h.stop().await;
 }
 
@@ -344,7 +450,12 @@ async fn rejects_impersonation_by_an_ordinary_workload() {
     let token = h.tokens.token("shop", "web");
     let csr = p256_csr(&[]).unwrap();
     h.expect_refusal(
-        request(&csr.pem, 0, Some(&token), Some("spiffe://cluster.local/ns/bank/sa/vault")),
+        request(
+            &csr.pem,
+            0,
+            Some(&token),
+            Some("spiffe://cluster.local/ns/bank/sa/vault"),
+        ),
         Code::PermissionDenied,
     )
     .await;
@@ -355,18 +466,121 @@ async fn rejects_impersonation_by_an_ordinary_workload() {
 async fn keeps_serving_after_bad_input_and_exposes_metrics() {
     let h = Harness::start().await;
     let token = h.tokens.token("shop", "web");
-    h.expect_refusal(request("junk", 0, Some(&token), None), Code::InvalidArgument).await;
+    h.expect_refusal(
+        request("junk", 0, Some(&token), None),
+        Code::InvalidArgument,
+    )
+    .await;
     let csr = p256_csr(&[]).unwrap();
     let mut client = connect(h.addr(), &h.bundle_pem, None).await.unwrap();
-    create(&mut client, request(&csr.pem, 0, Some(&token), None)).await.unwrap();
+    create(&mut client, request(&csr.pem, 0, Some(&token), None))
+        .await
+        .unwrap();
     let http = h.ca.as_ref().unwrap().http_addr;
-    let (status, body) = citadel_e2e::process::http_get(http, "/metrics").await.unwrap();
+    let (status, body) = citadel_e2e::process::http_get(http, "/metrics")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
-    assert!(body.contains("citadel_ca_certificates_issued_total{method=\"jwt\"} 1"), "{body}");
-    assert!(body.contains("citadel_ca_issuance_failures_total{reason=\"invalid_argument\"} 1"), "{body}");
+    assert!(
+        body.contains("citadel_ca_certificates_issued_total{method=\"jwt\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("citadel_ca_issuance_failures_total{reason=\"invalid_argument\"} 1"),
+        "{body}"
+    );
     assert!(body.contains("citadel_ca_root_expiry_seconds"), "{body}");
-    assert!(body.contains("citadel_ca_issuance_duration_seconds_bucket"), "{body}");
-    assert_eq!(citadel_e2e::process::http_get(http, "/healthz").await.unwrap().0, 200);
-    assert_eq!(citadel_e2e::process::http_get(http, "/readyz").await.unwrap().0, 200);
+    assert!(
+        body.contains("citadel_ca_issuance_duration_seconds_bucket"),
+        "{body}"
+    );
+    assert_eq!(
+        citadel_e2e::process::http_get(http, "/healthz")
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    assert_eq!(
+        citadel_e2e::process::http_get(http, "/readyz")
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    h.stop().await;
+}
+
+/// A store whose ledger appends fail while `down` is set, as when the
+/// database is unreachable; everything else passes through.
+struct FlakyStore {
+    inner: Arc<dyn Store>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl Store for FlakyStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("connection refused".into()));
+        }
+        self.inner.ping().await
+    }
+    async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
+        self.inner.list_authorities().await
+    }
+    async fn insert_authority(&self, rec: &AuthorityRecord) -> Result<(), StoreError> {
+        self.inner.insert_authority(rec).await
+    }
+    async fn set_authority_state(&self, id: &str, state: AuthorityState) -> Result<(), StoreError> {
+        self.inner.set_authority_state(id, state).await
+    }
+    async fn append_issuances(
+        &self,
+        batch: &[NewIssuance],
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("connection refused".into()));
+        }
+        self.inner.append_issuances(batch).await
+    }
+    async fn list_issuances(&self, filter: &LedgerFilter) -> Result<Vec<LedgerEntry>, StoreError> {
+        self.inner.list_issuances(filter).await
+    }
+    async fn verify_ledger(&self) -> Result<LedgerVerification, StoreError> {
+        self.inner.verify_ledger().await
+    }
+    async fn live_counts_by_authority(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.live_counts_by_authority(now).await
+    }
+}
+
+#[tokio::test]
+async fn store_down_is_unavailable_and_writes_nothing() {
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = down.clone();
+    let h = Harness::start_with(move |inner| Arc::new(FlakyStore { inner, down: flag })).await;
+    let token = h.tokens.token("shop", "web");
+    down.store(true, Ordering::SeqCst);
+    let csr = p256_csr(&[]).unwrap();
+    let msg = h
+        .expect_refusal(request(&csr.pem, 0, Some(&token), None), Code::Unavailable)
+        .await;
+    assert!(msg.contains("no certificate issued"), "{msg}");
+    let http = h.ca.as_ref().unwrap().http_addr;
+    assert_eq!(
+        citadel_e2e::process::http_get(http, "/readyz")
+            .await
+            .unwrap()
+            .0,
+        503
+    );
+    // The CA recovers as soon as the store does.
+    down.store(false, Ordering::SeqCst);
+    let mut client = connect(h.addr(), &h.bundle_pem, None).await.unwrap();
+    create(&mut client, request(&csr.pem, 0, Some(&token), None))
+        .await
+        .unwrap();
+    assert!(h.store.verify_ledger().await.unwrap().first_bad.is_none());
     h.stop().await;
 }

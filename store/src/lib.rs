@@ -1,1 +1,35 @@
-//! placeholder
+//! Citadel's durable state: the signing authorities (certificates and state, never keys) and
+//! the append-only, hash-chained issuance ledger.
+//!
+//! [`connect`] opens SQLite (`sqlite://PATH`, the default) or PostgreSQL (`postgres://…`, for
+//! several replicas) behind the [`Store`] trait, applying the embedded migrations.
+//! [`GroupCommitLedger`] batches concurrent issuances into few transactions;
+//! [`memory::MemoryStore`] is an in-memory store for tests of code built on [`Store`].
+//!
+//! # The ledger chain
+//! Row `seq` (from 1, no gaps) stores `prev_hash` (the previous row's hash, or
+//! [`GENESIS_HASH`]) and `row_hash = `[`row_hash`]`(seq, prev_hash, issuance)`. A one-row head
+//! records the last seq and hash; every append locks it first, so appends from several
+//! processes sharing one database still form one chain. [`Store::verify_ledger`] recomputes
+//! the chain and compares the head, detecting edited, deleted and truncated rows.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod chain;
+mod error;
+mod group_commit;
+pub mod memory;
+mod model;
+mod sql;
+mod store;
+
+pub use chain::{GENESIS_HASH, row_hash};
+pub use error::StoreError;
+pub use group_commit::GroupCommitLedger;
+pub use model::{
+    AuthorityRecord, AuthorityState, LedgerEntry, LedgerFault, LedgerFilter, LedgerVerification,
+    NewIssuance, ParseAuthorityStateError,
+};
+pub use sql::connect;
+pub use store::Store;

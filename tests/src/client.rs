@@ -55,8 +55,10 @@ pub fn request(
             req.metadata_mut().insert("authorization", v);
         }
     }
-    req.metadata_mut()
-        .insert("clusterid", tonic::metadata::MetadataValue::from_static("Kubernetes"));
+    req.metadata_mut().insert(
+        "clusterid",
+        tonic::metadata::MetadataValue::from_static("Kubernetes"),
+    );
     req
 }
 

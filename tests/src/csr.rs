@@ -24,10 +24,14 @@ pub fn csr_with(
     let key = KeyPair::generate_for(alg)?;
     let mut params = CertificateParams::default();
     for u in uris {
-        params.subject_alt_names.push(SanType::URI((*u).try_into()?));
+        params
+            .subject_alt_names
+            .push(SanType::URI((*u).try_into()?));
     }
     for d in dns {
-        params.subject_alt_names.push(SanType::DnsName((*d).try_into()?));
+        params
+            .subject_alt_names
+            .push(SanType::DnsName((*d).try_into()?));
     }
     let pem = params.serialize_request(&key)?.pem()?;
     Ok(TestCsr { key, pem })

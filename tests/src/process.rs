@@ -46,7 +46,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
         .nth(1)
         .and_then(|s| s.parse().ok())
         .context("no HTTP status")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -96,7 +99,10 @@ impl CaProcess {
                     return Ok(ca);
                 }
             }
-            anyhow::ensure!(Instant::now() < deadline, "citadel serve not ready after 30 s");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "citadel serve not ready after 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -106,13 +112,25 @@ impl CaProcess {
         Ok(std::fs::read_to_string(self.data_dir.join("bundle.pem"))?)
     }
 
-    /// Sends SIGTERM and waits for a clean exit.
-    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+    /// Sends SIGTERM and waits for the exit without blocking the runtime
+    /// (so this process's open connections keep answering the CA's
+    /// graceful shutdown).
+    pub async fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status()?;
-        Ok(self.child.wait()?)
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "citadel did not exit within 30 s of SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 

@@ -36,7 +36,11 @@ impl TokenIssuer {
         let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let ec_public = ec.public_key_raw().to_vec();
         let ec_key = EncodingKey::from_ec_der(&ec.serialize_der());
-        let ec_kid = b64(&ring::digest::digest(&ring::digest::SHA256, &ec.subject_public_key_info()).as_ref()[..16]);
+        let ec_kid = b64(&ring::digest::digest(
+            &ring::digest::SHA256,
+            &ec.subject_public_key_info(),
+        )
+        .as_ref()[..16]);
         let rsa_key = EncodingKey::from_rsa_pem(RSA_TEST_KEY.as_bytes())?;
         let rsa_pair = rcgen::KeyPair::from_pem(RSA_TEST_KEY)?;
         let (n, e) = rsa_public_numbers(&rsa_pair.subject_public_key_info())?;
@@ -120,7 +124,12 @@ fn rsa_public_numbers(spki: &[u8]) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
         .map_err(|e| anyhow::anyhow!("spki: {e}"))?;
     match info.parsed() {
         Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => {
-            let strip = |b: &[u8]| b.iter().skip_while(|x| **x == 0).copied().collect::<Vec<u8>>();
+            let strip = |b: &[u8]| {
+                b.iter()
+                    .skip_while(|x| **x == 0)
+                    .copied()
+                    .collect::<Vec<u8>>()
+            };
             Ok((strip(rsa.modulus), strip(rsa.exponent)))
         }
         _ => anyhow::bail!("not an RSA key"),

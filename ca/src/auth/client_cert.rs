@@ -31,12 +31,11 @@ impl Authenticator for ClientCertAuthenticator {
         };
         let bundle = self.bundle.borrow().clone();
         let now = u64::try_from(creds.now).unwrap_or(0);
-        let leaf = citadel_identity::svid::verify_chain(chain, &bundle, now).map_err(|e| {
-            Rejection {
+        let leaf =
+            citadel_identity::svid::verify_chain(chain, &bundle, now).map_err(|e| Rejection {
                 method: AuthMethod::ClientCertificate.as_str(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         Ok(Some(Caller {
             identity: leaf.spiffe_id,
             method: AuthMethod::ClientCertificate,

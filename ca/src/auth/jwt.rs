@@ -152,9 +152,15 @@ impl JwtAuthenticator {
             ))));
         }
         let jwk = match &header.kid {
-            Some(kid) => keys.find(kid).ok_or_else(|| KeyLookup::UnknownKid(kid.clone()))?,
+            Some(kid) => keys
+                .find(kid)
+                .ok_or_else(|| KeyLookup::UnknownKid(kid.clone()))?,
             None if keys.keys.len() == 1 => &keys.keys[0],
-            None => return Err(KeyLookup::Rejected(reject("token has no kid and the issuer has several keys"))),
+            None => {
+                return Err(KeyLookup::Rejected(reject(
+                    "token has no kid and the issuer has several keys",
+                )));
+            }
         };
         let key = DecodingKey::from_jwk(jwk)
             .map_err(|e| KeyLookup::Rejected(reject(format!("issuer key is unusable: {e}"))))?;
@@ -204,7 +210,9 @@ impl JwtAuthenticator {
                     .ok_or_else(|| reject("kubernetes.io claims carry no serviceaccount"))?;
                 if let Some((ns, sa_name)) = from_sub {
                     if ns != k.namespace || sa_name != sa.name {
-                        return Err(reject("sub and kubernetes.io claims name different service accounts"));
+                        return Err(reject(
+                            "sub and kubernetes.io claims name different service accounts",
+                        ));
                     }
                 }
                 (
@@ -215,9 +223,8 @@ impl JwtAuthenticator {
                 )
             }
             None => {
-                let (ns, sa) = from_sub.ok_or_else(|| {
-                    reject("sub is not system:serviceaccount:<namespace>:<name>")
-                })?;
+                let (ns, sa) = from_sub
+                    .ok_or_else(|| reject("sub is not system:serviceaccount:<namespace>:<name>"))?;
                 (ns, sa, None, None)
             }
         };
@@ -276,11 +283,7 @@ async fn fetch(source: &JwksSource, http: &reqwest::Client) -> Result<JwkSet, Jw
                 source_name: url.clone(),
                 reason,
             };
-            let resp = http
-                .get(url)
-                .send()
-                .await
-                .map_err(|e| err(e.to_string()))?;
+            let resp = http.get(url).send().await.map_err(|e| err(e.to_string()))?;
             if !resp.status().is_success() {
                 return Err(err(format!("HTTP {}", resp.status())));
             }

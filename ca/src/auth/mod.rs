@@ -138,17 +138,27 @@ mod tests {
     }
 
     fn creds() -> Credentials<'static> {
-        Credentials { bearer_token: None, peer_chain: None, now: 0 }
+        Credentials {
+            bearer_token: None,
+            peer_chain: None,
+            now: 0,
+        }
     }
 
     fn reject(m: &'static str) -> Rejection {
-        Rejection { method: m, reason: "no".into() }
+        Rejection {
+            method: m,
+            reason: "no".into(),
+        }
     }
 
     #[tokio::test]
     async fn nothing_applicable_is_no_credentials() {
         let chain = AuthChain::new(vec![Arc::new(Fixed(Ok(None)))]);
-        assert_eq!(chain.authenticate(&creds()).await, Err(AuthError::NoCredentials));
+        assert_eq!(
+            chain.authenticate(&creds()).await,
+            Err(AuthError::NoCredentials)
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,184 @@
+//! An in-memory [`Store`] for tests: same semantics as the SQL backends (it passes the same
+//! conformance suite), nothing durable.
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::chain::{ChainVerifier, GENESIS_HASH, chain_batch};
+use crate::error::StoreError;
+use crate::model::{
+    AuthorityRecord, AuthorityState, LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance,
+};
+use crate::store::Store;
+
+/// A [`Store`] held in memory, for tests of code that uses a store. Not durable.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    authorities: Vec<AuthorityRecord>,
+    rows: Vec<LedgerEntry>,
+    head: Option<(i64, [u8; 32])>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            authorities: Vec::new(),
+            rows: Vec::new(),
+            head: Some((0, GENESIS_HASH)),
+        }
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Gives `edit` the raw ledger rows, to simulate tampering "behind the store's back" in
+    /// tests. The chain head is left as it was.
+    pub fn tamper_with_ledger(&self, edit: impl FnOnce(&mut Vec<LedgerEntry>)) {
+        edit(&mut self.lock().rows);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave `State` half-updated (every method
+        // validates before it mutates), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn matches(filter: &LedgerFilter, e: &LedgerEntry) -> bool {
+    let i = &e.issuance;
+    filter.spiffe_id.as_ref().is_none_or(|s| *s == i.spiffe_id)
+        && filter
+            .authority_id
+            .as_ref()
+            .is_none_or(|a| *a == i.authority_id)
+        && filter
+            .live_at
+            .is_none_or(|t| i.not_before <= t && t < i.not_after)
+}
+
+#[async_trait::async_trait]
+impl Store for MemoryStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
+        let mut out = self.lock().authorities.clone();
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(out)
+    }
+
+    async fn insert_authority(&self, rec: &AuthorityRecord) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if state.authorities.iter().any(|a| a.id == rec.id) {
+            return Err(StoreError::Conflict(format!(
+                "authority {} already exists",
+                rec.id
+            )));
+        }
+        let active = state
+            .authorities
+            .iter()
+            .find(|a| a.state == AuthorityState::Active);
+        if let (AuthorityState::Active, Some(other)) = (rec.state, active) {
+            return Err(StoreError::Conflict(format!(
+                "authority {} is already active",
+                other.id
+            )));
+        }
+        state.authorities.push(rec.clone());
+        Ok(())
+    }
+
+    async fn set_authority_state(
+        &self,
+        id: &str,
+        new_state: AuthorityState,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if !state.authorities.iter().any(|a| a.id == id) {
+            return Err(StoreError::NotFound(format!("authority {id}")));
+        }
+        for a in state.authorities.iter_mut() {
+            if a.id == id {
+                a.state = new_state;
+            } else if new_state == AuthorityState::Active && a.state == AuthorityState::Active {
+                a.state = AuthorityState::Retired;
+            }
+        }
+        Ok(())
+    }
+
+    async fn append_issuances(
+        &self,
+        batch: &[NewIssuance],
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut state = self.lock();
+        let (last_seq, last_hash) = state
+            .head
+            .ok_or_else(|| StoreError::Corrupt("the ledger head row is missing".into()))?;
+        let mut seen = std::collections::HashSet::new();
+        for i in batch {
+            let key = (i.authority_id.as_str(), i.serial_hex.as_str());
+            let stored = state.rows.iter().any(|r| {
+                (
+                    r.issuance.authority_id.as_str(),
+                    r.issuance.serial_hex.as_str(),
+                ) == key
+            });
+            if stored || !seen.insert(key) {
+                return Err(StoreError::Conflict(
+                    "an issuance in the batch repeats a serial number of its authority".into(),
+                ));
+            }
+        }
+        let entries = chain_batch(last_seq, last_hash, batch);
+        if let Some(last) = entries.last() {
+            state.head = Some((last.seq, last.row_hash));
+        }
+        state.rows.extend(entries.iter().cloned());
+        Ok(entries)
+    }
+
+    async fn list_issuances(&self, filter: &LedgerFilter) -> Result<Vec<LedgerEntry>, StoreError> {
+        let state = self.lock();
+        let mut rows: Vec<&LedgerEntry> =
+            state.rows.iter().filter(|e| matches(filter, e)).collect();
+        rows.sort_by_key(|e| e.seq);
+        let limit = filter.limit.map_or(usize::MAX, |l| l as usize);
+        Ok(rows.into_iter().take(limit).cloned().collect())
+    }
+
+    async fn verify_ledger(&self) -> Result<LedgerVerification, StoreError> {
+        let state = self.lock();
+        let mut rows: Vec<&LedgerEntry> = state.rows.iter().collect();
+        rows.sort_by_key(|e| e.seq);
+        let mut verifier = ChainVerifier::new();
+        for row in rows {
+            if !verifier.check(row.seq, Ok(row.clone())) {
+                break;
+            }
+        }
+        Ok(verifier.finish(state.head))
+    }
+
+    async fn live_counts_by_authority(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError> {
+        let state = self.lock();
+        let mut counts = std::collections::BTreeMap::<String, u64>::new();
+        for e in state.rows.iter().filter(|e| e.issuance.not_after > now) {
+            *counts.entry(e.issuance.authority_id.clone()).or_default() += 1;
+        }
+        Ok(counts.into_iter().collect())
+    }
+}

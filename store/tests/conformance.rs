@@ -1,0 +1,826 @@
+//! Store conformance suite: every test body is written once and runs against SQLite,
+//! PostgreSQL and the in-memory store (tests that need a database URL: the two SQL backends).
+//!
+//! PostgreSQL: `CITADEL_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
+//! each test runs in a fresh schema that is dropped afterwards. If the server is unreachable
+//! the PostgreSQL tests fail when `CI` is set and are skipped (loudly) otherwise.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use citadel_store::memory::MemoryStore;
+use citadel_store::{
+    AuthorityRecord, AuthorityState, GENESIS_HASH, GroupCommitLedger, LedgerFilter, NewIssuance,
+    Store, StoreError, connect, row_hash,
+};
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Executor};
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+/// A store under test, plus what the tamper tests need to change data behind its back.
+struct Backend {
+    store: Arc<dyn Store>,
+    /// The database URL (SQL backends only), for raw SQL and for a second `connect`.
+    url: Option<String>,
+    /// The same store, typed (memory backend only).
+    memory: Option<Arc<MemoryStore>>,
+}
+
+impl Backend {
+    fn url(&self) -> &str {
+        self.url.as_deref().expect("this test needs a SQL backend")
+    }
+
+    /// Runs raw SQL on the store's database, bypassing the store.
+    async fn raw_sql(&self, sql: &str) {
+        let pool = raw_pool(self.url()).await;
+        pool.execute(sql).await.unwrap();
+        pool.close().await;
+    }
+
+    /// Rewrites row `seq`'s SPIFFE ID without touching its hashes.
+    async fn tamper_spiffe_id(&self, seq: i64, spiffe_id: &str) {
+        match &self.memory {
+            Some(memory) => memory.tamper_with_ledger(|rows| {
+                let row = rows.iter_mut().find(|r| r.seq == seq).unwrap();
+                row.issuance.spiffe_id = spiffe_id.to_string();
+            }),
+            None => {
+                self.raw_sql(&format!(
+                    "UPDATE issuances SET spiffe_id = '{spiffe_id}' WHERE seq = {seq}"
+                ))
+                .await
+            }
+        }
+    }
+
+    /// Deletes row `seq`, leaving the chain head as it was.
+    async fn tamper_delete(&self, seq: i64) {
+        match &self.memory {
+            Some(memory) => memory.tamper_with_ledger(|rows| rows.retain(|r| r.seq != seq)),
+            None => {
+                self.raw_sql(&format!("DELETE FROM issuances WHERE seq = {seq}"))
+                    .await
+            }
+        }
+    }
+}
+
+async fn raw_pool(url: &str) -> AnyPool {
+    sqlx::any::install_default_drivers();
+    AnyPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+async fn with_memory<F, Fut>(body: F)
+where
+    F: FnOnce(Backend) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let memory = Arc::new(MemoryStore::new());
+    body(Backend {
+        store: memory.clone(),
+        url: None,
+        memory: Some(memory),
+    })
+    .await;
+}
+
+async fn with_sqlite<F, Fut>(body: F)
+where
+    F: FnOnce(Backend) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("citadel.db").display());
+    let store = connect(&url).await.unwrap();
+    body(Backend {
+        store,
+        url: Some(url),
+        memory: None,
+    })
+    .await;
+    drop(dir);
+}
+
+fn postgres_base_url() -> String {
+    std::env::var("CITADEL_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// An admin connection to the test server, or `None` (after a loud message) when it is
+/// unreachable outside CI. In CI an unreachable server fails the test.
+async fn postgres_admin() -> Option<(String, AnyPool)> {
+    sqlx::any::install_default_drivers();
+    let base = postgres_base_url();
+    let admin = AnyPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect(&base)
+        .await;
+    match admin {
+        Ok(pool) => Some((base, pool)),
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("PostgreSQL not reachable at {base} (CI is set): {e}")
+        }
+        Err(e) => {
+            eprintln!(
+                "SKIPPED: PostgreSQL not reachable at {base} ({e}); \
+                 set CITADEL_TEST_POSTGRES_URL to run the PostgreSQL conformance tests"
+            );
+            None
+        }
+    }
+}
+
+fn random_schema_name() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    ring::rand::SystemRandom::new().fill(&mut bytes).unwrap();
+    format!("citadel_test_{}", hex::encode(bytes))
+}
+
+fn url_with_search_path(base: &str, schema: &str) -> String {
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}options=-c%20search_path%3D{schema}")
+}
+
+async fn with_postgres<F, Fut>(body: F)
+where
+    F: FnOnce(Backend) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some((base, admin)) = postgres_admin().await else {
+        return;
+    };
+    let schema = random_schema_name();
+    admin
+        .execute(format!("CREATE SCHEMA {schema}").as_str())
+        .await
+        .unwrap();
+    let url = url_with_search_path(&base, &schema);
+    let outcome = match connect(&url).await {
+        Ok(store) => {
+            // Run the body as its own task so a failing assertion still lets us drop the schema.
+            tokio::spawn(body(Backend {
+                store,
+                url: Some(url),
+                memory: None,
+            }))
+            .await
+            .map_err(|e| match e.try_into_panic() {
+                Ok(panic) => panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "test body panicked".to_string()),
+                Err(e) => format!("test body did not finish: {e}"),
+            })
+        }
+        Err(e) => Err(format!("connect to the test schema failed: {e}")),
+    };
+    let _ = admin.execute("SET lock_timeout = '10s'").await;
+    if let Err(e) = admin
+        .execute(format!("DROP SCHEMA {schema} CASCADE").as_str())
+        .await
+    {
+        eprintln!("warning: could not drop test schema {schema}: {e}");
+    }
+    admin.close().await;
+    if let Err(message) = outcome {
+        panic!("{message}");
+    }
+}
+
+/// Instantiates each test body once per backend: `all` bodies on every backend, `sql` bodies
+/// on SQLite and PostgreSQL only.
+macro_rules! conformance {
+    (all: [$($all:ident),* $(,)?], sql: [$($sql:ident),* $(,)?] $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $all() { super::with_sqlite(super::$all).await })*
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $sql() { super::with_sqlite(super::$sql).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $all() { super::with_postgres(super::$all).await })*
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $sql() { super::with_postgres(super::$sql).await })*
+        }
+        mod memory {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $all() { super::with_memory(super::$all).await })*
+        }
+    };
+}
+
+conformance! {
+    all: [
+        ping_answers,
+        authority_insert_and_list_round_trip,
+        duplicate_authority_id_is_a_conflict,
+        at_most_one_active_authority,
+        activating_retires_the_previous_active,
+        unknown_authority_id_is_not_found,
+        authority_state_changes_persist,
+        append_chains_from_genesis,
+        empty_append_writes_nothing,
+        append_batch_is_all_or_nothing,
+        ledger_verify_detects_edited_row,
+        ledger_verify_detects_deleted_middle_row,
+        ledger_verify_detects_deleted_last_row,
+        group_commit_of_200_concurrent_records_is_one_valid_chain,
+        ledger_filters_select_by_spiffe_id_authority_live_at_and_limit,
+        live_counts_only_count_unexpired_certificates,
+    ],
+    sql: [
+        ledger_verify_detects_missing_head,
+        two_connections_appending_concurrently_form_one_chain,
+        migrations_are_idempotent,
+    ],
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------------
+
+fn authority(id: &str, state: AuthorityState, created_at: i64) -> AuthorityRecord {
+    AuthorityRecord {
+        id: id.to_string(),
+        state,
+        cert_pem: format!("-----BEGIN CERTIFICATE-----\n{id}\n-----END CERTIFICATE-----\n"),
+        chain_pem: String::new(),
+        root_pem: format!("-----BEGIN CERTIFICATE-----\nroot-{id}\n-----END CERTIFICATE-----\n"),
+        not_before: created_at,
+        not_after: created_at + 10 * 365 * 86_400,
+        key_ref: format!("{id}.key"),
+        created_at,
+    }
+}
+
+fn issuance(n: u64) -> NewIssuance {
+    NewIssuance {
+        serial_hex: format!("{n:032x}"),
+        spiffe_id: format!("spiffe://cluster.local/ns/default/sa/workload-{}", n % 3),
+        authority_id: "a1".to_string(),
+        not_before: 1_000,
+        not_after: 1_000 + 86_400,
+        requester: "spiffe://cluster.local/ns/citadel/sa/citadel-agent".to_string(),
+        node: if n.is_multiple_of(2) {
+            Some(format!("node-{n}"))
+        } else {
+            None
+        },
+        der_sha256: [(n % 251) as u8; 32],
+        issued_at: 1_120 + n as i64,
+    }
+}
+
+fn issuances(range: std::ops::RangeInclusive<u64>) -> Vec<NewIssuance> {
+    range.map(issuance).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies: authorities
+// ---------------------------------------------------------------------------------------------
+
+async fn ping_answers(b: Backend) {
+    b.store.ping().await.unwrap();
+}
+
+async fn authority_insert_and_list_round_trip(b: Backend) {
+    let mut c = authority("cc", AuthorityState::Retired, 100);
+    c.chain_pem = "-----BEGIN CERTIFICATE-----\nintermediate\n-----END CERTIFICATE-----\n".into();
+    let a = authority("aa", AuthorityState::Active, 300);
+    let bb = authority("bb", AuthorityState::Prepared, 300);
+    for rec in [&a, &c, &bb] {
+        b.store.insert_authority(rec).await.unwrap();
+    }
+    // Ordered by created_at, then id.
+    assert_eq!(b.store.list_authorities().await.unwrap(), vec![c, a, bb]);
+}
+
+async fn duplicate_authority_id_is_a_conflict(b: Backend) {
+    b.store
+        .insert_authority(&authority("aa", AuthorityState::Prepared, 1))
+        .await
+        .unwrap();
+    let again = b
+        .store
+        .insert_authority(&authority("aa", AuthorityState::Retired, 2))
+        .await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    let listed = b.store.list_authorities().await.unwrap();
+    assert_eq!(listed, vec![authority("aa", AuthorityState::Prepared, 1)]);
+}
+
+async fn at_most_one_active_authority(b: Backend) {
+    b.store
+        .insert_authority(&authority("aa", AuthorityState::Active, 1))
+        .await
+        .unwrap();
+    let second = b
+        .store
+        .insert_authority(&authority("bb", AuthorityState::Active, 2))
+        .await;
+    assert!(matches!(second, Err(StoreError::Conflict(_))), "{second:?}");
+    let listed = b.store.list_authorities().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, "aa");
+}
+
+async fn activating_retires_the_previous_active(b: Backend) {
+    b.store
+        .insert_authority(&authority("old", AuthorityState::Active, 1))
+        .await
+        .unwrap();
+    b.store
+        .insert_authority(&authority("new", AuthorityState::Prepared, 2))
+        .await
+        .unwrap();
+    b.store
+        .set_authority_state("new", AuthorityState::Active)
+        .await
+        .unwrap();
+    let states: Vec<(String, AuthorityState)> = b
+        .store
+        .list_authorities()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.id, a.state))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("old".to_string(), AuthorityState::Retired),
+            ("new".to_string(), AuthorityState::Active),
+        ]
+    );
+    // Re-activating the active one changes nothing.
+    b.store
+        .set_authority_state("new", AuthorityState::Active)
+        .await
+        .unwrap();
+    let active = b
+        .store
+        .list_authorities()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.state == AuthorityState::Active)
+        .count();
+    assert_eq!(active, 1);
+}
+
+async fn unknown_authority_id_is_not_found(b: Backend) {
+    b.store
+        .insert_authority(&authority("aa", AuthorityState::Active, 1))
+        .await
+        .unwrap();
+    for state in AuthorityState::ALL {
+        let out = b.store.set_authority_state("nope", state).await;
+        assert!(matches!(out, Err(StoreError::NotFound(_))), "{out:?}");
+    }
+    // The failed activation did not retire the active authority.
+    assert_eq!(
+        b.store.list_authorities().await.unwrap()[0].state,
+        AuthorityState::Active
+    );
+}
+
+async fn authority_state_changes_persist(b: Backend) {
+    b.store
+        .insert_authority(&authority("aa", AuthorityState::Active, 1))
+        .await
+        .unwrap();
+    for state in [AuthorityState::Retired, AuthorityState::Removed] {
+        b.store.set_authority_state("aa", state).await.unwrap();
+        assert_eq!(b.store.list_authorities().await.unwrap()[0].state, state);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies: ledger
+// ---------------------------------------------------------------------------------------------
+
+async fn append_chains_from_genesis(b: Backend) {
+    let first = b.store.append_issuances(&issuances(1..=3)).await.unwrap();
+    let second = b.store.append_issuances(&issuances(4..=5)).await.unwrap();
+    let all: Vec<_> = first.into_iter().chain(second).collect();
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    let mut prev = GENESIS_HASH;
+    for (e, n) in all.iter().zip(1..) {
+        assert_eq!(e.issuance, issuance(n));
+        assert_eq!(e.prev_hash, prev);
+        assert_eq!(e.row_hash, row_hash(e.seq, &prev, &e.issuance));
+        prev = e.row_hash;
+    }
+    // What was returned is what is stored.
+    assert_eq!(
+        b.store
+            .list_issuances(&LedgerFilter::default())
+            .await
+            .unwrap(),
+        all
+    );
+    let verdict = b.store.verify_ledger().await.unwrap();
+    assert_eq!(verdict.first_bad, None);
+    assert_eq!(verdict.rows_checked, 5);
+}
+
+async fn empty_append_writes_nothing(b: Backend) {
+    assert!(b.store.append_issuances(&[]).await.unwrap().is_empty());
+    let verdict = b.store.verify_ledger().await.unwrap();
+    assert!(verdict.is_valid());
+    assert_eq!(verdict.rows_checked, 0);
+    let next = b.store.append_issuances(&issuances(1..=1)).await.unwrap();
+    assert_eq!(next[0].seq, 1);
+}
+
+async fn append_batch_is_all_or_nothing(b: Backend) {
+    b.store.append_issuances(&issuances(1..=2)).await.unwrap();
+    // The second row repeats serial 1 of authority a1: the whole batch must be refused.
+    let batch = vec![issuance(3), issuance(1)];
+    let out = b.store.append_issuances(&batch).await;
+    assert!(matches!(out, Err(StoreError::Conflict(_))), "{out:?}");
+    let rows = b
+        .store
+        .list_issuances(&LedgerFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2, "part of the failed batch was written");
+    assert!(b.store.verify_ledger().await.unwrap().is_valid());
+    let next = b.store.append_issuances(&issuances(3..=3)).await.unwrap();
+    assert_eq!(next[0].seq, 3);
+    assert_eq!(next[0].prev_hash, rows[1].row_hash);
+}
+
+async fn ledger_verify_detects_edited_row(b: Backend) {
+    b.store.append_issuances(&issuances(1..=5)).await.unwrap();
+    b.tamper_spiffe_id(3, "spiffe://cluster.local/ns/evil/sa/evil")
+        .await;
+    let fault = b.store.verify_ledger().await.unwrap().first_bad.unwrap();
+    assert_eq!(fault.seq, 3);
+    assert_eq!(fault.reason, "row hash does not match its contents");
+}
+
+async fn ledger_verify_detects_deleted_middle_row(b: Backend) {
+    b.store.append_issuances(&issuances(1..=5)).await.unwrap();
+    b.tamper_delete(3).await;
+    let fault = b.store.verify_ledger().await.unwrap().first_bad.unwrap();
+    assert_eq!(fault.seq, 4);
+    assert_eq!(fault.reason, "sequence gap: expected 3, found 4");
+}
+
+async fn ledger_verify_detects_deleted_last_row(b: Backend) {
+    b.store.append_issuances(&issuances(1..=5)).await.unwrap();
+    b.tamper_delete(5).await;
+    let verdict = b.store.verify_ledger().await.unwrap();
+    assert_eq!(verdict.rows_checked, 4);
+    let fault = verdict.first_bad.unwrap();
+    assert_eq!(fault.seq, 5);
+    assert_eq!(fault.reason, "head records seq 5 but the last row is 4");
+}
+
+async fn ledger_verify_detects_missing_head(b: Backend) {
+    b.store.append_issuances(&issuances(1..=2)).await.unwrap();
+    b.raw_sql("DELETE FROM ledger_head").await;
+    let fault = b.store.verify_ledger().await.unwrap().first_bad.unwrap();
+    assert!(fault.reason.contains("head"), "{fault}");
+    // Appending without a head is refused rather than starting a second chain.
+    let out = b.store.append_issuances(&issuances(3..=3)).await;
+    assert!(matches!(out, Err(StoreError::Corrupt(_))), "{out:?}");
+}
+
+async fn group_commit_of_200_concurrent_records_is_one_valid_chain(b: Backend) {
+    let ledger = GroupCommitLedger::spawn(b.store.clone(), 64);
+    let tasks: Vec<_> = (1..=200)
+        .map(|n| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move { ledger.record(issuance(n)).await })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for task in tasks {
+        let entry = task.await.unwrap().unwrap();
+        seqs.push(entry.seq);
+    }
+    seqs.sort();
+    assert_eq!(seqs, (1..=200).collect::<Vec<i64>>());
+    let rows = b
+        .store
+        .list_issuances(&LedgerFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 200);
+    let verdict = b.store.verify_ledger().await.unwrap();
+    assert_eq!(verdict.first_bad, None);
+    assert_eq!(verdict.rows_checked, 200);
+}
+
+async fn ledger_filters_select_by_spiffe_id_authority_live_at_and_limit(b: Backend) {
+    let mk = |n: u64, spiffe: &str, auth: &str, nb: i64, na: i64| NewIssuance {
+        spiffe_id: spiffe.to_string(),
+        authority_id: auth.to_string(),
+        not_before: nb,
+        not_after: na,
+        ..issuance(n)
+    };
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    let db = "spiffe://cluster.local/ns/shop/sa/db";
+    let batch = vec![
+        mk(1, web, "a1", 100, 200),
+        mk(2, db, "a1", 150, 250),
+        mk(3, web, "a2", 200, 300),
+        mk(4, web, "a2", 250, 350),
+    ];
+    b.store.append_issuances(&batch).await.unwrap();
+    let seqs = |filter: LedgerFilter| {
+        let store = b.store.clone();
+        async move {
+            store
+                .list_issuances(&filter)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.seq)
+                .collect::<Vec<i64>>()
+        }
+    };
+    assert_eq!(seqs(LedgerFilter::default()).await, [1, 2, 3, 4]);
+    assert_eq!(
+        seqs(LedgerFilter {
+            spiffe_id: Some(web.into()),
+            ..Default::default()
+        })
+        .await,
+        [1, 3, 4]
+    );
+    assert_eq!(
+        seqs(LedgerFilter {
+            authority_id: Some("a2".into()),
+            ..Default::default()
+        })
+        .await,
+        [3, 4]
+    );
+    // Live at t: not_before <= t < not_after.
+    assert_eq!(
+        seqs(LedgerFilter {
+            live_at: Some(200),
+            ..Default::default()
+        })
+        .await,
+        [2, 3]
+    );
+    assert_eq!(
+        seqs(LedgerFilter {
+            live_at: Some(99),
+            ..Default::default()
+        })
+        .await,
+        Vec::<i64>::new()
+    );
+    assert_eq!(
+        seqs(LedgerFilter {
+            limit: Some(2),
+            ..Default::default()
+        })
+        .await,
+        [1, 2]
+    );
+    assert_eq!(
+        seqs(LedgerFilter {
+            spiffe_id: Some(web.into()),
+            authority_id: Some("a2".into()),
+            live_at: Some(260),
+            limit: Some(1),
+        })
+        .await,
+        [3]
+    );
+    assert_eq!(
+        seqs(LedgerFilter {
+            spiffe_id: Some("spiffe://cluster.local/ns/shop/sa/nobody".into()),
+            ..Default::default()
+        })
+        .await,
+        Vec::<i64>::new()
+    );
+}
+
+async fn live_counts_only_count_unexpired_certificates(b: Backend) {
+    let mk = |n: u64, auth: &str, not_after: i64| NewIssuance {
+        authority_id: auth.to_string(),
+        not_after,
+        ..issuance(n)
+    };
+    let batch = vec![
+        mk(1, "a1", 500),
+        mk(2, "a1", 1_500),
+        mk(3, "a1", 2_000),
+        mk(4, "a2", 999),
+        mk(5, "a2", 1_000),
+        mk(6, "a3", 5_000),
+    ];
+    b.store.append_issuances(&batch).await.unwrap();
+    assert_eq!(
+        b.store.live_counts_by_authority(1_000).await.unwrap(),
+        vec![("a1".to_string(), 2), ("a3".to_string(), 1)]
+    );
+    assert_eq!(
+        b.store.live_counts_by_authority(0).await.unwrap(),
+        vec![
+            ("a1".to_string(), 3),
+            ("a2".to_string(), 2),
+            ("a3".to_string(), 1)
+        ]
+    );
+    assert!(
+        b.store
+            .live_counts_by_authority(5_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies: SQL only
+// ---------------------------------------------------------------------------------------------
+
+async fn two_connections_appending_concurrently_form_one_chain(b: Backend) {
+    // Two replicas: separate `connect`s, separate pools and writer tasks, one database.
+    let replica_a = b.store.clone();
+    let replica_b = connect(b.url()).await.unwrap();
+    let ledgers = [
+        GroupCommitLedger::spawn(replica_a.clone(), 8),
+        GroupCommitLedger::spawn(replica_b.clone(), 8),
+    ];
+    let mut tasks = Vec::new();
+    for n in 1..=120u64 {
+        let ledger = ledgers[(n % 2) as usize].clone();
+        tasks.push(tokio::spawn(
+            async move { ledger.record(issuance(n)).await },
+        ));
+    }
+    // And direct batch appends from both replicas at the same time.
+    for (i, store) in [replica_a.clone(), replica_b.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        let base = 1_000 + 100 * i as u64;
+        tasks.push(tokio::spawn(async move {
+            let batch = issuances(base + 1..=base + 5);
+            let entries = store.append_issuances(&batch).await?;
+            Ok(entries[0].clone())
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    for store in [&replica_a, &replica_b] {
+        let rows = store
+            .list_issuances(&LedgerFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            rows.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (1..=130).collect::<Vec<i64>>()
+        );
+        let verdict = store.verify_ledger().await.unwrap();
+        assert_eq!(verdict.first_bad, None);
+        assert_eq!(verdict.rows_checked, 130);
+    }
+}
+
+async fn migrations_are_idempotent(b: Backend) {
+    b.store
+        .insert_authority(&authority("aa", AuthorityState::Active, 1))
+        .await
+        .unwrap();
+    b.store.append_issuances(&issuances(1..=2)).await.unwrap();
+    for _ in 0..2 {
+        let again = connect(b.url()).await.unwrap();
+        assert_eq!(again.list_authorities().await.unwrap().len(), 1);
+        assert_eq!(
+            again
+                .list_issuances(&LedgerFilter::default())
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(again.verify_ledger().await.unwrap().is_valid());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection rules
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn unreachable_database_is_unavailable() {
+    let started = Instant::now();
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        connect("postgres://citadel@127.0.0.1:1/citadel"),
+    )
+    .await
+    .expect("connect did not give up within 10 s");
+    assert!(
+        matches!(out, Err(StoreError::Unavailable(_))),
+        "{:?}",
+        out.err()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn connection_errors_never_contain_the_password() {
+    let urls = [
+        "postgres://citadel:Hunter2Secret@127.0.0.1:1/citadel",
+        "postgresql://citadel@127.0.0.1:1/citadel?password=Hunter2Secret",
+        "mysql://citadel:Hunter2Secret@127.0.0.1:1/citadel",
+        "postgres://citadel:Hunter2Secret@127.0.0.1:notaport/citadel",
+    ];
+    for url in urls {
+        let err = match connect(url).await {
+            Ok(_) => panic!("connected to {url}"),
+            Err(e) => e,
+        };
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("Hunter2Secret"), "{shown}");
+    }
+}
+
+#[tokio::test]
+async fn unsupported_database_url_is_a_config_error() {
+    for url in [
+        "mysql://root@localhost/db",
+        "sqlite::memory:",
+        "sqlite://:memory:",
+        "/var/lib/citadel.db",
+    ] {
+        let out = connect(url).await;
+        assert!(
+            matches!(out, Err(StoreError::Config(_))),
+            "{url}: {:?}",
+            out.err()
+        );
+    }
+}
+
+#[tokio::test]
+async fn sqlite_database_file_is_created_with_mode_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("citadel.db");
+    let store = connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    store.append_issuances(&issuances(1..=1)).await.unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "mode {mode:o}");
+    // SQLite gives its WAL and shared-memory files the database file's mode.
+    let mut side_files = 0;
+    for suffix in ["-wal", "-shm"] {
+        let side = dir.path().join(format!("citadel.db{suffix}"));
+        if let Ok(meta) = std::fs::metadata(&side) {
+            side_files += 1;
+            let mode = meta.permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{suffix} mode {mode:o}");
+        }
+    }
+    assert!(side_files > 0, "no WAL files next to an open WAL database");
+}
+
+#[tokio::test]
+async fn sqlite_database_uses_the_wal_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("citadel.db").display());
+    connect(&url).await.unwrap();
+    let pool = raw_pool(&url).await;
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
