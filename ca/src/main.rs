@@ -47,7 +47,7 @@ enum Command {
         command: CertsCommand,
     },
     /// Validate and explain Istio PeerAuthentication and AuthorizationPolicy files.
-    Policy(policy_cmd::PolicyArgs),
+    Policy(Box<policy_cmd::PolicyArgs>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -282,7 +282,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             citadel_ca::cli::certs_list(store.as_ref(), &filter, json, &mut stdout).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Policy(args) => policy_cmd::run(args),
+        Command::Policy(args) => policy_cmd::run(*args),
     }
 }
 

@@ -50,10 +50,8 @@ pub fn request(
         validity_duration: ttl_secs,
         metadata,
     });
-    if let Some(t) = token {
-        if let Ok(v) = format!("Bearer {t}").parse() {
-            req.metadata_mut().insert("authorization", v);
-        }
+    if let Some(Ok(v)) = token.map(|t| format!("Bearer {t}").parse()) {
+        req.metadata_mut().insert("authorization", v);
     }
     req.metadata_mut().insert(
         "clusterid",

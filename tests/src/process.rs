@@ -94,10 +94,10 @@ impl CaProcess {
             if let Ok(Some(status)) = ca.child.try_wait() {
                 anyhow::bail!("citadel serve exited early: {status}");
             }
-            if let Ok((200, _)) = http_get(http_addr, "/readyz").await {
-                if tokio::net::TcpStream::connect(grpc_addr).await.is_ok() {
-                    return Ok(ca);
-                }
+            if let Ok((200, _)) = http_get(http_addr, "/readyz").await
+                && tokio::net::TcpStream::connect(grpc_addr).await.is_ok()
+            {
+                return Ok(ca);
             }
             anyhow::ensure!(
                 Instant::now() < deadline,

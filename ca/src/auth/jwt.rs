@@ -189,10 +189,8 @@ impl JwtAuthenticator {
         if claims.exp + LEEWAY_SECS < now {
             return Err(KeyLookup::Rejected(reject("token has expired")));
         }
-        if let Some(nbf) = claims.nbf {
-            if nbf - LEEWAY_SECS > now {
-                return Err(KeyLookup::Rejected(reject("token is not valid yet (nbf)")));
-            }
+        if claims.nbf.is_some_and(|nbf| nbf - LEEWAY_SECS > now) {
+            return Err(KeyLookup::Rejected(reject("token is not valid yet (nbf)")));
         }
         self.identity(&claims).map_err(KeyLookup::Rejected)
     }
@@ -208,12 +206,12 @@ impl JwtAuthenticator {
                     .serviceaccount
                     .as_ref()
                     .ok_or_else(|| reject("kubernetes.io claims carry no serviceaccount"))?;
-                if let Some((ns, sa_name)) = from_sub {
-                    if ns != k.namespace || sa_name != sa.name {
-                        return Err(reject(
-                            "sub and kubernetes.io claims name different service accounts",
-                        ));
-                    }
+                if let Some((ns, sa_name)) = from_sub
+                    && (ns != k.namespace || sa_name != sa.name)
+                {
+                    return Err(reject(
+                        "sub and kubernetes.io claims name different service accounts",
+                    ));
                 }
                 (
                     k.namespace.as_str(),
