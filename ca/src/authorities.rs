@@ -1,11 +1,9 @@
 //! Loading the signing authority at start-up and publishing the trust bundle.
 
-use std::path::Path;
-use std::sync::Arc;
-
 use citadel_identity::{TrustBundle, TrustDomain};
 use citadel_store::{AuthorityRecord, AuthorityState, Store, StoreError};
 use rustls_pki_types::CertificateDer;
+use std::path::Path;
 
 use crate::authority::Authority;
 use crate::keystore::KeyStore;
@@ -68,8 +66,9 @@ pub async fn load_or_create(
         let existing = store.list_authorities().await?;
         match existing.iter().find(|r| r.id == authority.id()) {
             None => {
-                let mut rec = record_of(&authority, AuthorityState::Prepared, PLUGIN_KEY_REF, now);
-                rec.state = AuthorityState::Prepared;
+                // Inserted as prepared, then activated: activation retires
+                // whichever authority signed before, in one transaction.
+                let rec = record_of(&authority, AuthorityState::Prepared, PLUGIN_KEY_REF, now);
                 store.insert_authority(&rec).await?;
                 store
                     .set_authority_state(authority.id(), AuthorityState::Active)
@@ -149,6 +148,3 @@ pub fn write_bundle(path: &Path, bundle: &TrustBundle) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
-
-/// Shared handle type of the active authority.
-pub type SharedAuthority = Arc<Authority>;

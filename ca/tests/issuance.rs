@@ -110,6 +110,16 @@ impl Harness {
         err.message().to_owned()
     }
 
+    /// Sends a valid CSR with `token`, which must be refused as unauthenticated.
+    async fn refuse_token(&self, token: &str) -> String {
+        let csr = p256_csr(&[]).unwrap();
+        self.expect_refusal(
+            request(&csr.pem, 0, Some(token), None),
+            Code::Unauthenticated,
+        )
+        .await
+    }
+
     async fn stop(mut self) {
         if let Some(ca) = self.ca.take() {
             ca.shutdown().await;
@@ -352,13 +362,7 @@ async fn rejects_expired_token() {
     let claims = h
         .tokens
         .claims("shop", "web", "istio-ca", unix_now() - 7200, 3600);
-    let csr = p256_csr(&[]).unwrap();
-    let msg = h
-        .expect_refusal(
-            request(&csr.pem, 0, Some(&h.tokens.sign_es256(&claims)), None),
-            Code::Unauthenticated,
-        )
-        .await;
+    let msg = h.refuse_token(&h.tokens.sign_es256(&claims)).await;
     assert!(msg.contains("expired"), "{msg}");
     h.stop().await;
 }
@@ -369,13 +373,7 @@ async fn rejects_wrong_audience_token() {
     let claims = h
         .tokens
         .claims("shop", "web", "some-other-api", unix_now(), 3600);
-    let csr = p256_csr(&[]).unwrap();
-    let msg = h
-        .expect_refusal(
-            request(&csr.pem, 0, Some(&h.tokens.sign_es256(&claims)), None),
-            Code::Unauthenticated,
-        )
-        .await;
+    let msg = h.refuse_token(&h.tokens.sign_es256(&claims)).await;
     assert!(msg.contains("audience"), "{msg}");
     h.stop().await;
 }
@@ -385,13 +383,7 @@ async fn rejects_wrong_issuer_token() {
     let h = Harness::start().await;
     let mut claims = h.tokens.claims("shop", "web", "istio-ca", unix_now(), 3600);
     claims["iss"] = "https://evil.example".into();
-    let csr = p256_csr(&[]).unwrap();
-    let msg = h
-        .expect_refusal(
-            request(&csr.pem, 0, Some(&h.tokens.sign_es256(&claims)), None),
-            Code::Unauthenticated,
-        )
-        .await;
+    let msg = h.refuse_token(&h.tokens.sign_es256(&claims)).await;
     assert!(msg.contains("issuer"), "{msg}");
     h.stop().await;
 }
@@ -407,13 +399,7 @@ async fn rejects_badly_signed_token() {
     let (real_head, _) = real.split_once('.').unwrap();
     let (_, forged_rest) = forged.split_once('.').unwrap();
     let token = format!("{real_head}.{forged_rest}");
-    let csr = p256_csr(&[]).unwrap();
-    let msg = h
-        .expect_refusal(
-            request(&csr.pem, 0, Some(&token), None),
-            Code::Unauthenticated,
-        )
-        .await;
+    let msg = h.refuse_token(&token).await;
     assert!(msg.contains("signature"), "{msg}");
     h.stop().await;
 }
@@ -423,13 +409,7 @@ async fn rejects_token_with_unknown_kid() {
     let h = Harness::start().await;
     let claims = h.tokens.claims("shop", "web", "istio-ca", unix_now(), 3600);
     let token = h.tokens.sign_with_kid(&claims, "no-such-key");
-    let csr = p256_csr(&[]).unwrap();
-    let msg = h
-        .expect_refusal(
-            request(&csr.pem, 0, Some(&token), None),
-            Code::Unauthenticated,
-        )
-        .await;
+    let msg = h.refuse_token(&token).await;
     assert!(msg.contains("kid"), "{msg}");
     h.stop().await;
 }

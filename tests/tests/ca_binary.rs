@@ -323,16 +323,12 @@ async fn plugin_ca_with_pkcs1_rsa_key_is_accepted() {
     plugin_round_trip(true).await;
 }
 
-#[test]
-fn incomplete_ca_dir_is_a_clear_startup_error() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cacerts = tmp.path().join("cacerts");
-    make_istio_cacerts(&cacerts, false);
-    std::fs::remove_file(cacerts.join("cert-chain.pem")).unwrap();
+/// Runs `citadel serve --ca-dir CACERTS`, which must exit with an error; returns stderr.
+fn serve_must_fail(tmp: &Path, cacerts: &Path) -> String {
     let out = citadel(&[
         "serve",
         "--data-dir",
-        tmp.path().join("data").to_str().unwrap(),
+        tmp.join("data").to_str().unwrap(),
         "--listen",
         "127.0.0.1:0",
         "--http-listen",
@@ -341,8 +337,20 @@ fn incomplete_ca_dir_is_a_clear_startup_error() {
         cacerts.to_str().unwrap(),
     ])
     .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    assert!(
+        !out.status.success(),
+        "citadel serve should have refused to start"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn incomplete_ca_dir_is_a_clear_startup_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cacerts = tmp.path().join("cacerts");
+    make_istio_cacerts(&cacerts, false);
+    std::fs::remove_file(cacerts.join("cert-chain.pem")).unwrap();
+    let err = serve_must_fail(tmp.path(), &cacerts);
     assert!(err.contains("cert-chain.pem is missing"), "{err}");
 }
 
@@ -368,20 +376,7 @@ fn ca_key_that_does_not_match_is_a_clear_startup_error() {
         std::fs::Permissions::from_mode(0o600),
     )
     .unwrap();
-    let out = citadel(&[
-        "serve",
-        "--data-dir",
-        tmp.path().join("data").to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--ca-dir",
-        cacerts.to_str().unwrap(),
-    ])
-    .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = serve_must_fail(tmp.path(), &cacerts);
     assert!(err.contains("does not belong"), "{err}");
 }
 
