@@ -89,6 +89,7 @@ pub struct Authority {
     root: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
     window: SignerWindow,
+    root_not_after: i64,
     /// The chain a leaf's response carries after the leaf: signer (unless it is
     /// the root), intermediates, root last.
     chain_pem: Vec<String>,
@@ -254,6 +255,7 @@ impl Authority {
             ));
         }
         let root_cert = parse_cert(&root, "root certificate")?;
+        let root_not_after = root_cert.validity().not_after.timestamp();
         if !is_self_signed(&root_cert) {
             return Err(invalid("root certificate is not self-signed"));
         }
@@ -303,6 +305,7 @@ impl Authority {
                 not_before,
                 not_after,
             },
+            root_not_after,
             chain_pem,
         })
     }
@@ -411,6 +414,11 @@ impl Authority {
     /// The validity window every leaf must fit in.
     pub fn window(&self) -> SignerWindow {
         self.window
+    }
+
+    /// notAfter of the root, unix seconds.
+    pub fn root_not_after(&self) -> i64 {
+        self.root_not_after
     }
 
     /// PEM certificates that follow a leaf in a response: signer (unless it

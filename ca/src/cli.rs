@@ -1,5 +1,6 @@
 //! Operator commands that read the store: `root status`, `ledger verify`, `certs list`.
 
+use crate::clock::unix_now;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -43,12 +44,6 @@ impl StoreArgs {
             .await
             .context("opening the store")
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn fmt_time(t: i64) -> String {

@@ -34,14 +34,12 @@ pub fn router(state: OpsState) -> Router {
 }
 
 async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = crate::clock::unix_now();
     let authority = state.authority.borrow().clone();
-    let root_not_after = x509_parser::parse_x509_certificate(authority.root())
-        .map(|(_, c)| c.validity().not_after.timestamp())
-        .unwrap_or(now);
-    state.metrics.root_expiry_seconds.set(root_not_after - now);
+    state
+        .metrics
+        .root_expiry_seconds
+        .set(authority.root_not_after() - now);
     state
         .metrics
         .signer_expiry_seconds

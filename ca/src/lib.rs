@@ -11,6 +11,7 @@ pub mod auth;
 pub mod authorities;
 pub mod authority;
 pub mod cli;
+pub mod clock;
 pub mod csr;
 pub mod duration;
 pub mod http;

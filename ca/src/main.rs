@@ -271,11 +271,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = store.open().await?;
             let filter = citadel_store::LedgerFilter {
                 spiffe_id,
-                live_at: live.then(|| {
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs() as i64)
-                }),
+                live_at: live.then(citadel_ca::clock::unix_now),
                 limit,
                 ..Default::default()
             };

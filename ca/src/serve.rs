@@ -1,5 +1,6 @@
 //! `citadel serve`: assembles the CA from its configuration and runs it.
 
+use crate::clock::unix_now;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -92,12 +93,6 @@ impl RunningCa {
             }
         }
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Creates the data directory (0700).

@@ -1,5 +1,6 @@
 //! The gRPC shell of Istio's CSR API (`istio.v1.auth.IstioCertificateService`).
 
+use crate::clock::unix_now;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,12 +33,6 @@ impl IstioCaService {
             next_request_id: AtomicU64::new(1),
         }
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The token of an `authorization: Bearer <token>` header (scheme case-insensitive).

@@ -30,6 +30,15 @@ fn openssl(dir: &Path, args: &[&str]) -> String {
     text
 }
 
+/// `openssl verify -CAfile CA_FILE EXTRA… leaf.pem` in `dir` must say OK.
+fn openssl_verify(dir: &Path, ca_file: &Path, extra: &[&str]) {
+    let mut args = vec!["verify", "-CAfile", ca_file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.push("leaf.pem");
+    let out = openssl(dir, &args);
+    assert!(out.contains("leaf.pem: OK"), "{out}");
+}
+
 /// Writes a JWKS for `tokens` and returns the serve flags that trust it.
 fn jwt_flags(dir: &Path, tokens: &TokenIssuer) -> Vec<String> {
     let jwks = dir.join("jwks.json");
@@ -71,18 +80,11 @@ async fn serve_on_empty_dir_issues_chains_openssl_verifies() {
     let chain = issue(&ca, &bundle, &tokens, "web").await;
 
     std::fs::write(tmp.path().join("leaf.pem"), &chain[0]).unwrap();
-    let out = openssl(
+    openssl_verify(
         tmp.path(),
-        &[
-            "verify",
-            "-CAfile",
-            data.join("bundle.pem").to_str().unwrap(),
-            "-purpose",
-            "sslclient",
-            "leaf.pem",
-        ],
+        &data.join("bundle.pem"),
+        &["-purpose", "sslclient"],
     );
-    assert!(out.contains("leaf.pem: OK"), "{out}");
     let text = openssl(tmp.path(), &["x509", "-in", "leaf.pem", "-noout", "-text"]);
     assert!(
         text.contains("URI:spiffe://cluster.local/ns/shop/sa/web"),
@@ -299,18 +301,11 @@ async fn plugin_round_trip(rsa_pkcs1: bool) {
     assert_eq!(chain.len(), 3, "leaf, intermediate, root");
     std::fs::write(tmp.path().join("leaf.pem"), &chain[0]).unwrap();
     std::fs::write(tmp.path().join("untrusted.pem"), &chain[1]).unwrap();
-    let out = openssl(
+    openssl_verify(
         tmp.path(),
-        &[
-            "verify",
-            "-CAfile",
-            cacerts.join("root-cert.pem").to_str().unwrap(),
-            "-untrusted",
-            "untrusted.pem",
-            "leaf.pem",
-        ],
+        &cacerts.join("root-cert.pem"),
+        &["-untrusted", "untrusted.pem"],
     );
-    assert!(out.contains("leaf.pem: OK"), "{out}");
 }
 
 #[tokio::test]
