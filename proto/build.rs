@@ -1,7 +1,13 @@
 //! Compiles the .proto files with protox (a pure-Rust protobuf compiler), so a
 //! fresh machine needs no system `protoc`.
 
-const PROTOS: &[&str] = &["istio/security/v1alpha1/ca.proto"];
+const PROTOS: &[&str] = &[
+    "istio/security/v1alpha1/ca.proto",
+    "envoy/service/secret/v3/sds.proto",
+    "envoy/extensions/transport_sockets/tls/v3/secret.proto",
+    "spiffe/workload/workload.proto",
+    "citadel/v1/trust_bundle.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(PROTOS, ["proto"])?;

@@ -1,0 +1,157 @@
+//! The trust bundle the agent serves: received from the CA's
+//! `citadel.v1.TrustBundleService` stream, applied, then acknowledged.
+
+use std::sync::Arc;
+
+use citadel_identity::{Backoff, TrustBundle, TrustDomain};
+use citadel_proto::citadel::v1::trust_bundle_service_client::TrustBundleServiceClient;
+use citadel_proto::citadel::v1::{TrustBundleAck, TrustBundleUpdate};
+use futures::StreamExt;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::{mpsc, watch};
+
+use crate::ca_client::GrpcCa;
+use crate::metrics::AgentMetrics;
+use crate::random_unit;
+
+/// A trust bundle and the CA's sequence number for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleState {
+    /// The roots.
+    pub bundle: TrustBundle,
+    /// The CA's sequence; increases on every change.
+    pub sequence: u64,
+}
+
+impl BundleState {
+    /// The bundle as the Workload API's map key: the trust domain's SPIFFE
+    /// ID (`spiffe://<td>`).
+    pub fn trust_domain_id(&self) -> String {
+        self.bundle.trust_domain().id().to_string()
+    }
+}
+
+/// The bundle of the moment; `None` until the CA has sent one.
+pub type BundleWatch = watch::Receiver<Option<Arc<BundleState>>>;
+
+/// Why an update was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BundleUpdateError {
+    /// The trust domain is not a valid one.
+    #[error("update names an invalid trust domain {0:?}")]
+    TrustDomain(String),
+    /// The roots do not form a bundle.
+    #[error("update's roots are unusable: {0}")]
+    Roots(String),
+    /// The update is older than the bundle in force.
+    #[error("update sequence {got} is not newer than the applied {applied}")]
+    Stale {
+        /// Received.
+        got: u64,
+        /// Applied.
+        applied: u64,
+    },
+}
+
+/// Decides whether to apply `update` on top of `current` (pure).
+pub fn apply_update(
+    current: Option<&BundleState>,
+    update: &TrustBundleUpdate,
+) -> Result<BundleState, BundleUpdateError> {
+    if let Some(cur) = current
+        && update.sequence < cur.sequence
+    {
+        return Err(BundleUpdateError::Stale {
+            got: update.sequence,
+            applied: cur.sequence,
+        });
+    }
+    let td = TrustDomain::new(&update.trust_domain)
+        .map_err(|_| BundleUpdateError::TrustDomain(update.trust_domain.clone()))?;
+    let roots = update
+        .x509_authorities
+        .iter()
+        .map(|der| CertificateDer::from(der.clone()))
+        .collect();
+    let bundle =
+        TrustBundle::new(td, roots).map_err(|e| BundleUpdateError::Roots(e.to_string()))?;
+    Ok(BundleState {
+        bundle,
+        sequence: update.sequence,
+    })
+}
+
+/// Keeps `tx` up to date from the CA's bundle stream, reconnecting with
+/// backoff; also points the CA client at the new roots.
+pub async fn follow_ca_bundle(
+    ca: Arc<GrpcCa>,
+    tx: watch::Sender<Option<Arc<BundleState>>>,
+    metrics: AgentMetrics,
+) {
+    let backoff = Backoff::default();
+    let mut failures = 0u32;
+    loop {
+        match follow_once(&ca, &tx, &metrics, &mut failures).await {
+            Ok(()) => tracing::info!("trust bundle stream ended; reconnecting"),
+            Err(status) => {
+                metrics.ca_error(&format!("{:?}", status.code()));
+                tracing::warn!(code = ?status.code(), message = status.message(), "trust bundle stream failed");
+            }
+        }
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(backoff.delay(failures, random_unit())).await;
+    }
+}
+
+async fn follow_once(
+    ca: &GrpcCa,
+    tx: &watch::Sender<Option<Arc<BundleState>>>,
+    metrics: &AgentMetrics,
+    failures: &mut u32,
+) -> Result<(), tonic::Status> {
+    let (ack_tx, ack_rx) = mpsc::channel::<TrustBundleAck>(4);
+    let applied = tx.borrow().as_ref().map_or(0, |b| b.sequence);
+    // The first message says what we hold, so the HTTP/2 stream opens at once.
+    let _ = ack_tx.try_send(TrustBundleAck {
+        applied_sequence: applied,
+    });
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(ack_rx));
+    ca.authorize(&mut request);
+    let mut client = TrustBundleServiceClient::new(ca.channel());
+    let mut updates = client.watch_trust_bundle(request).await?.into_inner();
+    while let Some(update) = updates.next().await {
+        let update = update?;
+        *failures = 0;
+        let current = tx.borrow().clone();
+        match apply_update(current.as_deref(), &update) {
+            Ok(state) => {
+                let changed = current.as_deref() != Some(&state);
+                if changed {
+                    tracing::info!(
+                        sequence = state.sequence,
+                        roots = state.bundle.roots().len(),
+                        "applied trust bundle"
+                    );
+                    if let Err(e) = ca.set_roots(state.bundle.to_pem()) {
+                        tracing::warn!(error = %e, "cannot use the new roots for the CA connection");
+                    }
+                    metrics.bundle_sequence(state.sequence);
+                    tx.send_replace(Some(Arc::new(state)));
+                }
+                if ack_tx
+                    .send(TrustBundleAck {
+                        applied_sequence: update.sequence,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "refusing trust bundle update");
+            }
+        }
+    }
+    Ok(())
+}

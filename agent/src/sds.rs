@@ -1,0 +1,464 @@
+//! Envoy's Secret Discovery Service (v3, state of the world).
+//!
+//! Names served: `default` (the caller's certificate and key), `ROOTCA` (the
+//! trust bundle) and the caller's own SPIFFE ID (an alias of `default`). The
+//! xDS rules are decided by [`SdsSession`], a pure state machine; the
+//! service around it only moves messages.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use citadel_identity::SpiffeId;
+use citadel_proto::SECRET_TYPE_URL;
+use citadel_proto::envoy::config::core::v3::{DataSource, data_source};
+use citadel_proto::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, Secret, TlsCertificate, secret,
+};
+use citadel_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use citadel_proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
+use citadel_proto::prost_types::Any;
+use futures::{Stream, StreamExt};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::bundle::BundleState;
+use crate::server::AgentState;
+use crate::svid::WorkloadSvid;
+
+/// The resource name of the caller's certificate and key.
+pub const DEFAULT_NAME: &str = "default";
+/// The resource name of the trust bundle.
+pub const ROOTCA_NAME: &str = "ROOTCA";
+
+/// What to do with a request on a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send the current state of every subscribed name (as soon as it is
+    /// available).
+    Respond,
+    /// Nothing to send: an ACK, a NACK, or a stale request.
+    Ignore,
+}
+
+/// The xDS state of one SotW stream.
+#[derive(Debug, Default, Clone)]
+pub struct SdsSession {
+    names: BTreeSet<String>,
+    last_nonce: Option<String>,
+    nonces_issued: u64,
+}
+
+impl SdsSession {
+    /// Applies a request and decides whether it needs an answer:
+    /// - a nonce other than the last one sent is stale: ignored entirely;
+    /// - the first request (no nonce) is answered;
+    /// - a request adding names is answered;
+    /// - otherwise it ACKs or NACKs the last response: no answer, so a NACK
+    ///   never starts a loop (the next change will be pushed).
+    pub fn on_request(&mut self, names: &[String], nonce: &str) -> Verdict {
+        if !nonce.is_empty() && self.last_nonce.as_deref() != Some(nonce) {
+            return Verdict::Ignore;
+        }
+        let new: BTreeSet<String> = names.iter().cloned().collect();
+        let added = new.difference(&self.names).next().is_some();
+        self.names = new;
+        if nonce.is_empty() || added {
+            Verdict::Respond
+        } else {
+            Verdict::Ignore
+        }
+    }
+
+    /// The subscribed names.
+    pub fn names(&self) -> &BTreeSet<String> {
+        &self.names
+    }
+
+    /// Whether any subscribed name needs the caller's certificate.
+    pub fn wants_certificate(&self, own_id: &SpiffeId) -> bool {
+        self.names
+            .iter()
+            .any(|n| n == DEFAULT_NAME || n == own_id.as_str())
+    }
+
+    /// Whether `ROOTCA` is subscribed.
+    pub fn wants_bundle(&self) -> bool {
+        self.names.contains(ROOTCA_NAME)
+    }
+
+    /// A fresh nonce for the next response; it becomes the only current one.
+    pub fn next_nonce(&mut self) -> String {
+        self.nonces_issued += 1;
+        let nonce = self.nonces_issued.to_string();
+        self.last_nonce = Some(nonce.clone());
+        nonce
+    }
+}
+
+/// Checks that `name` is one the caller may ask for.
+pub fn check_entitlement(name: &str, own_id: &SpiffeId) -> Result<(), Status> {
+    if name == DEFAULT_NAME || name == ROOTCA_NAME || name == own_id.as_str() {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "{own_id} may not fetch secret {name:?}: only \"default\", \"ROOTCA\" and its own SPIFFE ID"
+        )))
+    }
+}
+
+/// The response for `names`, or `None` while something they need is not
+/// available yet.
+pub fn build_response(
+    names: &BTreeSet<String>,
+    own_id: &SpiffeId,
+    cert: Option<&WorkloadSvid>,
+    bundle: Option<&BundleState>,
+    nonce: String,
+) -> Option<DiscoveryResponse> {
+    let mut resources = Vec::with_capacity(names.len());
+    let mut version = Vec::new();
+    for name in names {
+        let secret = if name == ROOTCA_NAME {
+            let b = bundle?;
+            version.push(format!("b{}", b.sequence));
+            Secret {
+                name: name.clone(),
+                r#type: Some(secret::Type::ValidationContext(
+                    CertificateValidationContext {
+                        trusted_ca: Some(inline(b.bundle.to_pem().into_bytes())),
+                        ..Default::default()
+                    },
+                )),
+            }
+        } else if name == DEFAULT_NAME || name == own_id.as_str() {
+            let c = cert?;
+            version.push(format!("c{}", c.serial_hex));
+            Secret {
+                name: name.clone(),
+                r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                    certificate_chain: Some(inline(c.chain_pem().into_bytes())),
+                    private_key: Some(inline(c.key.to_pem().into_bytes())),
+                    ..Default::default()
+                })),
+            }
+        } else {
+            continue;
+        };
+        resources.push(Any {
+            type_url: SECRET_TYPE_URL.to_owned(),
+            value: secret.encode_to_vec(),
+        });
+    }
+    version.dedup();
+    Some(DiscoveryResponse {
+        version_info: version.join("-"),
+        resources,
+        type_url: SECRET_TYPE_URL.to_owned(),
+        nonce,
+        ..Default::default()
+    })
+}
+
+fn inline(bytes: Vec<u8>) -> DataSource {
+    DataSource {
+        specifier: Some(data_source::Specifier::InlineBytes(bytes)),
+        watched_directory: None,
+    }
+}
+
+fn check_type_url(type_url: &str) -> Result<(), Status> {
+    if type_url.is_empty() || type_url == SECRET_TYPE_URL {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "this server serves only {SECRET_TYPE_URL}, not {type_url}"
+        )))
+    }
+}
+
+/// The SDS service of the agent.
+pub struct SdsService {
+    state: Arc<AgentState>,
+}
+
+impl SdsService {
+    /// The service over the agent's shared state.
+    pub fn new(state: Arc<AgentState>) -> Self {
+        Self { state }
+    }
+}
+
+type ResponseStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for SdsService {
+    type DeltaSecretsStream = ResponseStream<DeltaDiscoveryResponse>;
+    type StreamSecretsStream = ResponseStream<DiscoveryResponse>;
+
+    async fn delta_secrets(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        Err(Status::unimplemented(
+            "incremental SDS is not served; use StreamSecrets (state of the world)",
+        ))
+    }
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let workload = self.state.attest(&request).await?;
+        let inbound = request.into_inner();
+        // One message in flight at most: a client that does not read holds
+        // up only its own stream, and changes meanwhile collapse into the
+        // latest state (watch channels keep only the newest value).
+        let (tx, rx) = mpsc::channel(1);
+        let state = self.state.clone();
+        let guard = state.metrics.stream_opened("sds");
+        tokio::spawn(async move {
+            let _guard = guard;
+            if let Err(status) = serve_stream(&state, workload.spiffe_id, inbound, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let workload = self.state.attest(&request).await?;
+        let req = request.into_inner();
+        check_type_url(&req.type_url)?;
+        for name in &req.resource_names {
+            check_entitlement(name, &workload.spiffe_id)?;
+        }
+        let mut session = SdsSession::default();
+        session.on_request(&req.resource_names, "");
+        let sub = session
+            .wants_certificate(&workload.spiffe_id)
+            .then(|| self.state.manager.subscribe(&workload.spiffe_id));
+        let mut bundle_rx = self.state.bundle.clone();
+        let mut cert_rx = sub.as_ref().map(|s| s.cert.clone());
+        let wait = async {
+            loop {
+                let cert = cert_rx.as_mut().and_then(|c| c.borrow_and_update().clone());
+                let bundle = bundle_rx.borrow_and_update().clone();
+                if let Some(resp) = build_response(
+                    session.names(),
+                    &workload.spiffe_id,
+                    cert.as_deref(),
+                    bundle.as_deref(),
+                    String::new(),
+                ) {
+                    return Ok(resp);
+                }
+                tokio::select! {
+                    r = async { match cert_rx.as_mut() { Some(c) => c.changed().await, None => futures::future::pending().await } } => r.map_err(|_| Status::unavailable("agent shutting down"))?,
+                    r = bundle_rx.changed() => r.map_err(|_| Status::unavailable("agent shutting down"))?,
+                }
+            }
+        };
+        match tokio::time::timeout(self.state.fetch_timeout, wait).await {
+            Ok(result) => result.map(Response::new),
+            Err(_) => Err(Status::unavailable(
+                "the certificate is not available yet; the CA may be unreachable",
+            )),
+        }
+    }
+}
+
+async fn serve_stream(
+    state: &AgentState,
+    own_id: SpiffeId,
+    mut inbound: Streaming<DiscoveryRequest>,
+    tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) -> Result<(), Status> {
+    let mut session = SdsSession::default();
+    let mut subscription = None;
+    let mut cert_rx: Option<crate::manager::CertWatch> = None;
+    let mut bundle_rx = state.bundle.clone();
+    let mut pending = false;
+    let mut last_version: Option<String> = None;
+    loop {
+        tokio::select! {
+            msg = inbound.next() => {
+                let req = match msg {
+                    None => return Ok(()),
+                    Some(Err(status)) => {
+                        tracing::debug!(%status, spiffe_id = %own_id, "SDS stream closed by the client");
+                        return Ok(());
+                    }
+                    Some(Ok(req)) => req,
+                };
+                check_type_url(&req.type_url)?;
+                if let Some(err) = &req.error_detail {
+                    tracing::warn!(spiffe_id = %own_id, nonce = %req.response_nonce, message = %err.message, "Envoy rejected a secret (NACK)");
+                }
+                match session.on_request(&req.resource_names, &req.response_nonce) {
+                    Verdict::Respond => {
+                        for name in session.names() {
+                            check_entitlement(name, &own_id)?;
+                        }
+                        pending = true;
+                        // A request that must be answered is answered even
+                        // if nothing changed since the last response.
+                        last_version = None;
+                    }
+                    Verdict::Ignore => {}
+                }
+                if session.wants_certificate(&own_id) && subscription.is_none() {
+                    let sub = state.manager.subscribe(&own_id);
+                    cert_rx = Some(sub.cert.clone());
+                    subscription = Some(sub);
+                }
+            }
+            r = async { match cert_rx.as_mut() { Some(c) => c.changed().await, None => futures::future::pending().await } } => {
+                if r.is_err() { return Ok(()); }
+                pending |= session.wants_certificate(&own_id);
+            }
+            r = bundle_rx.changed() => {
+                if r.is_err() { return Ok(()); }
+                pending |= session.wants_bundle();
+            }
+        }
+        if !pending {
+            continue;
+        }
+        let cert = cert_rx.as_mut().and_then(|c| c.borrow_and_update().clone());
+        let bundle = bundle_rx.borrow_and_update().clone();
+        let Some(mut response) = build_response(
+            session.names(),
+            &own_id,
+            cert.as_deref(),
+            bundle.as_deref(),
+            String::new(),
+        ) else {
+            continue; // wait until what the names need is available
+        };
+        pending = false;
+        if last_version.as_deref() == Some(response.version_info.as_str()) {
+            continue; // nothing new for this stream's names
+        }
+        response.nonce = session.next_nonce();
+        last_version = Some(response.version_info.clone());
+        tracing::debug!(spiffe_id = %own_id, version = %response.version_info, nonce = %response.nonce, "pushing secrets");
+        if tx.send(Ok(response)).await.is_err() {
+            return Ok(()); // the client went away
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn first_request_is_answered() {
+        let mut s = SdsSession::default();
+        assert_eq!(s.on_request(&names(&["default"]), ""), Verdict::Respond);
+    }
+
+    #[test]
+    fn ack_of_current_nonce_is_not_answered() {
+        let mut s = SdsSession::default();
+        s.on_request(&names(&["default"]), "");
+        let n = s.next_nonce();
+        assert_eq!(s.on_request(&names(&["default"]), &n), Verdict::Ignore);
+    }
+
+    #[test]
+    fn nack_is_never_answered_again() {
+        let mut s = SdsSession::default();
+        s.on_request(&names(&["default"]), "");
+        let n = s.next_nonce();
+        // A NACK carries the same names and the current nonce.
+        assert_eq!(s.on_request(&names(&["default"]), &n), Verdict::Ignore);
+        assert_eq!(s.on_request(&names(&["default"]), &n), Verdict::Ignore);
+    }
+
+    #[test]
+    fn stale_nonce_is_ignored_even_with_new_names() {
+        let mut s = SdsSession::default();
+        s.on_request(&names(&["default"]), "");
+        let old = s.next_nonce();
+        let _new = s.next_nonce();
+        assert_eq!(
+            s.on_request(&names(&["default", "ROOTCA"]), &old),
+            Verdict::Ignore
+        );
+        assert!(!s.wants_bundle());
+    }
+
+    #[test]
+    fn new_names_are_answered_at_once() {
+        let mut s = SdsSession::default();
+        s.on_request(&names(&["default"]), "");
+        let n = s.next_nonce();
+        assert_eq!(
+            s.on_request(&names(&["default", "ROOTCA"]), &n),
+            Verdict::Respond
+        );
+        assert!(s.wants_bundle());
+    }
+
+    #[test]
+    fn dropping_names_is_not_answered() {
+        let mut s = SdsSession::default();
+        s.on_request(&names(&["default", "ROOTCA"]), "");
+        let n = s.next_nonce();
+        assert_eq!(s.on_request(&names(&["default"]), &n), Verdict::Ignore);
+        assert!(!s.wants_bundle());
+    }
+
+    #[test]
+    fn own_spiffe_id_is_an_alias_of_default() {
+        let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+        let mut s = SdsSession::default();
+        s.on_request(&names(&["spiffe://td/ns/a/sa/b"]), "");
+        assert!(s.wants_certificate(&id));
+        assert!(check_entitlement("spiffe://td/ns/a/sa/b", &id).is_ok());
+    }
+
+    #[test]
+    fn rejects_another_workloads_spiffe_id_as_resource_name() {
+        let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+        let err = check_entitlement("spiffe://td/ns/a/sa/other", &id).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            check_entitlement("file-root:/etc/ssl/ca.pem", &id)
+                .unwrap_err()
+                .code(),
+            tonic::Code::PermissionDenied
+        );
+    }
+
+    #[test]
+    fn no_response_until_the_certificate_exists() {
+        let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+        let set: BTreeSet<String> = ["default".to_string()].into();
+        assert!(build_response(&set, &id, None, None, "1".into()).is_none());
+    }
+
+    #[test]
+    fn rejects_foreign_type_url() {
+        assert_eq!(
+            check_type_url("type.googleapis.com/envoy.config.cluster.v3.Cluster")
+                .unwrap_err()
+                .code(),
+            tonic::Code::InvalidArgument
+        );
+        assert!(check_type_url("").is_ok());
+        assert!(check_type_url(SECRET_TYPE_URL).is_ok());
+    }
+}

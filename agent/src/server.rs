@@ -1,0 +1,74 @@
+//! The agent's gRPC server on its Unix socket: SDS and the Workload API on
+//! one server, every request attested from the connection's peer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use citadel_proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
+use citadel_proto::spiffe_workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use tokio::net::UnixListener;
+use tonic::{Request, Status};
+
+use crate::attest::{PeerInfo, Workload, WorkloadAttestor};
+use crate::bundle::BundleWatch;
+use crate::manager::CertManager;
+use crate::metrics::AgentMetrics;
+use crate::sds::SdsService;
+use crate::workload_api::WorkloadApiService;
+
+/// Largest message accepted from a workload. Requests are small (a few
+/// resource names); anything bigger is garbage or abuse.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// What every service of the agent shares.
+pub struct AgentState {
+    /// Who callers are.
+    pub attestor: Arc<dyn WorkloadAttestor>,
+    /// Their certificates.
+    pub manager: CertManager,
+    /// The trust bundle.
+    pub bundle: BundleWatch,
+    /// Metrics.
+    pub metrics: AgentMetrics,
+    /// How long a unary fetch waits for a certificate.
+    pub fetch_timeout: Duration,
+}
+
+impl AgentState {
+    /// Attests the caller of `request`; `PermissionDenied` (logged) when it
+    /// has no identity.
+    pub async fn attest<T>(&self, request: &Request<T>) -> Result<Workload, Status> {
+        let Some(peer) = request.extensions().get::<PeerInfo>().copied() else {
+            return Err(Status::permission_denied("caller credentials unknown"));
+        };
+        match self.attestor.attest(&peer).await {
+            Ok(w) => {
+                tracing::debug!(spiffe_id = %w.spiffe_id, pid = ?peer.pid, uid = peer.uid, "attested caller");
+                Ok(w)
+            }
+            Err(e) => {
+                tracing::warn!(pid = ?peer.pid, uid = peer.uid, gid = peer.gid, error = %e, "caller refused");
+                Err(Status::permission_denied(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Serves SDS and the Workload API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: UnixListener,
+    state: Arc<AgentState>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let sds = SecretDiscoveryServiceServer::new(SdsService::new(state.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let workload = SpiffeWorkloadApiServer::new(WorkloadApiService::new(state))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .max_concurrent_streams(Some(256))
+        .add_service(sds)
+        .add_service(workload)
+        .serve_with_incoming_shutdown(crate::socket::incoming(listener), shutdown)
+        .await
+}

@@ -1,0 +1,195 @@
+//! Workload certificates the agent holds: a fresh key and CSR per issuance,
+//! and the checks a CA answer must pass before anything is served.
+
+use std::fmt;
+
+use citadel_identity::{SpiffeId, TrustBundle, verify_chain};
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType};
+use rustls_pki_types::CertificateDer;
+
+/// A PKCS#8 private key held in memory. Its `Debug` never shows the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PrivateKey(Vec<u8>);
+
+impl PrivateKey {
+    /// The unencrypted PKCS#8 DER, for serving to the workload it belongs to.
+    pub fn pkcs8_der(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The key as PEM (`PRIVATE KEY`).
+    pub fn to_pem(&self) -> String {
+        pem::encode(&pem::Pem::new("PRIVATE KEY", self.0.clone()))
+    }
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivateKey(<redacted>)")
+    }
+}
+
+/// A workload's certificate, its chain and its key, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadSvid {
+    /// The identity the certificate carries.
+    pub spiffe_id: SpiffeId,
+    /// Leaf first, then intermediates; roots of the trust bundle left out.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's key.
+    pub key: PrivateKey,
+    /// The leaf's serial, lowercase hex.
+    pub serial_hex: String,
+    /// notBefore, unix seconds.
+    pub not_before: i64,
+    /// notAfter, unix seconds.
+    pub not_after: i64,
+}
+
+impl WorkloadSvid {
+    /// The chain as concatenated DER (Workload API form).
+    pub fn chain_der(&self) -> Vec<u8> {
+        self.chain.iter().flat_map(|c| c.iter().copied()).collect()
+    }
+
+    /// The chain as PEM (SDS form).
+    pub fn chain_pem(&self) -> String {
+        self.chain
+            .iter()
+            .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+            .collect()
+    }
+}
+
+/// A key generated for one issuance and the CSR that names it.
+pub struct PendingKey {
+    key: KeyPair,
+    /// The CSR, PEM.
+    pub csr_pem: String,
+}
+
+impl fmt::Debug for PendingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingKey").finish_non_exhaustive()
+    }
+}
+
+/// Why a key or CSR could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot generate key or CSR: {0}")]
+pub struct KeyGenError(String);
+
+impl PendingKey {
+    /// A new ECDSA P-256 key and a CSR for it naming `spiffe_id` (or no
+    /// SAN at all, when the identity is not known before issuance).
+    pub fn generate(spiffe_id: Option<&SpiffeId>) -> Result<PendingKey, KeyGenError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| KeyGenError(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        if let Some(id) = spiffe_id {
+            let uri = id
+                .as_str()
+                .try_into()
+                .map_err(|e: rcgen::Error| KeyGenError(e.to_string()))?;
+            params.subject_alt_names.push(SanType::URI(uri));
+        }
+        let csr_pem = params
+            .serialize_request(&key)
+            .and_then(|csr| csr.pem())
+            .map_err(|e| KeyGenError(e.to_string()))?;
+        Ok(PendingKey { key, csr_pem })
+    }
+
+    /// Wraps an existing PKCS#8 key (the node key read back from disk); the
+    /// CSR names no SAN.
+    pub fn from_pkcs8(der: &[u8]) -> Result<PendingKey, KeyGenError> {
+        let key = KeyPair::try_from(der).map_err(|e| KeyGenError(e.to_string()))?;
+        let csr_pem = CertificateParams::default()
+            .serialize_request(&key)
+            .and_then(|csr| csr.pem())
+            .map_err(|e| KeyGenError(e.to_string()))?;
+        Ok(PendingKey { key, csr_pem })
+    }
+
+    /// The key as PKCS#8 DER.
+    pub fn private_key(&self) -> PrivateKey {
+        PrivateKey(self.key.serialize_der())
+    }
+
+    fn spki_der(&self) -> Vec<u8> {
+        self.key.subject_public_key_info()
+    }
+}
+
+/// Why a CA answer is not served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainRejected {
+    /// The answer holds no certificate, or text that is not PEM certificates.
+    #[error("the CA answer is not a PEM certificate chain: {0}")]
+    Malformed(String),
+    /// The chain does not verify against the trust bundle.
+    #[error("the certificate chain does not verify against the trust bundle: {0}")]
+    Untrusted(String),
+    /// The leaf names another identity.
+    #[error("the CA issued {got} but {wanted} was requested")]
+    WrongIdentity {
+        /// Requested.
+        wanted: String,
+        /// Received.
+        got: String,
+    },
+    /// The leaf certifies another key.
+    #[error("the certificate is not for the key the agent generated")]
+    WrongKey,
+}
+
+/// Checks a CA answer (`cert_chain` entries, each PEM, leaf first) for the
+/// key in `pending`: it must parse, verify against `bundle` at `now`, name
+/// `wanted` (when given, else any identity is taken) and certify the key.
+pub fn accept_chain(
+    pending: &PendingKey,
+    wanted: Option<&SpiffeId>,
+    cert_chain: &[String],
+    bundle: &TrustBundle,
+    now: i64,
+) -> Result<WorkloadSvid, ChainRejected> {
+    let mut chain: Vec<CertificateDer<'static>> = Vec::new();
+    for block in cert_chain {
+        for p in pem::parse_many(block).map_err(|e| ChainRejected::Malformed(e.to_string()))? {
+            if p.tag() != "CERTIFICATE" {
+                return Err(ChainRejected::Malformed(format!(
+                    "unexpected {} block",
+                    p.tag()
+                )));
+            }
+            chain.push(CertificateDer::from(p.into_contents()));
+        }
+    }
+    if chain.is_empty() {
+        return Err(ChainRejected::Malformed("no certificate".to_owned()));
+    }
+    let leaf = verify_chain(&chain, bundle, now.max(0) as u64)
+        .map_err(|e| ChainRejected::Untrusted(e.to_string()))?;
+    if let Some(wanted) = wanted
+        && &leaf.spiffe_id != wanted
+    {
+        return Err(ChainRejected::WrongIdentity {
+            wanted: wanted.to_string(),
+            got: leaf.spiffe_id.to_string(),
+        });
+    }
+    let (_, parsed) = x509_parser::parse_x509_certificate(&chain[0])
+        .map_err(|e| ChainRejected::Malformed(e.to_string()))?;
+    if parsed.tbs_certificate.subject_pki.raw != pending.spki_der().as_slice() {
+        return Err(ChainRejected::WrongKey);
+    }
+    chain.retain(|c| !bundle.contains(c));
+    Ok(WorkloadSvid {
+        spiffe_id: leaf.spiffe_id,
+        chain,
+        key: pending.private_key(),
+        serial_hex: leaf.serial_hex,
+        not_before: leaf.not_before,
+        not_after: leaf.not_after,
+    })
+}
