@@ -179,7 +179,12 @@ async fn run_slot(inner: Arc<Inner>, id: SpiffeId, slot: Arc<Slot>) {
                 failures = 0;
                 inner.metrics.issuance(true);
                 tracing::info!(serial = %svid.serial_hex, not_after = svid.not_after, "certificate issued");
-                let due = until_renewal(svid.not_before, svid.not_after, unix_now(), random_unit());
+                // The usable lifetime starts on receipt: the CA backdates
+                // notBefore to absorb clock skew, which must not pull the
+                // renewal of a short-lived certificate forward.
+                let now = unix_now();
+                let due =
+                    until_renewal(svid.not_before.max(now), svid.not_after, now, random_unit());
                 slot.cert.send_replace(Some(Arc::new(svid)));
                 due
             }

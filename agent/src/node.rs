@@ -164,10 +164,13 @@ pub async fn keep_renewed(
 ) {
     let backoff = Backoff::default();
     let mut failures = 0u32;
+    // As for workloads, the lifetime counts from receipt, not from the
+    // backdated notBefore.
+    let mut received_at = unix_now();
     loop {
         let wait = if failures == 0 {
             until_renewal(
-                node.svid.not_before,
+                node.svid.not_before.max(received_at),
                 node.svid.not_after,
                 unix_now(),
                 random_unit(),
@@ -186,6 +189,7 @@ pub async fn keep_renewed(
                 }
                 tracing::info!(spiffe_id = %renewed.spiffe_id(), serial = %renewed.svid.serial_hex, "node certificate renewed");
                 node = renewed;
+                received_at = unix_now();
                 failures = 0;
             }
             Err(e) => {

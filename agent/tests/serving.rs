@@ -83,7 +83,14 @@ async fn sds_serves_rootca_and_own_id_alias() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(serial_of(&leaf_of(&secrets[1])).is_empty(), false);
+    let alias_leaf = leaf_of(&secrets[1]);
+    assert_eq!(
+        citadel_identity::check_x509_svid(&alias_leaf)
+            .unwrap()
+            .spiffe_id
+            .as_str(),
+        WEB
+    );
     h.stop().await;
 }
 

@@ -46,7 +46,8 @@ impl StoreArgs {
     }
 }
 
-fn fmt_time(t: i64) -> String {
+/// Unix seconds as RFC 3339 UTC (`2025-01-31T12:00:00Z`), or the number if out of range.
+pub fn fmt_time(t: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(t)
         .ok()
         .and_then(|d| {
@@ -57,7 +58,8 @@ fn fmt_time(t: i64) -> String {
 }
 
 /// `citadel root status`: each authority, its state and expiry, its live
-/// certificates, then the trust bundle PEM.
+/// certificates, the trust-bundle sequence, each agent's last acknowledged
+/// sequence (when, and whether it is current), then the trust bundle PEM.
 pub async fn root_status(
     store: &dyn Store,
     trust_domain: &TrustDomain,
@@ -97,10 +99,51 @@ pub async fn root_status(
     {
         writeln!(out, "warning: no active authority")?;
     }
+    // The sequence before the bundle, as the CA publishes them: the bundle is never older.
+    let sequence = store.bundle_sequence().await?;
+    let acks = store.list_bundle_acks().await?;
     let bundle = current_bundle(store, trust_domain).await?;
+    writeln!(out, "\nTrust-bundle sequence: {sequence}")?;
+    if acks.is_empty() {
+        writeln!(out, "Agents: none has acknowledged a trust bundle")?;
+    } else {
+        let current = acks
+            .iter()
+            .filter(|a| agent_status(a.sequence, sequence) == "current")
+            .count();
+        writeln!(
+            out,
+            "Agents: {current} of {} hold the current bundle",
+            acks.len()
+        )?;
+        writeln!(
+            out,
+            "{:<56} {:>9}  {:<22} STATUS",
+            "AGENT", "ACKED SEQ", "ACKED AT"
+        )?;
+        for a in &acks {
+            writeln!(
+                out,
+                "{:<56} {:>9}  {:<22} {}",
+                a.agent_id,
+                a.sequence,
+                fmt_time(a.acked_at),
+                agent_status(a.sequence, sequence)
+            )?;
+        }
+    }
     writeln!(out, "\nTrust bundle ({} root(s)):", bundle.roots().len())?;
     write!(out, "{}", bundle.to_pem())?;
     Ok(())
+}
+
+/// `current` when an agent has acknowledged the store's bundle sequence, else `behind` (pure).
+pub fn agent_status(acked: u64, current: u64) -> &'static str {
+    if acked >= current {
+        "current"
+    } else {
+        "behind"
+    }
 }
 
 /// `citadel ledger verify`: `Ok(true)` when the chain is intact.

@@ -7,13 +7,15 @@ use std::time::Instant;
 
 use citadel_identity::lifetime::{LifetimeError, LifetimePolicy, leaf_validity};
 use citadel_identity::{SpiffeId, TrustDomain};
-use citadel_store::{GroupCommitLedger, NewIssuance, StoreError};
+use citadel_store::{ConsumeOutcome, GroupCommitLedger, NewIssuance, Store, StoreError};
 use tokio::sync::watch;
 
-use crate::auth::{AuthChain, AuthError, Caller, Credentials};
+use crate::auth::{AuthChain, AuthError, AuthMethod, Caller, Credentials};
 use crate::authority::{Authority, AuthorityError, IssuedCertificate, LeafSpec, random_serial};
 use crate::csr::{CsrError, parse_and_verify};
+use crate::join_token::token_hash;
 use crate::metrics::{CaMetrics, IssuedLabels};
+use crate::node::{is_reserved, node_name_of};
 
 /// One certificate request, as the transport received it.
 #[derive(Debug, Clone)]
@@ -47,7 +49,7 @@ pub struct IssuedChain {
 pub enum IssueError {
     /// No or bad credentials (`Unauthenticated`).
     #[error("{0}")]
-    Unauthenticated(#[from] AuthError),
+    Unauthenticated(AuthError),
     /// Authenticated, but not allowed this identity (`PermissionDenied`).
     #[error("{0}")]
     PermissionDenied(String),
@@ -75,6 +77,17 @@ impl IssueError {
             IssueError::FailedPrecondition(_) => "failed_precondition",
             IssueError::Unavailable(_) => "ledger_unavailable",
             IssueError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<AuthError> for IssueError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unavailable(reason) => {
+                IssueError::Unavailable(format!("{reason}; no certificate issued, retry later"))
+            }
+            other => IssueError::Unauthenticated(other),
         }
     }
 }
@@ -110,20 +123,90 @@ impl From<StoreError> for IssueError {
     }
 }
 
-/// Decides whether `caller` may receive `requested` (pure).
+/// What [`authorize`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Authorization {
+    /// The caller gets its own identity.
+    Own(SpiffeId),
+    /// A node agent asks for `target` on behalf of a workload: allowed only when `target` is
+    /// on the node's allow list ([`check_node_allow_list`]).
+    ForNode {
+        /// The agent's node.
+        node: String,
+        /// The identity asked for.
+        target: SpiffeId,
+    },
+}
+
+/// Decides whether `caller` may receive `impersonated` (pure).
 ///
-/// A caller gets its own identity. Requests on behalf of another workload
-/// need a trusted node agent, which arrives with node attestation; until
-/// then every impersonation is refused.
-pub fn authorize(caller: &Caller, impersonated: Option<&str>) -> Result<SpiffeId, IssueError> {
-    match impersonated {
-        None => Ok(caller.identity.clone()),
-        Some(other) if other == caller.identity.as_str() => Ok(caller.identity.clone()),
-        Some(other) => Err(IssueError::PermissionDenied(format!(
-            "{} may not request certificates for {other}: it is not a trusted node agent",
+/// A caller gets its own identity. Another identity (`ImpersonatedIdentity`)
+/// may be asked for only by a node agent that authenticated with its node
+/// certificate (`spiffe://<td>/citadel/node/<NAME>`), only for a SPIFFE ID of
+/// `td` outside `/citadel/`, and only if the node's allow list names it,
+/// which the caller checks next. A join-token caller may never impersonate:
+/// it has not joined yet.
+pub fn authorize(
+    caller: &Caller,
+    impersonated: Option<&str>,
+    td: &TrustDomain,
+) -> Result<Authorization, IssueError> {
+    let other = match impersonated {
+        None => return Ok(Authorization::Own(caller.identity.clone())),
+        Some(other) if other == caller.identity.as_str() => {
+            return Ok(Authorization::Own(caller.identity.clone()));
+        }
+        Some(other) => other,
+    };
+    let deny = |why: &str| {
+        IssueError::PermissionDenied(format!(
+            "{} may not request certificates for {other}: {why}",
             caller.identity
-        ))),
+        ))
+    };
+    let node = match (caller.method, node_name_of(&caller.identity, td)) {
+        (AuthMethod::ClientCertificate, Some(node)) => node,
+        (AuthMethod::JoinToken, _) => {
+            return Err(deny(
+                "a join token only admits the node itself; impersonate with the node certificate",
+            ));
+        }
+        _ => return Err(deny("it is not a trusted node agent")),
+    };
+    let target = SpiffeId::parse(other)
+        .map_err(|e| deny(&format!("the requested identity is not a SPIFFE ID ({e})")))?;
+    if !target.is_member_of(td) {
+        return Err(deny(&format!(
+            "the requested identity is not in trust domain {td}"
+        )));
     }
+    if is_reserved(&target) {
+        return Err(deny(
+            "identities under /citadel/ are never issued to workloads",
+        ));
+    }
+    Ok(Authorization::ForNode {
+        node: node.to_owned(),
+        target,
+    })
+}
+
+/// Checks `target` against node `node`'s allow list (`None`: the node never joined) (pure).
+pub fn check_node_allow_list(
+    caller: &Caller,
+    node: &str,
+    target: &SpiffeId,
+    allowed: Option<&[String]>,
+) -> Result<(), IssueError> {
+    let why = match allowed {
+        Some(list) if list.iter().any(|id| id == target.as_str()) => return Ok(()),
+        Some(_) => format!("it is not on node {node}'s allow list"),
+        None => format!("node {node} has not joined with a join token"),
+    };
+    Err(IssueError::PermissionDenied(format!(
+        "{} may not request certificates for {target}: {why}",
+        caller.identity
+    )))
 }
 
 /// Checks that the SANs a CSR asks for are exactly what the caller gets (pure).
@@ -160,17 +243,20 @@ pub struct CertificateIssuer {
     trust_domain: TrustDomain,
     authority: watch::Receiver<Arc<Authority>>,
     auth: AuthChain,
+    store: Arc<dyn Store>,
     ledger: GroupCommitLedger,
     lifetime: LifetimePolicy,
     metrics: Arc<CaMetrics>,
 }
 
 impl CertificateIssuer {
-    /// Assembles the issuing core.
+    /// Assembles the issuing core. `store` answers node allow lists and consumes join
+    /// tokens; `ledger` records issuances.
     pub fn new(
         trust_domain: TrustDomain,
         authority: watch::Receiver<Arc<Authority>>,
         auth: AuthChain,
+        store: Arc<dyn Store>,
         ledger: GroupCommitLedger,
         lifetime: LifetimePolicy,
         metrics: Arc<CaMetrics>,
@@ -179,6 +265,7 @@ impl CertificateIssuer {
             trust_domain,
             authority,
             auth,
+            store,
             ledger,
             lifetime,
             metrics,
@@ -218,7 +305,7 @@ impl CertificateIssuer {
     async fn issue_inner(&self, req: &IssueRequest<'_>) -> Result<IssuedChain, IssueError> {
         let caller = self.auth.authenticate(&req.credentials).await?;
         tracing::Span::current().record("caller", tracing::field::display(&caller.identity));
-        let granted = authorize(&caller, req.impersonated_identity)?;
+        let (granted, node) = self.granted_identity(&caller, req).await?;
         let csr = parse_and_verify(req.csr_pem)?;
         check_requested_names(&granted, &csr.requested_uris, &csr.requested_other_sans)?;
         let authority = self.authority.borrow().clone();
@@ -229,6 +316,10 @@ impl CertificateIssuer {
             authority.window(),
             now,
         )?;
+        if caller.method == AuthMethod::JoinToken {
+            // Last check before signing: everything above can refuse without spending the token.
+            self.consume_join_token(&caller, req, now).await?;
+        }
         let leaf = authority.sign(&LeafSpec {
             spiffe_id: Some(&granted),
             dns_names: &[],
@@ -248,7 +339,7 @@ impl CertificateIssuer {
                 not_before: leaf.not_before,
                 not_after: leaf.not_after,
                 requester: caller.identity.to_string(),
-                node: caller.node.clone(),
+                node,
                 der_sha256: leaf.der_sha256,
                 issued_at: now,
             })
@@ -271,10 +362,76 @@ impl CertificateIssuer {
     }
 }
 
+impl CertificateIssuer {
+    /// The identity to issue and the node the request came through: [`authorize`], plus the
+    /// node's allow list from the store when a node agent asks for a workload.
+    async fn granted_identity(
+        &self,
+        caller: &Caller,
+        req: &IssueRequest<'_>,
+    ) -> Result<(SpiffeId, Option<String>), IssueError> {
+        let impersonated = req.impersonated_identity;
+        let refused = |e: IssueError| {
+            tracing::warn!(
+                caller = %caller.identity,
+                requested = impersonated.unwrap_or_default(),
+                error = %e,
+                "impersonation refused"
+            );
+            e
+        };
+        match authorize(caller, impersonated, &self.trust_domain).map_err(refused)? {
+            Authorization::Own(id) => {
+                // A node agent renewing its own certificate came through its own node.
+                let node = caller.node.clone().or_else(|| {
+                    node_name_of(&caller.identity, &self.trust_domain).map(str::to_owned)
+                });
+                Ok((id, node))
+            }
+            Authorization::ForNode { node, target } => {
+                let allowed = self.store.node_allowed_ids(&node).await.map_err(|e| {
+                    IssueError::Unavailable(format!(
+                        "node allow list unavailable, no certificate issued: {e}"
+                    ))
+                })?;
+                check_node_allow_list(caller, &node, &target, allowed.as_deref())
+                    .map_err(refused)?;
+                Ok((target, Some(node)))
+            }
+        }
+    }
+
+    /// Uses up the caller's join token; of concurrent requests with one token only one gets
+    /// past this point.
+    async fn consume_join_token(
+        &self,
+        caller: &Caller,
+        req: &IssueRequest<'_>,
+        now: i64,
+    ) -> Result<(), IssueError> {
+        let node = caller.node.as_deref().unwrap_or_default();
+        let token = req.credentials.bearer_token.ok_or_else(|| {
+            IssueError::Internal("a join-token caller without a bearer token".into())
+        })?;
+        match self.store.consume_join_token(&token_hash(token), now).await {
+            Ok(ConsumeOutcome::Consumed(rec)) if rec.node_name == node => Ok(()),
+            Ok(ConsumeOutcome::Consumed(rec)) => Err(IssueError::Internal(format!(
+                "join token authenticated node {node} but was consumed for node {}",
+                rec.node_name
+            ))),
+            Ok(ConsumeOutcome::Refused(refusal)) => Err(IssueError::PermissionDenied(format!(
+                "the join token of node {node} was not consumed: {refusal}"
+            ))),
+            Err(e) => Err(IssueError::Unavailable(format!(
+                "join token cannot be consumed, no certificate issued: {e}"
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::AuthMethod;
 
     fn caller(id: &str) -> Caller {
         Caller {
@@ -285,23 +442,103 @@ mod tests {
         }
     }
 
+    fn td() -> TrustDomain {
+        TrustDomain::new("td").unwrap()
+    }
+
+    fn node_caller(method: AuthMethod) -> Caller {
+        Caller {
+            method,
+            node: Some("node-a".into()),
+            ..caller("spiffe://td/citadel/node/node-a")
+        }
+    }
+
+    fn denied(out: Result<Authorization, IssueError>) -> String {
+        match out {
+            Err(IssueError::PermissionDenied(msg)) => msg,
+            other => panic!("expected PermissionDenied, got {other:?}"),
+        }
+    }
+
     #[test]
     fn caller_gets_its_own_identity() {
         let c = caller("spiffe://td/ns/a/sa/b");
-        assert_eq!(authorize(&c, None).unwrap(), c.identity);
+        let own = Authorization::Own(c.identity.clone());
+        assert_eq!(authorize(&c, None, &td()).unwrap(), own);
         assert_eq!(
-            authorize(&c, Some("spiffe://td/ns/a/sa/b")).unwrap(),
-            c.identity
+            authorize(&c, Some("spiffe://td/ns/a/sa/b"), &td()).unwrap(),
+            own
         );
     }
 
     #[test]
     fn rejects_impersonation_by_untrusted_caller() {
         let c = caller("spiffe://td/ns/a/sa/b");
-        assert!(matches!(
-            authorize(&c, Some("spiffe://td/ns/a/sa/other")),
-            Err(IssueError::PermissionDenied(_))
+        let msg = denied(authorize(&c, Some("spiffe://td/ns/a/sa/other"), &td()));
+        assert!(msg.contains("spiffe://td/ns/a/sa/b"), "{msg}");
+        assert!(msg.contains("spiffe://td/ns/a/sa/other"), "{msg}");
+    }
+
+    #[test]
+    fn node_certificate_may_ask_for_a_workload_subject_to_its_allow_list() {
+        let out = authorize(
+            &node_caller(AuthMethod::ClientCertificate),
+            Some("spiffe://td/ns/a/sa/web"),
+            &td(),
+        );
+        assert_eq!(
+            out.unwrap(),
+            Authorization::ForNode {
+                node: "node-a".into(),
+                target: SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap(),
+            }
+        );
+    }
+
+    #[test]
+    fn join_token_caller_may_not_impersonate() {
+        let msg = denied(authorize(
+            &node_caller(AuthMethod::JoinToken),
+            Some("spiffe://td/ns/a/sa/web"),
+            &td(),
         ));
+        assert!(msg.contains("join token"), "{msg}");
+    }
+
+    #[test]
+    fn node_identity_by_jwt_is_not_a_node_agent() {
+        // Only a certificate this CA issued proves a node identity.
+        denied(authorize(
+            &node_caller(AuthMethod::Jwt),
+            Some("spiffe://td/ns/a/sa/web"),
+            &td(),
+        ));
+    }
+
+    #[test]
+    fn node_may_not_ask_for_foreign_reserved_or_malformed_identities() {
+        let node = node_caller(AuthMethod::ClientCertificate);
+        for target in [
+            "spiffe://other/ns/a/sa/web",
+            "spiffe://td/citadel/node/node-b",
+            "not a spiffe id",
+        ] {
+            denied(authorize(&node, Some(target), &td()));
+        }
+    }
+
+    #[test]
+    fn allow_list_must_name_the_target_exactly() {
+        let node = node_caller(AuthMethod::ClientCertificate);
+        let web = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
+        let list = ["spiffe://td/ns/a/sa/web".to_string()];
+        check_node_allow_list(&node, "node-a", &web, Some(&list)).unwrap();
+        let prefix_only = ["spiffe://td/ns/a/sa/we".to_string()];
+        for allowed in [Some(&prefix_only[..]), Some(&[][..]), None] {
+            let err = check_node_allow_list(&node, "node-a", &web, allowed).unwrap_err();
+            assert!(matches!(err, IssueError::PermissionDenied(_)), "{err}");
+        }
     }
 
     #[test]

@@ -1,23 +1,30 @@
 //! The Citadel certificate authority.
 //!
-//! It authenticates callers of Istio's CSR API (client certificates, JWTs),
-//! signs SPIFFE X.509 certificates with its active authority, records every
-//! issuance in a hash-chained ledger before answering, and serves metrics
-//! and health. `citadel` (in `main.rs`) is a thin CLI over this library.
+//! It authenticates callers of Istio's CSR API (client certificates, one-time
+//! join tokens, JWTs), lets node agents request their allowed workloads'
+//! identities, signs SPIFFE X.509 certificates with its active authority,
+//! records every issuance in a hash-chained ledger before answering, streams
+//! the trust bundle to node agents and records their acknowledgements, and
+//! serves metrics and health. `citadel` (in `main.rs`) is a thin CLI over
+//! this library.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod auth;
 pub mod authorities;
 pub mod authority;
+pub mod bundle_service;
+pub mod bundle_watch;
 pub mod cli;
 pub mod clock;
 pub mod csr;
 pub mod duration;
 pub mod http;
 pub mod issuer;
+pub mod join_token;
 pub mod keystore;
 pub mod metrics;
+pub mod node;
 pub mod pemutil;
 pub mod serve;
 pub mod service;

@@ -3,6 +3,7 @@
 
 mod policy_cmd;
 
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use citadel_ca::auth::jwt::{JwksSource, JwtConfig};
 use citadel_ca::cli::StoreArgs;
+use citadel_ca::clock::unix_now;
 use citadel_ca::duration::parse_duration_secs;
+use citadel_ca::join_token;
 use citadel_ca::serve::ServeConfig;
 use citadel_identity::TrustDomain;
 use citadel_identity::lifetime::LifetimePolicy;
@@ -48,6 +51,36 @@ enum Command {
     },
     /// Validate and explain Istio PeerAuthentication and AuthorizationPolicy files.
     Policy(Box<policy_cmd::PolicyArgs>),
+    /// Manage one-time join tokens for node agents off Kubernetes.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a one-time join token for a node; prints the token alone on stdout.
+    ///
+    /// The node's agent sends it once as `authorization: Bearer <token>` to get its node
+    /// certificate; afterwards it may request certificates for the --allow identities on
+    /// behalf of its workloads. Only the token's SHA-256 is stored.
+    Create {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Node the token admits: lowercase letters, digits, '-' and '.' (at most 253).
+        #[arg(long)]
+        node: String,
+        /// A SPIFFE ID the node's agent may request for its workloads (repeatable; at least one).
+        #[arg(long = "allow", value_name = "SPIFFE_ID")]
+        allow: Vec<String>,
+        /// Lifetime of the token (at most 7d).
+        #[arg(long, default_value = "1h", value_parser = parse_duration_secs)]
+        ttl: i64,
+        /// Trust domain of the allowed identities.
+        #[arg(long, env = "CITADEL_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -135,6 +168,9 @@ struct ServeArgs {
     /// Accepted JWT audiences (repeatable).
     #[arg(long = "jwt-audience", default_values = ["istio-ca"])]
     jwt_audiences: Vec<String>,
+    /// How often to check the store for trust-bundle changes (pushed to node agents).
+    #[arg(long, env = "CITADEL_BUNDLE_POLL_INTERVAL", default_value = "5s", value_parser = parse_duration_secs)]
+    bundle_poll_interval: i64,
 }
 
 impl ServeArgs {
@@ -151,6 +187,10 @@ impl ServeArgs {
         anyhow::ensure!(
             self.root_ttl > self.max_ttl,
             "--root-ttl must be longer than --max-ttl"
+        );
+        anyhow::ensure!(
+            self.bundle_poll_interval > 0,
+            "--bundle-poll-interval must be at least 1s"
         );
         let jwt = match (self.jwt_issuer, self.jwt_jwks) {
             (Some(issuer), Some(jwks)) => Some(JwtConfig {
@@ -177,6 +217,9 @@ impl ServeArgs {
             lifetime,
             root_lifetime_secs: self.root_ttl,
             jwt,
+            bundle_poll_interval: std::time::Duration::from_secs(
+                self.bundle_poll_interval.unsigned_abs(),
+            ),
         })
     }
 }
@@ -227,6 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 default_ttl_secs = config.lifetime.default_ttl_secs,
                 max_ttl_secs = config.lifetime.max_ttl_secs,
                 jwt = config.jwt.is_some(),
+                bundle_poll_interval_secs = config.bundle_poll_interval.as_secs(),
                 "starting"
             );
             let ca = citadel_ca::serve::start(config).await?;
@@ -271,7 +315,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = store.open().await?;
             let filter = citadel_store::LedgerFilter {
                 spiffe_id,
-                live_at: live.then(citadel_ca::clock::unix_now),
+                live_at: live.then(unix_now),
                 limit,
                 ..Default::default()
             };
@@ -279,6 +323,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(args) => policy_cmd::run(*args),
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    store,
+                    node,
+                    allow,
+                    ttl,
+                    trust_domain,
+                },
+        } => {
+            let td = TrustDomain::new(&trust_domain).context("--trust-domain")?;
+            // Validate before opening the store: bad input never touches it.
+            let grant = join_token::validate_grant(&td, &node, &allow, ttl)?;
+            let store = store.open().await?;
+            let (token, record) = join_token::create(store.as_ref(), &grant, unix_now()).await?;
+            eprintln!(
+                "join token for node {} (allows {}), expires {}; it is shown only once",
+                record.node_name,
+                record.allowed_ids.join(", "),
+                citadel_ca::cli::fmt_time(record.expires_at)
+            );
+            writeln!(stdout, "{token}")?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

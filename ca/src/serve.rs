@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use citadel_identity::TrustDomain;
 use citadel_identity::lifetime::{LifetimePolicy, leaf_validity};
+use citadel_proto::citadel::v1::trust_bundle_service_server::TrustBundleServiceServer;
 use citadel_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
 use citadel_store::{GroupCommitLedger, NewIssuance, Store};
 use rcgen::PublicKeyData;
@@ -18,10 +19,13 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::client_cert::ClientCertAuthenticator;
+use crate::auth::join_token::JoinTokenAuthenticator;
 use crate::auth::jwt::{JwtAuthenticator, JwtConfig};
 use crate::auth::{AuthChain, Authenticator};
 use crate::authorities;
 use crate::authority::{Authority, LeafSpec, random_serial};
+use crate::bundle_service::{MAX_ACK_BYTES, TrustBundleStreamService};
+use crate::bundle_watch::{BundlePoller, load_snapshot};
 use crate::csr::KeyKind;
 use crate::http::{OpsState, router};
 use crate::issuer::CertificateIssuer;
@@ -32,6 +36,8 @@ use crate::tls::{ServingCertResolver, provider, server_config, tls_incoming};
 
 /// How long shutdown waits for open connections to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default time between two reads of the trust-bundle sequence.
+pub const DEFAULT_BUNDLE_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Everything `citadel serve` needs, validated.
 #[derive(Debug, Clone)]
@@ -58,6 +64,9 @@ pub struct ServeConfig {
     pub root_lifetime_secs: i64,
     /// Local JWT verification, if configured.
     pub jwt: Option<JwtConfig>,
+    /// Time between two reads of the trust-bundle sequence (changes reach the trust-bundle
+    /// streams and client-certificate checks within this delay).
+    pub bundle_poll_interval: Duration,
 }
 
 impl ServeConfig {
@@ -175,14 +184,21 @@ pub async fn start_with_store(
         )
         .await?,
     );
-    let bundle = authorities::current_bundle(store.as_ref(), &config.trust_domain).await?;
-    authorities::write_bundle(&config.data_dir.join("bundle.pem"), &bundle)?;
+    let snapshot = load_snapshot(store.as_ref(), &config.trust_domain).await?;
+    let bundle_file = config.data_dir.join("bundle.pem");
+    authorities::write_bundle(&bundle_file, &snapshot.bundle)?;
     let (_authority_tx, authority_rx) = watch::channel(authority.clone());
-    let (_bundle_tx, bundle_rx) = watch::channel(bundle);
+    let (bundle_tx, bundle_rx) = watch::channel(snapshot.bundle.clone());
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(snapshot));
 
     let ledger = GroupCommitLedger::spawn(store.clone(), 256);
-    let mut authenticators: Vec<Arc<dyn Authenticator>> =
-        vec![Arc::new(ClientCertAuthenticator::new(bundle_rx))];
+    let mut authenticators: Vec<Arc<dyn Authenticator>> = vec![
+        Arc::new(ClientCertAuthenticator::new(bundle_rx)),
+        Arc::new(JoinTokenAuthenticator::new(
+            store.clone(),
+            config.trust_domain.clone(),
+        )),
+    ];
     match &config.jwt {
         Some(jwt) => authenticators.push(Arc::new(
             JwtAuthenticator::new(jwt.clone())
@@ -190,14 +206,16 @@ pub async fn start_with_store(
                 .context("configuring JWT verification")?,
         )),
         None => tracing::warn!(
-            "no token authenticator configured (--jwt-issuer/--jwt-jwks): only renewals by client certificate will be accepted"
+            "no JWT authenticator configured (--jwt-issuer/--jwt-jwks): only client certificates and join tokens will be accepted"
         ),
     }
+    let auth = AuthChain::new(authenticators);
     let metrics = Arc::new(CaMetrics::new());
     let issuer = Arc::new(CertificateIssuer::new(
         config.trust_domain.clone(),
         authority_rx.clone(),
-        AuthChain::new(authenticators),
+        auth.clone(),
+        store.clone(),
         ledger.clone(),
         config.lifetime,
         metrics.clone(),
@@ -222,11 +240,21 @@ pub async fn start_with_store(
     let mut tasks = Vec::new();
     let svc = IstioCertificateServiceServer::new(IstioCaService::new(issuer))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+    // Bundle streams end by themselves on shutdown, so the graceful shutdown below does not
+    // wait the whole grace period for agents that never hang up.
+    let bundle_svc = TrustBundleServiceServer::new(TrustBundleStreamService::new(
+        auth,
+        store.clone(),
+        snapshot_rx,
+        shutdown_rx.clone(),
+    ))
+    .max_decoding_message_size(MAX_ACK_BYTES);
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         let incoming = tls_incoming(grpc_listener, tls);
         let result = tonic::transport::Server::builder()
             .add_service(svc)
+            .add_service(bundle_svc)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             })
@@ -275,6 +303,18 @@ pub async fn start_with_store(
             }
         }
     }));
+
+    tasks.push(tokio::spawn(
+        BundlePoller {
+            store: store.clone(),
+            trust_domain: config.trust_domain.clone(),
+            interval: config.bundle_poll_interval,
+            bundle_file: Some(bundle_file),
+            snapshots: snapshot_tx,
+            bundles: bundle_tx,
+        }
+        .run(shutdown_rx.clone()),
+    ));
 
     tracing::info!(%grpc_addr, %http_addr, trust_domain = %config.trust_domain, "citadel CA serving");
     Ok(RunningCa {

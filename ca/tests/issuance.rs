@@ -1,138 +1,23 @@
 //! The CA in-process over real TLS and gRPC: issuance, renewal, and every
 //! kind of bad input, each of which must leave the ledger unchanged.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+mod support;
 
-use citadel_ca::auth::jwt::{JwksSource, JwtConfig};
-use citadel_ca::serve::{RunningCa, ServeConfig, start_with_store};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use citadel_e2e::client::{connect, create, request};
 use citadel_e2e::csr::{csr_with, p256_csr};
 use citadel_e2e::tokens::{TEST_ISSUER, TokenIssuer};
 use citadel_e2e::unix_now;
-use citadel_identity::lifetime::LifetimePolicy;
 use citadel_identity::{TrustBundle, TrustDomain};
-use std::sync::atomic::Ordering;
-
 use citadel_store::{
-    AuthorityRecord, AuthorityState, LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance,
-    Store, StoreError,
+    AuthorityRecord, AuthorityState, BundleAck, ConsumeOutcome, JoinTokenRecord, LedgerEntry,
+    LedgerFilter, LedgerVerification, NewIssuance, Store, StoreError,
 };
-use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use support::{Harness, WEB, chain_der};
 use tonic::Code;
-
-const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-
-struct Harness {
-    ca: Option<RunningCa>,
-    tokens: TokenIssuer,
-    bundle_pem: String,
-    store: Arc<dyn Store>,
-    _dir: tempfile::TempDir,
-}
-
-impl Harness {
-    async fn start() -> Self {
-        Self::start_with(|s| s).await
-    }
-
-    /// Starts with the store wrapped by `wrap` (to inject faults).
-    async fn start_with(wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let tokens = TokenIssuer::new(TEST_ISSUER).unwrap();
-        let jwks_path = dir.path().join("jwks.json");
-        std::fs::write(&jwks_path, tokens.jwks()).unwrap();
-        let td = TrustDomain::new("cluster.local").unwrap();
-        let data_dir: PathBuf = dir.path().join("data");
-        let config = ServeConfig {
-            data_dir: data_dir.clone(),
-            database_url: None,
-            trust_domain: td.clone(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            http_listen: "127.0.0.1:0".parse().unwrap(),
-            dns_names: vec!["localhost".into()],
-            ip_addresses: vec!["127.0.0.1".parse().unwrap()],
-            ca_dir: None,
-            lifetime: LifetimePolicy::default(),
-            root_lifetime_secs: 10 * 365 * 86_400,
-            jwt: Some(JwtConfig {
-                issuer: TEST_ISSUER.into(),
-                audiences: vec!["istio-ca".into()],
-                jwks: JwksSource::File(jwks_path),
-                trust_domain: td,
-            }),
-        };
-        let url = config.store_url();
-        std::fs::create_dir_all(&data_dir).unwrap();
-        let store = citadel_store::connect(&url).await.unwrap();
-        let ca = start_with_store(config, wrap(store.clone())).await.unwrap();
-        let bundle_pem = std::fs::read_to_string(data_dir.join("bundle.pem")).unwrap();
-        Harness {
-            ca: Some(ca),
-            tokens,
-            bundle_pem,
-            store,
-            _dir: dir,
-        }
-    }
-
-    fn addr(&self) -> std::net::SocketAddr {
-        self.ca.as_ref().unwrap().grpc_addr
-    }
-
-    async fn ledger_len(&self) -> usize {
-        self.store
-            .list_issuances(&LedgerFilter::default())
-            .await
-            .unwrap()
-            .len()
-    }
-
-    /// Sends a request that must fail with `code`, and checks that the
-    /// ledger did not change.
-    async fn expect_refusal(
-        &self,
-        req: tonic::Request<citadel_proto::istio::v1::auth::IstioCertificateRequest>,
-        code: Code,
-    ) -> String {
-        let before = self.ledger_len().await;
-        let mut client = connect(self.addr(), &self.bundle_pem, None).await.unwrap();
-        let err = create(&mut client, req)
-            .await
-            .expect_err("request must be refused");
-        assert_eq!(err.code(), code, "unexpected status: {err:?}");
-        assert_eq!(
-            self.ledger_len().await,
-            before,
-            "a refused request changed the ledger"
-        );
-        err.message().to_owned()
-    }
-
-    /// Sends a valid CSR with `token`, which must be refused as unauthenticated.
-    async fn refuse_token(&self, token: &str) -> String {
-        let csr = p256_csr(&[]).unwrap();
-        self.expect_refusal(
-            request(&csr.pem, 0, Some(token), None),
-            Code::Unauthenticated,
-        )
-        .await
-    }
-
-    async fn stop(mut self) {
-        if let Some(ca) = self.ca.take() {
-            ca.shutdown().await;
-        }
-    }
-}
-
-fn chain_der(chain: &[String]) -> Vec<CertificateDer<'static>> {
-    chain
-        .iter()
-        .map(|p| CertificateDer::from_pem_slice(p.as_bytes()).unwrap())
-        .collect()
-}
 
 #[tokio::test]
 async fn issues_a_chain_that_verifies_against_the_bundle_and_is_recorded() {
@@ -532,6 +417,34 @@ impl Store for FlakyStore {
     }
     async fn live_counts_by_authority(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError> {
         self.inner.live_counts_by_authority(now).await
+    }
+    async fn bundle_sequence(&self) -> Result<u64, StoreError> {
+        self.inner.bundle_sequence().await
+    }
+    async fn insert_join_token(&self, rec: &JoinTokenRecord) -> Result<(), StoreError> {
+        self.inner.insert_join_token(rec).await
+    }
+    async fn find_join_token(
+        &self,
+        hash: &[u8; 32],
+    ) -> Result<Option<JoinTokenRecord>, StoreError> {
+        self.inner.find_join_token(hash).await
+    }
+    async fn consume_join_token(
+        &self,
+        hash: &[u8; 32],
+        now: i64,
+    ) -> Result<ConsumeOutcome, StoreError> {
+        self.inner.consume_join_token(hash, now).await
+    }
+    async fn node_allowed_ids(&self, node: &str) -> Result<Option<Vec<String>>, StoreError> {
+        self.inner.node_allowed_ids(node).await
+    }
+    async fn record_bundle_ack(&self, agent: &str, seq: u64, now: i64) -> Result<(), StoreError> {
+        self.inner.record_bundle_ack(agent, seq, now).await
+    }
+    async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
+        self.inner.list_bundle_acks().await
     }
 }
 

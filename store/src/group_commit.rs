@@ -107,6 +107,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::agents::{BundleAck, ConsumeOutcome, JoinTokenRecord, JoinTokenRefusal};
     use crate::memory::MemoryStore;
     use crate::model::{AuthorityRecord, AuthorityState, LedgerFilter, LedgerVerification};
 
@@ -181,6 +182,39 @@ mod tests {
             now: i64,
         ) -> Result<Vec<(String, u64)>, StoreError> {
             self.inner.live_counts_by_authority(now).await
+        }
+        async fn bundle_sequence(&self) -> Result<u64, StoreError> {
+            self.inner.bundle_sequence().await
+        }
+        async fn insert_join_token(&self, rec: &JoinTokenRecord) -> Result<(), StoreError> {
+            self.inner.insert_join_token(rec).await
+        }
+        async fn find_join_token(
+            &self,
+            hash: &[u8; 32],
+        ) -> Result<Option<JoinTokenRecord>, StoreError> {
+            self.inner.find_join_token(hash).await
+        }
+        async fn consume_join_token(
+            &self,
+            hash: &[u8; 32],
+            now: i64,
+        ) -> Result<ConsumeOutcome, StoreError> {
+            self.inner.consume_join_token(hash, now).await
+        }
+        async fn node_allowed_ids(&self, node: &str) -> Result<Option<Vec<String>>, StoreError> {
+            self.inner.node_allowed_ids(node).await
+        }
+        async fn record_bundle_ack(
+            &self,
+            agent_id: &str,
+            sequence: u64,
+            now: i64,
+        ) -> Result<(), StoreError> {
+            self.inner.record_bundle_ack(agent_id, sequence, now).await
+        }
+        async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
+            self.inner.list_bundle_acks().await
         }
     }
 
@@ -352,6 +386,34 @@ mod tests {
                 &self,
                 _: i64,
             ) -> Result<Vec<(String, u64)>, StoreError> {
+                Ok(Vec::new())
+            }
+            async fn bundle_sequence(&self) -> Result<u64, StoreError> {
+                Ok(0)
+            }
+            async fn insert_join_token(&self, _: &JoinTokenRecord) -> Result<(), StoreError> {
+                Ok(())
+            }
+            async fn find_join_token(
+                &self,
+                _: &[u8; 32],
+            ) -> Result<Option<JoinTokenRecord>, StoreError> {
+                Ok(None)
+            }
+            async fn consume_join_token(
+                &self,
+                _: &[u8; 32],
+                _: i64,
+            ) -> Result<ConsumeOutcome, StoreError> {
+                Ok(ConsumeOutcome::Refused(JoinTokenRefusal::Unknown))
+            }
+            async fn node_allowed_ids(&self, _: &str) -> Result<Option<Vec<String>>, StoreError> {
+                Ok(None)
+            }
+            async fn record_bundle_ack(&self, _: &str, _: u64, _: i64) -> Result<(), StoreError> {
+                Ok(())
+            }
+            async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
                 Ok(Vec::new())
             }
         }

@@ -1,5 +1,6 @@
-//! Citadel's durable state: the signing authorities (certificates and state, never keys) and
-//! the append-only, hash-chained issuance ledger.
+//! Citadel's durable state: the signing authorities (certificates and state, never keys),
+//! the append-only, hash-chained issuance ledger, and what node agents leave behind: one-time
+//! join tokens (hashed), joined nodes, the trust-bundle sequence and bundle acknowledgements.
 //!
 //! [`connect`] opens SQLite (`sqlite://PATH`, the default) or PostgreSQL (`postgres://…`, for
 //! several replicas) behind the [`Store`] trait, applying the embedded migrations.
@@ -16,14 +17,17 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod agents;
 mod chain;
 mod error;
 mod group_commit;
 pub mod memory;
 mod model;
 mod sql;
+mod sql_agents;
 mod store;
 
+pub use agents::{BundleAck, ConsumeOutcome, JoinTokenRecord, JoinTokenRefusal};
 pub use chain::{GENESIS_HASH, row_hash};
 pub use error::StoreError;
 pub use group_commit::GroupCommitLedger;

@@ -1,8 +1,10 @@
 //! An in-memory [`Store`] for tests: same semantics as the SQL backends (it passes the same
 //! conformance suite), nothing durable.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
+use crate::agents::{BundleAck, ConsumeOutcome, JoinTokenRecord, JoinTokenRefusal};
 use crate::chain::{ChainVerifier, GENESIS_HASH, chain_batch};
 use crate::error::StoreError;
 use crate::model::{
@@ -21,6 +23,11 @@ struct State {
     authorities: Vec<AuthorityRecord>,
     rows: Vec<LedgerEntry>,
     head: Option<(i64, [u8; 32])>,
+    bundle_sequence: u64,
+    join_tokens: HashMap<[u8; 32], JoinTokenRecord>,
+    /// Node name → allowed IDs (`joined_at` is not read back, so not kept).
+    nodes: HashMap<String, Vec<String>>,
+    acks: BTreeMap<String, BundleAck>,
 }
 
 impl Default for State {
@@ -29,6 +36,10 @@ impl Default for State {
             authorities: Vec::new(),
             rows: Vec::new(),
             head: Some((0, GENESIS_HASH)),
+            bundle_sequence: 0,
+            join_tokens: HashMap::new(),
+            nodes: HashMap::new(),
+            acks: BTreeMap::new(),
         }
     }
 }
@@ -95,6 +106,7 @@ impl Store for MemoryStore {
             )));
         }
         state.authorities.push(rec.clone());
+        state.bundle_sequence += 1;
         Ok(())
     }
 
@@ -107,12 +119,20 @@ impl Store for MemoryStore {
         if !state.authorities.iter().any(|a| a.id == id) {
             return Err(StoreError::NotFound(format!("authority {id}")));
         }
+        let mut changed = false;
         for a in state.authorities.iter_mut() {
-            if a.id == id {
-                a.state = new_state;
+            let next = if a.id == id {
+                new_state
             } else if new_state == AuthorityState::Active && a.state == AuthorityState::Active {
-                a.state = AuthorityState::Retired;
-            }
+                AuthorityState::Retired
+            } else {
+                a.state
+            };
+            changed |= next != a.state;
+            a.state = next;
+        }
+        if changed {
+            state.bundle_sequence += 1;
         }
         Ok(())
     }
@@ -180,5 +200,80 @@ impl Store for MemoryStore {
             *counts.entry(e.issuance.authority_id.clone()).or_default() += 1;
         }
         Ok(counts.into_iter().collect())
+    }
+
+    async fn bundle_sequence(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().bundle_sequence)
+    }
+
+    async fn insert_join_token(&self, rec: &JoinTokenRecord) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if state.join_tokens.contains_key(&rec.token_sha256) {
+            return Err(StoreError::Conflict(
+                "a join token with the same hash exists".into(),
+            ));
+        }
+        state.join_tokens.insert(rec.token_sha256, rec.clone());
+        Ok(())
+    }
+
+    async fn find_join_token(
+        &self,
+        token_sha256: &[u8; 32],
+    ) -> Result<Option<JoinTokenRecord>, StoreError> {
+        Ok(self.lock().join_tokens.get(token_sha256).cloned())
+    }
+
+    async fn consume_join_token(
+        &self,
+        token_sha256: &[u8; 32],
+        now: i64,
+    ) -> Result<ConsumeOutcome, StoreError> {
+        let mut state = self.lock();
+        let Some(rec) = state.join_tokens.get_mut(token_sha256) else {
+            return Ok(ConsumeOutcome::Refused(JoinTokenRefusal::Unknown));
+        };
+        if let Some(refusal) = rec.refusal_at(now) {
+            return Ok(ConsumeOutcome::Refused(refusal));
+        }
+        rec.used_at = Some(now);
+        let rec = rec.clone();
+        state
+            .nodes
+            .insert(rec.node_name.clone(), rec.allowed_ids.clone());
+        Ok(ConsumeOutcome::Consumed(rec))
+    }
+
+    async fn node_allowed_ids(&self, node_name: &str) -> Result<Option<Vec<String>>, StoreError> {
+        Ok(self.lock().nodes.get(node_name).cloned())
+    }
+
+    async fn record_bundle_ack(
+        &self,
+        agent_id: &str,
+        sequence: u64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if i64::try_from(sequence).is_err() {
+            return Err(StoreError::Conflict(format!(
+                "bundle sequence {sequence} is out of range"
+            )));
+        }
+        let mut state = self.lock();
+        let ack = state
+            .acks
+            .entry(agent_id.to_string())
+            .or_insert_with(|| BundleAck {
+                agent_id: agent_id.to_string(),
+                sequence,
+                acked_at: now,
+            });
+        ack.sequence = ack.sequence.max(sequence);
+        ack.acked_at = now;
+        Ok(())
+    }
+
+    async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
+        Ok(self.lock().acks.values().cloned().collect())
     }
 }

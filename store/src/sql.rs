@@ -15,11 +15,13 @@ use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AnyPool, ConnectOptions, Connection, Executor, Row};
 
+use crate::agents::{BundleAck, ConsumeOutcome, JoinTokenRecord};
 use crate::chain::{ChainVerifier, chain_batch};
 use crate::error::{StoreError, from_sqlx, scrub};
 use crate::model::{
     AuthorityRecord, AuthorityState, LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance,
 };
+use crate::sql_agents::bump_bundle_sequence;
 use crate::store::Store;
 
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -219,7 +221,7 @@ fn from_migrate(err: MigrateError) -> StoreError {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dialect {
+pub(crate) enum Dialect {
     Sqlite,
     Postgres,
 }
@@ -227,7 +229,7 @@ enum Dialect {
 impl Dialect {
     /// Opens a transaction that will write. SQLite takes its write lock at once (waiting up to
     /// the busy timeout), so a transaction never has to upgrade a stale read snapshot.
-    fn begin_write(self) -> &'static str {
+    pub(crate) fn begin_write(self) -> &'static str {
         match self {
             Dialect::Sqlite => "BEGIN IMMEDIATE",
             Dialect::Postgres => "BEGIN",
@@ -244,9 +246,9 @@ impl Dialect {
 }
 
 /// The SQL store: a pool and the dialect it speaks.
-struct SqlStore {
-    pool: AnyPool,
-    dialect: Dialect,
+pub(crate) struct SqlStore {
+    pub(crate) pool: AnyPool,
+    pub(crate) dialect: Dialect,
 }
 
 fn decode_hash(hex_text: &str, column: &str) -> Result<[u8; 32], String> {
@@ -436,6 +438,7 @@ impl Store for SqlStore {
             )),
             other => other,
         })?;
+        bump_bundle_sequence(&mut tx).await?;
         tx.commit().await.map_err(from_sqlx)
     }
 
@@ -453,18 +456,21 @@ impl Store for SqlStore {
         if existing.is_none() {
             return Err(StoreError::NotFound(format!("authority {id}")));
         }
+        let mut changed = 0;
         if state == AuthorityState::Active {
-            sqlx::query(
+            changed += sqlx::query(
                 "UPDATE authorities SET state = 'retired' WHERE state = 'active' AND id <> $1",
             )
             .bind(id)
             .execute(&mut *tx)
             .await
-            .map_err(from_sqlx)?;
+            .map_err(from_sqlx)?
+            .rows_affected();
         }
-        sqlx::query("UPDATE authorities SET state = $1 WHERE id = $2")
+        changed += sqlx::query("UPDATE authorities SET state = $1 WHERE id = $2 AND state <> $3")
             .bind(state.as_str())
             .bind(id)
+            .bind(state.as_str())
             .execute(&mut *tx)
             .await
             .map_err(|e| match from_sqlx(e) {
@@ -472,7 +478,12 @@ impl Store for SqlStore {
                     "another authority was activated concurrently with {id}; retry"
                 )),
                 other => other,
-            })?;
+            })?
+            .rows_affected();
+        // A no-op (the authority already had that state) is not a change of the bundle.
+        if changed > 0 {
+            bump_bundle_sequence(&mut tx).await?;
+        }
         tx.commit().await.map_err(from_sqlx)
     }
 
@@ -625,6 +636,46 @@ impl Store for SqlStore {
         }
         out.sort();
         Ok(out)
+    }
+
+    async fn bundle_sequence(&self) -> Result<u64, StoreError> {
+        self.sql_bundle_sequence().await
+    }
+
+    async fn insert_join_token(&self, rec: &JoinTokenRecord) -> Result<(), StoreError> {
+        self.sql_insert_join_token(rec).await
+    }
+
+    async fn find_join_token(
+        &self,
+        token_sha256: &[u8; 32],
+    ) -> Result<Option<JoinTokenRecord>, StoreError> {
+        self.sql_find_join_token(token_sha256).await
+    }
+
+    async fn consume_join_token(
+        &self,
+        token_sha256: &[u8; 32],
+        now: i64,
+    ) -> Result<ConsumeOutcome, StoreError> {
+        self.sql_consume_join_token(token_sha256, now).await
+    }
+
+    async fn node_allowed_ids(&self, node_name: &str) -> Result<Option<Vec<String>>, StoreError> {
+        self.sql_node_allowed_ids(node_name).await
+    }
+
+    async fn record_bundle_ack(
+        &self,
+        agent_id: &str,
+        sequence: u64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.sql_record_bundle_ack(agent_id, sequence, now).await
+    }
+
+    async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
+        self.sql_list_bundle_acks().await
     }
 }
 

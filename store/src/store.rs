@@ -1,11 +1,13 @@
 //! The `Store` trait: the one seam between the CA and its durable state.
 
+use crate::agents::{BundleAck, ConsumeOutcome, JoinTokenRecord};
 use crate::error::StoreError;
 use crate::model::{
     AuthorityRecord, AuthorityState, LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance,
 };
 
-/// The CA's durable state: signing authorities and the issuance ledger.
+/// The CA's durable state: signing authorities, the issuance ledger, join tokens, joined nodes,
+/// the trust-bundle sequence and the agents' bundle acknowledgements.
 ///
 /// Implemented by the SQL backends behind [`crate::connect`] and by
 /// [`crate::memory::MemoryStore`]; all pass the same conformance suite.
@@ -17,13 +19,15 @@ pub trait Store: Send + Sync + 'static {
     /// Every authority, ordered by `created_at`, then `id`.
     async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError>;
 
-    /// Adds an authority. [`StoreError::Conflict`] if the id exists, or if `rec.state` is
-    /// active while another authority is active.
+    /// Adds an authority and bumps the bundle sequence, in one transaction.
+    /// [`StoreError::Conflict`] if the id exists, or if `rec.state` is active while another
+    /// authority is active.
     async fn insert_authority(&self, rec: &AuthorityRecord) -> Result<(), StoreError>;
 
     /// Moves authority `id` to `state`; [`StoreError::NotFound`] if there is no such
     /// authority. Activating one retires the previously active one in the same transaction,
-    /// so there is never more than one active authority.
+    /// so there is never more than one active authority. When any state actually changes, the
+    /// bundle sequence is bumped in the same transaction.
     async fn set_authority_state(&self, id: &str, state: AuthorityState) -> Result<(), StoreError>;
 
     /// Appends `batch` to the ledger in one transaction, all or nothing, each row chained to
@@ -41,4 +45,44 @@ pub trait Store: Send + Sync + 'static {
     /// For each authority with live certificates (`not_after > now`), how many; ordered by
     /// authority id.
     async fn live_counts_by_authority(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError>;
+
+    /// The trust-bundle sequence: 0 on an empty store, increased by every change of the
+    /// authority set ([`Store::insert_authority`], [`Store::set_authority_state`]).
+    async fn bundle_sequence(&self) -> Result<u64, StoreError>;
+
+    /// Stores a new join token. [`StoreError::Conflict`] if a token with the same hash exists.
+    async fn insert_join_token(&self, rec: &JoinTokenRecord) -> Result<(), StoreError>;
+
+    /// The join token with this hash, used or not; `None` if there is none. Changes nothing.
+    async fn find_join_token(
+        &self,
+        token_sha256: &[u8; 32],
+    ) -> Result<Option<JoinTokenRecord>, StoreError>;
+
+    /// Consumes the join token with this hash if it is unused and `expires_at > now`: in one
+    /// transaction it sets `used_at = now` and records (or replaces) the token's node with the
+    /// token's allowed IDs and `joined_at = now`. Of several concurrent calls for one token at
+    /// most one gets [`ConsumeOutcome::Consumed`]; the others are refused as already used.
+    async fn consume_join_token(
+        &self,
+        token_sha256: &[u8; 32],
+        now: i64,
+    ) -> Result<ConsumeOutcome, StoreError>;
+
+    /// The SPIFFE IDs the agent of node `node_name` may request for its workloads; `None` when
+    /// the node has never joined.
+    async fn node_allowed_ids(&self, node_name: &str) -> Result<Option<Vec<String>>, StoreError>;
+
+    /// Records that agent `agent_id` acknowledged bundle `sequence` at `now`. The stored
+    /// sequence only grows (an older acknowledgement keeps the higher one); `acked_at` is
+    /// always set to `now`. A sequence above `i64::MAX` is a [`StoreError::Conflict`].
+    async fn record_bundle_ack(
+        &self,
+        agent_id: &str,
+        sequence: u64,
+        now: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Every agent's latest acknowledgement, ordered by agent id.
+    async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError>;
 }

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use citadel_store::memory::MemoryStore;
 use citadel_store::{
-    AuthorityRecord, AuthorityState, GENESIS_HASH, GroupCommitLedger, LedgerFilter, NewIssuance,
-    Store, StoreError, connect, row_hash,
+    AuthorityRecord, AuthorityState, BundleAck, ConsumeOutcome, GENESIS_HASH, GroupCommitLedger,
+    JoinTokenRecord, JoinTokenRefusal, LedgerFilter, NewIssuance, Store, StoreError, connect,
+    row_hash,
 };
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
@@ -241,11 +242,22 @@ conformance! {
         group_commit_of_200_concurrent_records_is_one_valid_chain,
         ledger_filters_select_by_spiffe_id_authority_live_at_and_limit,
         live_counts_only_count_unexpired_certificates,
+        join_token_round_trips_and_find_changes_nothing,
+        duplicate_join_token_is_a_conflict,
+        join_token_is_single_use,
+        expired_join_token_is_refused,
+        unknown_join_token_is_refused,
+        concurrent_consumers_of_one_join_token_exactly_one_wins,
+        consuming_a_join_token_upserts_its_node_with_the_allowed_ids,
+        bundle_sequence_bumps_on_insert_and_on_state_change,
+        bundle_ack_upsert_keeps_the_highest_sequence,
+        bundle_acks_are_listed_by_agent_id,
     ],
     sql: [
         ledger_verify_detects_missing_head,
         two_connections_appending_concurrently_form_one_chain,
         migrations_are_idempotent,
+        upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count,
     ],
 }
 
@@ -659,6 +671,267 @@ async fn live_counts_only_count_unexpired_certificates(b: Backend) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Bodies: join tokens and nodes
+// ---------------------------------------------------------------------------------------------
+
+const NOW: i64 = 1_000_000;
+
+fn join_token(n: u8, node: &str, allowed: &[&str], expires_at: i64) -> JoinTokenRecord {
+    JoinTokenRecord {
+        token_sha256: [n; 32],
+        node_name: node.to_string(),
+        allowed_ids: allowed.iter().map(|s| s.to_string()).collect(),
+        created_at: NOW - 60,
+        expires_at,
+        used_at: None,
+    }
+}
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
+
+async fn join_token_round_trips_and_find_changes_nothing(b: Backend) {
+    let rec = join_token(1, "node-a", &[WEB, DB], NOW + 3600);
+    b.store.insert_join_token(&rec).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            b.store.find_join_token(&[1; 32]).await.unwrap(),
+            Some(rec.clone())
+        );
+    }
+    assert_eq!(b.store.find_join_token(&[2; 32]).await.unwrap(), None);
+    assert_eq!(b.store.node_allowed_ids("node-a").await.unwrap(), None);
+    // Still consumable: finding it did not use it.
+    assert!(matches!(
+        b.store.consume_join_token(&[1; 32], NOW).await.unwrap(),
+        ConsumeOutcome::Consumed(_)
+    ));
+}
+
+async fn duplicate_join_token_is_a_conflict(b: Backend) {
+    let rec = join_token(1, "node-a", &[WEB], NOW + 3600);
+    b.store.insert_join_token(&rec).await.unwrap();
+    let again = b
+        .store
+        .insert_join_token(&join_token(1, "node-b", &[DB], NOW + 60))
+        .await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    assert_eq!(b.store.find_join_token(&[1; 32]).await.unwrap(), Some(rec));
+}
+
+async fn join_token_is_single_use(b: Backend) {
+    let rec = join_token(1, "node-a", &[WEB], NOW + 3600);
+    b.store.insert_join_token(&rec).await.unwrap();
+    let first = b.store.consume_join_token(&[1; 32], NOW).await.unwrap();
+    assert_eq!(
+        first,
+        ConsumeOutcome::Consumed(JoinTokenRecord {
+            used_at: Some(NOW),
+            ..rec.clone()
+        })
+    );
+    let second = b.store.consume_join_token(&[1; 32], NOW + 1).await.unwrap();
+    assert_eq!(
+        second,
+        ConsumeOutcome::Refused(JoinTokenRefusal::AlreadyUsed)
+    );
+    // The refusal changed nothing: used_at is still the first use.
+    assert_eq!(
+        b.store
+            .find_join_token(&[1; 32])
+            .await
+            .unwrap()
+            .unwrap()
+            .used_at,
+        Some(NOW)
+    );
+}
+
+async fn expired_join_token_is_refused(b: Backend) {
+    b.store
+        .insert_join_token(&join_token(1, "node-a", &[WEB], NOW))
+        .await
+        .unwrap();
+    // expires_at is the first instant at which the token is refused.
+    assert_eq!(
+        b.store.consume_join_token(&[1; 32], NOW).await.unwrap(),
+        ConsumeOutcome::Refused(JoinTokenRefusal::Expired)
+    );
+    let rec = b.store.find_join_token(&[1; 32]).await.unwrap().unwrap();
+    assert_eq!(rec.used_at, None);
+    assert_eq!(b.store.node_allowed_ids("node-a").await.unwrap(), None);
+}
+
+async fn unknown_join_token_is_refused(b: Backend) {
+    b.store
+        .insert_join_token(&join_token(1, "node-a", &[WEB], NOW + 60))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.store.consume_join_token(&[9; 32], NOW).await.unwrap(),
+        ConsumeOutcome::Refused(JoinTokenRefusal::Unknown)
+    );
+    assert_eq!(b.store.node_allowed_ids("node-a").await.unwrap(), None);
+}
+
+async fn concurrent_consumers_of_one_join_token_exactly_one_wins(b: Backend) {
+    b.store
+        .insert_join_token(&join_token(1, "node-a", &[WEB], NOW + 60))
+        .await
+        .unwrap();
+    let start = Arc::new(tokio::sync::Barrier::new(8));
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let store = b.store.clone();
+            let start = start.clone();
+            tokio::spawn(async move {
+                start.wait().await;
+                store.consume_join_token(&[1; 32], NOW + i).await
+            })
+        })
+        .collect();
+    let mut consumed = 0;
+    for task in tasks {
+        match task.await.unwrap().unwrap() {
+            ConsumeOutcome::Consumed(_) => consumed += 1,
+            ConsumeOutcome::Refused(r) => assert_eq!(r, JoinTokenRefusal::AlreadyUsed),
+        }
+    }
+    assert_eq!(consumed, 1, "exactly one consumer must win");
+}
+
+async fn consuming_a_join_token_upserts_its_node_with_the_allowed_ids(b: Backend) {
+    b.store
+        .insert_join_token(&join_token(1, "node-a", &[WEB, DB], NOW + 60))
+        .await
+        .unwrap();
+    b.store
+        .insert_join_token(&join_token(2, "node-a", &[DB], NOW + 60))
+        .await
+        .unwrap();
+    b.store.consume_join_token(&[1; 32], NOW).await.unwrap();
+    assert_eq!(
+        b.store.node_allowed_ids("node-a").await.unwrap(),
+        Some(vec![WEB.to_string(), DB.to_string()])
+    );
+    assert_eq!(b.store.node_allowed_ids("node-b").await.unwrap(), None);
+    // A node that joins again gets the new token's list, not a merge.
+    b.store.consume_join_token(&[2; 32], NOW + 5).await.unwrap();
+    assert_eq!(
+        b.store.node_allowed_ids("node-a").await.unwrap(),
+        Some(vec![DB.to_string()])
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies: trust-bundle sequence and acknowledgements
+// ---------------------------------------------------------------------------------------------
+
+async fn bundle_sequence_bumps_on_insert_and_on_state_change(b: Backend) {
+    let seq = || {
+        let store = b.store.clone();
+        async move { store.bundle_sequence().await.unwrap() }
+    };
+    assert_eq!(seq().await, 0);
+    b.store
+        .insert_authority(&authority("aa", AuthorityState::Active, 1))
+        .await
+        .unwrap();
+    let after_insert = seq().await;
+    assert!(after_insert >= 1);
+    b.store
+        .insert_authority(&authority("bb", AuthorityState::Prepared, 2))
+        .await
+        .unwrap();
+    let after_prepare = seq().await;
+    assert!(after_prepare > after_insert);
+    b.store
+        .set_authority_state("bb", AuthorityState::Active)
+        .await
+        .unwrap();
+    let after_activate = seq().await;
+    assert!(after_activate > after_prepare);
+    // Refused writes and no-ops change nothing.
+    assert!(
+        b.store
+            .insert_authority(&authority("aa", AuthorityState::Prepared, 3))
+            .await
+            .is_err()
+    );
+    assert!(
+        b.store
+            .set_authority_state("nope", AuthorityState::Retired)
+            .await
+            .is_err()
+    );
+    b.store
+        .set_authority_state("bb", AuthorityState::Active)
+        .await
+        .unwrap();
+    assert_eq!(seq().await, after_activate);
+    b.store
+        .set_authority_state("aa", AuthorityState::Removed)
+        .await
+        .unwrap();
+    assert!(seq().await > after_activate);
+}
+
+async fn bundle_ack_upsert_keeps_the_highest_sequence(b: Backend) {
+    let agent = "spiffe://cluster.local/citadel/node/node-a";
+    let ack = |sequence: u64, acked_at: i64| BundleAck {
+        agent_id: agent.to_string(),
+        sequence,
+        acked_at,
+    };
+    b.store.record_bundle_ack(agent, 3, NOW).await.unwrap();
+    assert_eq!(b.store.list_bundle_acks().await.unwrap(), vec![ack(3, NOW)]);
+    b.store.record_bundle_ack(agent, 5, NOW + 1).await.unwrap();
+    assert_eq!(
+        b.store.list_bundle_acks().await.unwrap(),
+        vec![ack(5, NOW + 1)]
+    );
+    // An older acknowledgement keeps the higher sequence but counts as a sign of life.
+    b.store.record_bundle_ack(agent, 4, NOW + 2).await.unwrap();
+    assert_eq!(
+        b.store.list_bundle_acks().await.unwrap(),
+        vec![ack(5, NOW + 2)]
+    );
+    let out = b.store.record_bundle_ack(agent, u64::MAX, NOW + 3).await;
+    assert!(matches!(out, Err(StoreError::Conflict(_))), "{out:?}");
+    assert_eq!(
+        b.store.list_bundle_acks().await.unwrap(),
+        vec![ack(5, NOW + 2)]
+    );
+}
+
+async fn bundle_acks_are_listed_by_agent_id(b: Backend) {
+    assert!(b.store.list_bundle_acks().await.unwrap().is_empty());
+    for (agent, seq) in [
+        ("spiffe://td/c", 1),
+        ("spiffe://td/a", 2),
+        ("spiffe://td/b", 3),
+    ] {
+        b.store.record_bundle_ack(agent, seq, NOW).await.unwrap();
+    }
+    let listed: Vec<(String, u64)> = b
+        .store
+        .list_bundle_acks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.agent_id, a.sequence))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("spiffe://td/a".to_string(), 2),
+            ("spiffe://td/b".to_string(), 3),
+            ("spiffe://td/c".to_string(), 1),
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Bodies: SQL only
 // ---------------------------------------------------------------------------------------------
 
@@ -725,7 +998,30 @@ async fn migrations_are_idempotent(b: Backend) {
             2
         );
         assert!(again.verify_ledger().await.unwrap().is_valid());
+        assert_eq!(again.bundle_sequence().await.unwrap(), 1);
     }
+}
+
+async fn upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count(b: Backend) {
+    for (id, at) in [("aa", 1), ("bb", 2)] {
+        b.store
+            .insert_authority(&authority(id, AuthorityState::Prepared, at))
+            .await
+            .unwrap();
+    }
+    // Back to schema version 1, as a database written by the previous release.
+    b.raw_sql(
+        "DROP TABLE join_tokens; DROP TABLE nodes; DROP TABLE bundle_state; \
+         DROP TABLE bundle_acks; DELETE FROM _sqlx_migrations WHERE version = 2",
+    )
+    .await;
+    let upgraded = connect(b.url()).await.unwrap();
+    assert_eq!(upgraded.bundle_sequence().await.unwrap(), 2);
+    upgraded
+        .set_authority_state("aa", AuthorityState::Active)
+        .await
+        .unwrap();
+    assert_eq!(upgraded.bundle_sequence().await.unwrap(), 3);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@
 
 pub mod client;
 pub mod csr;
+pub mod mesh;
+pub mod mtls;
 pub mod process;
 pub mod tokens;
 

@@ -69,6 +69,17 @@ impl CaProcess {
     pub async fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
         let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let http_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        Self::start_on(data_dir, grpc_addr, http_addr, extra).await
+    }
+
+    /// As [`Self::start`], on given addresses (to restart a CA where its
+    /// clients expect it).
+    pub async fn start_on(
+        data_dir: &Path,
+        grpc_addr: SocketAddr,
+        http_addr: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let child = Command::new(binary("citadel"))
             .arg("serve")
             .arg("--data-dir")

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use citadel_identity::TrustBundle;
 use tokio::sync::watch;
 
-use super::{AuthMethod, Authenticator, Caller, Credentials, Rejection};
+use super::{AuthError, AuthMethod, Authenticator, Caller, Credentials, Rejection};
 
 /// Accepts TLS client certificates that chain to the current trust bundle.
 ///
@@ -25,7 +25,7 @@ impl ClientCertAuthenticator {
 
 #[async_trait]
 impl Authenticator for ClientCertAuthenticator {
-    async fn authenticate(&self, creds: &Credentials<'_>) -> Result<Option<Caller>, Rejection> {
+    async fn authenticate(&self, creds: &Credentials<'_>) -> Result<Option<Caller>, AuthError> {
         let Some(chain) = creds.peer_chain.filter(|c| !c.is_empty()) else {
             return Ok(None);
         };

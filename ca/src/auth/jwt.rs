@@ -17,7 +17,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use super::{AuthMethod, Authenticator, Caller, Credentials, Rejection};
+use super::{AuthError, AuthMethod, Authenticator, Caller, Credentials, Rejection};
 
 /// Clock skew tolerated on `exp` and `nbf`, seconds.
 pub const LEEWAY_SECS: i64 = 30;
@@ -244,21 +244,21 @@ enum KeyLookup {
 
 #[async_trait]
 impl Authenticator for JwtAuthenticator {
-    async fn authenticate(&self, creds: &Credentials<'_>) -> Result<Option<Caller>, Rejection> {
+    async fn authenticate(&self, creds: &Credentials<'_>) -> Result<Option<Caller>, AuthError> {
         let Some(token) = creds.bearer_token else {
             return Ok(None);
         };
         match self.verify(token, &self.current(), creds.now) {
             Ok(caller) => Ok(Some(caller)),
-            Err(KeyLookup::Rejected(r)) => Err(r),
+            Err(KeyLookup::Rejected(r)) => Err(r.into()),
             Err(KeyLookup::UnknownKid(_)) => {
                 // The issuer may have rotated its keys: look again, once.
                 self.refresh().await;
                 match self.verify(token, &self.current(), creds.now) {
                     Ok(caller) => Ok(Some(caller)),
-                    Err(KeyLookup::Rejected(r)) => Err(r),
+                    Err(KeyLookup::Rejected(r)) => Err(r.into()),
                     Err(KeyLookup::UnknownKid(kid)) => {
-                        Err(reject(format!("unknown signing key id (kid) {kid:?}")))
+                        Err(reject(format!("unknown signing key id (kid) {kid:?}")).into())
                     }
                 }
             }

@@ -1,11 +1,12 @@
 //! Who is calling: authentication of CSR API callers.
 //!
 //! Each credential kind is one [`Authenticator`]; an [`AuthChain`] tries
-//! them in order (client certificate, then tokens). The first that
+//! them in order (client certificate, join token, JWT). The first that
 //! recognises a credential and accepts it decides; if every one that
-//! recognised a credential rejected it, the first rejection is reported.
+//! recognised a credential failed, the first failure is reported.
 
 pub mod client_cert;
+pub mod join_token;
 pub mod jwt;
 
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub enum AuthMethod {
     ClientCertificate,
     /// A JWT verified against the issuer's keys.
     Jwt,
+    /// A one-time join token created by `citadel token create`.
+    JoinToken,
 }
 
 impl AuthMethod {
@@ -40,6 +43,7 @@ impl AuthMethod {
         match self {
             AuthMethod::ClientCertificate => "client_certificate",
             AuthMethod::Jwt => "jwt",
+            AuthMethod::JoinToken => "join_token",
         }
     }
 }
@@ -77,14 +81,19 @@ pub enum AuthError {
     /// A credential was presented and rejected.
     #[error(transparent)]
     Rejected(#[from] Rejection),
+    /// A credential was presented but cannot be checked right now (its backing store is
+    /// unreachable); retrying later may succeed.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// One way of authenticating a caller.
 #[async_trait]
 pub trait Authenticator: Send + Sync {
     /// `Ok(None)` when this authenticator does not apply (no such credential);
-    /// `Ok(Some)` when it accepts; `Err` when it recognises and rejects.
-    async fn authenticate(&self, creds: &Credentials<'_>) -> Result<Option<Caller>, Rejection>;
+    /// `Ok(Some)` when it accepts; `Err` ([`AuthError::Rejected`] or
+    /// [`AuthError::Unavailable`]) when it recognises the credential and cannot accept it.
+    async fn authenticate(&self, creds: &Credentials<'_>) -> Result<Option<Caller>, AuthError>;
 }
 
 /// Authenticators tried in order.
@@ -101,17 +110,17 @@ impl AuthChain {
 
     /// Authenticates a caller.
     pub async fn authenticate(&self, creds: &Credentials<'_>) -> Result<Caller, AuthError> {
-        let mut first_rejection = None;
+        let mut first_failure = None;
         for a in &self.authenticators {
             match a.authenticate(creds).await {
                 Ok(Some(caller)) => return Ok(caller),
                 Ok(None) => {}
-                Err(r) => {
-                    first_rejection.get_or_insert(r);
+                Err(e) => {
+                    first_failure.get_or_insert(e);
                 }
             }
         }
-        Err(first_rejection.map_or(AuthError::NoCredentials, AuthError::Rejected))
+        Err(first_failure.unwrap_or(AuthError::NoCredentials))
     }
 }
 
@@ -119,11 +128,11 @@ impl AuthChain {
 mod tests {
     use super::*;
 
-    struct Fixed(Result<Option<Caller>, Rejection>);
+    struct Fixed(Result<Option<Caller>, AuthError>);
 
     #[async_trait]
     impl Authenticator for Fixed {
-        async fn authenticate(&self, _: &Credentials<'_>) -> Result<Option<Caller>, Rejection> {
+        async fn authenticate(&self, _: &Credentials<'_>) -> Result<Option<Caller>, AuthError> {
             self.0.clone()
         }
     }
@@ -164,7 +173,7 @@ mod tests {
     #[tokio::test]
     async fn a_later_authenticator_can_accept_after_an_earlier_rejection() {
         let chain = AuthChain::new(vec![
-            Arc::new(Fixed(Err(reject("client_certificate")))),
+            Arc::new(Fixed(Err(reject("client_certificate").into()))),
             Arc::new(Fixed(Ok(Some(caller())))),
         ]);
         assert_eq!(chain.authenticate(&creds()).await, Ok(caller()));
@@ -174,12 +183,24 @@ mod tests {
     async fn first_rejection_is_reported_when_none_accepts() {
         let chain = AuthChain::new(vec![
             Arc::new(Fixed(Ok(None))),
-            Arc::new(Fixed(Err(reject("jwt")))),
-            Arc::new(Fixed(Err(reject("other")))),
+            Arc::new(Fixed(Err(reject("jwt").into()))),
+            Arc::new(Fixed(Err(reject("other").into()))),
         ]);
         assert_eq!(
             chain.authenticate(&creds()).await,
             Err(AuthError::Rejected(reject("jwt")))
+        );
+    }
+
+    #[tokio::test]
+    async fn unavailable_backend_is_reported_as_unavailable_not_as_a_rejection() {
+        let chain = AuthChain::new(vec![
+            Arc::new(Fixed(Ok(None))),
+            Arc::new(Fixed(Err(AuthError::Unavailable("store down".into())))),
+        ]);
+        assert_eq!(
+            chain.authenticate(&creds()).await,
+            Err(AuthError::Unavailable("store down".into()))
         );
     }
 }
