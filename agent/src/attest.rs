@@ -112,7 +112,13 @@ impl WorkloadAttestor for EntriesAttestor {
             gid: peer.gid,
         })?;
         // The executable path (if read) must belong to the process that
-        // connected, not to a later holder of its pid.
+        // connected, not to a later holder of its pid; with no start time
+        // from accept time that cannot be shown, so a path match is refused.
+        if found.path.is_some() && peer.start_time.is_none() {
+            return Err(AttestError::ProcessGone {
+                pid: peer.pid.unwrap_or(0),
+            });
+        }
         check_same_process(&self.proc_root, peer)?;
         Ok(Workload {
             spiffe_id: found.spiffe_id.clone(),
@@ -254,7 +260,7 @@ mod tests {
     async fn attests_by_executable_path() {
         let exe = std::fs::read_link("/proc/self/exe").unwrap();
         let yaml = format!(
-            "entries:\n  - spiffe_id: spiffe://td/ns/a/sa/exe\n    path: {}\n",
+            "entries:\n  - spiffe_id: spiffe://td/ns/a/sa/exe\n    uid: 1000\n    path: {}\n",
             exe.display()
         );
         let w = attestor(&yaml).attest(&me()).await.unwrap();

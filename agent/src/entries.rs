@@ -69,6 +69,14 @@ pub enum EntriesError {
         /// Which entry.
         index: usize,
     },
+    /// A `path` selector without `uid` or `gid`: a process of any user could
+    /// connect, then exec the named binary while a child of its own sends
+    /// the request, so the executable alone proves too little.
+    #[error("entries[{index}]: a path selector needs a uid or gid selector beside it")]
+    PathWithoutUser {
+        /// Which entry.
+        index: usize,
+    },
     /// A `path` selector is not absolute.
     #[error("entries[{index}].path: {path:?} is not an absolute path")]
     RelativePath {
@@ -124,6 +132,9 @@ impl WorkloadEntries {
                 })?;
             if e.uid.is_none() && e.gid.is_none() && e.path.is_none() {
                 return Err(EntriesError::NoSelector { index });
+            }
+            if e.path.is_some() && e.uid.is_none() && e.gid.is_none() {
+                return Err(EntriesError::PathWithoutUser { index });
             }
             let path = match e.path {
                 Some(p) if !p.starts_with('/') => {
@@ -217,6 +228,14 @@ entries:
 "#;
 
     #[test]
+    fn rejects_path_selector_without_uid_or_gid() {
+        let err =
+            WorkloadEntries::parse("entries:\n  - spiffe_id: spiffe://td/a\n    path: /bin/x\n")
+                .unwrap_err();
+        assert_eq!(err, EntriesError::PathWithoutUser { index: 0 });
+    }
+
+    #[test]
     fn parses_the_documented_format() {
         let e = WorkloadEntries::parse(FILE).unwrap();
         assert_eq!(e.entries().len(), 3);
@@ -261,9 +280,10 @@ entries:
 
     #[test]
     fn a_path_selector_never_matches_an_unknown_executable() {
-        let e =
-            WorkloadEntries::parse("entries:\n  - spiffe_id: spiffe://td/a\n    path: /bin/x\n")
-                .unwrap();
+        let e = WorkloadEntries::parse(
+            "entries:\n  - spiffe_id: spiffe://td/a\n    uid: 0\n    path: /bin/x\n",
+        )
+        .unwrap();
         assert!(e.lookup(&caller(0, 0, None)).is_none());
         assert!(e.lookup(&caller(0, 0, Some("/bin/x"))).is_some());
     }
@@ -296,9 +316,10 @@ entries:
 
     #[test]
     fn rejects_relative_path() {
-        let err =
-            WorkloadEntries::parse("entries:\n  - spiffe_id: spiffe://td/a\n    path: bin/x\n")
-                .unwrap_err();
+        let err = WorkloadEntries::parse(
+            "entries:\n  - spiffe_id: spiffe://td/a\n    uid: 1\n    path: bin/x\n",
+        )
+        .unwrap_err();
         assert!(matches!(err, EntriesError::RelativePath { index: 0, .. }));
     }
 

@@ -221,12 +221,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         metrics.clone(),
     );
+    // Every entries reload bumps the attestation epoch; open streams
+    // re-attest their caller on it.
+    let (epoch_tx, epoch_rx) = watch::channel(0u64);
+    let mut entries_changes = entries.clone();
+    tokio::spawn(async move {
+        while entries_changes.changed().await.is_ok() {
+            epoch_tx.send_modify(|n| *n += 1);
+        }
+    });
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let state = Arc::new(AgentState {
         attestor: Arc::new(EntriesAttestor::new(entries)),
         manager: manager.clone(),
         bundle: bundle_rx.clone(),
         metrics: metrics.clone(),
         fetch_timeout: Duration::from_secs(30),
+        attestation_changed: epoch_rx,
+        shutdown: shutdown_rx,
     });
 
     let http_listener = tokio::net::TcpListener::bind(args.http_listen)
@@ -267,6 +279,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("shutting down");
+        shutdown_tx.send_replace(true);
     };
     let socket_path = args.socket.clone();
     let result = server::serve(listener, state, shutdown).await;

@@ -167,51 +167,70 @@ async fn run_slot(inner: Arc<Inner>, id: SpiffeId, slot: Arc<Slot>) {
     let mut rotate_rx = inner.rotate.subscribe();
     let mut subscribers_rx = slot.subscribers.subscribe();
     rotate_rx.mark_unchanged();
+    // When the next CSR is due (at once for a new identity), and since when
+    // nobody has subscribed. Both outlive single waits: a backoff retry or a
+    // rotation must neither restart the idle linger nor send a CSR for an
+    // identity nobody wants.
+    let mut next_due = Instant::now();
+    let mut idle_since: Option<Instant> = None;
     loop {
-        // Issue, unless a valid certificate is held and not yet due.
         let bundle = match wait_for_bundle(&mut bundle_rx, &mut subscribers_rx, &inner).await {
             Some(b) => b,
-            None => break,
+            // Idle while waiting: leave, unless someone subscribed meanwhile.
+            None if remove_if_idle(&inner, &id, &slot) => return,
+            None => continue,
         };
-        let outcome = issue(&inner, &id, &bundle).await;
-        let next_attempt = match outcome {
-            Ok(svid) => {
-                failures = 0;
-                inner.metrics.issuance(true);
-                tracing::info!(serial = %svid.serial_hex, not_after = svid.not_after, "certificate issued");
-                // The usable lifetime starts on receipt: the CA backdates
-                // notBefore to absorb clock skew, which must not pull the
-                // renewal of a short-lived certificate forward.
-                let now = unix_now();
-                let due =
-                    until_renewal(svid.not_before.max(now), svid.not_after, now, random_unit());
-                slot.cert.send_replace(Some(Arc::new(svid)));
-                due
-            }
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                inner.metrics.issuance(false);
-                if let IssueError::Ca(ca) = &e {
-                    inner.metrics.ca_error(&ca.code_label());
-                }
-                let delay = inner.config.backoff.delay(failures, random_unit());
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "certificate issuance failed");
-                delay
-            }
-        };
-        // Wait for the next attempt, an operator rotation, a bundle that no
-        // longer verifies the certificate, expiry, or the last subscriber.
-        let deadline = Instant::now() + next_attempt;
-        let mut idle_since: Option<Instant> = None;
+        if *subscribers_rx.borrow_and_update() == 0 {
+            idle_since.get_or_insert_with(Instant::now);
+        } else {
+            idle_since = None;
+        }
+        if idle_since.is_none() && Instant::now() >= next_due {
+            next_due = Instant::now()
+                + match issue(&inner, &id, &bundle).await {
+                    Ok(svid) => {
+                        failures = 0;
+                        inner.metrics.issuance(true);
+                        tracing::info!(serial = %svid.serial_hex, not_after = svid.not_after, "certificate issued");
+                        // The usable lifetime starts on receipt: the CA
+                        // backdates notBefore to absorb clock skew, which
+                        // must not pull the renewal of a short-lived
+                        // certificate forward.
+                        let now = unix_now();
+                        let due = until_renewal(
+                            svid.not_before.max(now),
+                            svid.not_after,
+                            now,
+                            random_unit(),
+                        );
+                        slot.cert.send_replace(Some(Arc::new(svid)));
+                        due
+                    }
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        inner.metrics.issuance(false);
+                        if let IssueError::Ca(ca) = &e {
+                            inner.metrics.ca_error(&ca.code_label());
+                        }
+                        let delay = inner.config.backoff.delay(failures, random_unit());
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "certificate issuance failed");
+                        delay
+                    }
+                };
+        }
+        // Wait for the next attempt (only while someone subscribes), an
+        // operator rotation, a bundle that no longer verifies the
+        // certificate, expiry, or the end of the idle linger.
         loop {
             let expiry = slot.cert.borrow().as_ref().map(|c| {
                 Instant::now() + Duration::from_secs((c.not_after - unix_now()).max(0) as u64)
             });
             let linger_end = idle_since.map(|t| t + inner.config.idle_linger);
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep_until(next_due), if idle_since.is_none() => break,
                 _ = rotate_rx.changed() => {
                     tracing::info!("rotation requested");
+                    next_due = Instant::now();
                     break;
                 }
                 changed = bundle_rx.changed() => {
@@ -219,7 +238,7 @@ async fn run_slot(inner: Arc<Inner>, id: SpiffeId, slot: Arc<Slot>) {
                     if !held_cert_verifies(&slot, &bundle_rx) {
                         tracing::info!("trust bundle no longer verifies the certificate; re-issuing");
                         // Spread the re-issuance of every identity a little.
-                        tokio::time::sleep(Duration::from_millis((random_unit() * 2_000.0) as u64)).await;
+                        next_due = Instant::now() + Duration::from_millis((random_unit() * 2_000.0) as u64);
                         break;
                     }
                 }
@@ -229,7 +248,11 @@ async fn run_slot(inner: Arc<Inner>, id: SpiffeId, slot: Arc<Slot>) {
                 }
                 changed = subscribers_rx.changed() => {
                     if changed.is_err() { return; }
-                    idle_since = if *subscribers_rx.borrow_and_update() == 0 { Some(Instant::now()) } else { None };
+                    if *subscribers_rx.borrow_and_update() == 0 {
+                        idle_since.get_or_insert_with(Instant::now);
+                    } else {
+                        idle_since = None;
+                    }
                 }
                 _ = async { if let Some(at) = linger_end { tokio::time::sleep_until(at).await } else { futures::future::pending::<()>().await } } => {
                     if remove_if_idle(&inner, &id, &slot) { return; }
@@ -238,7 +261,6 @@ async fn run_slot(inner: Arc<Inner>, id: SpiffeId, slot: Arc<Slot>) {
             }
         }
     }
-    remove_if_idle(&inner, &id, &slot);
 }
 
 /// Removes the slot if it still has no subscriber (checked under the map

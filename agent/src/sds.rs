@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::attest::PeerInfo;
 use crate::bundle::BundleState;
 use crate::server::AgentState;
 use crate::svid::WorkloadSvid;
@@ -212,7 +213,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let workload = self.state.attest(&request).await?;
+        let (peer, workload) = self.state.attest_peer(&request).await?;
         let inbound = request.into_inner();
         // One message in flight at most: a client that does not read holds
         // up only its own stream, and changes meanwhile collapse into the
@@ -222,7 +223,8 @@ impl SecretDiscoveryService for SdsService {
         let guard = state.metrics.stream_opened("sds");
         tokio::spawn(async move {
             let _guard = guard;
-            if let Err(status) = serve_stream(&state, workload.spiffe_id, inbound, &tx).await {
+            if let Err(status) = serve_stream(&state, &peer, workload.spiffe_id, inbound, &tx).await
+            {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -276,6 +278,7 @@ impl SecretDiscoveryService for SdsService {
 
 async fn serve_stream(
     state: &AgentState,
+    peer: &PeerInfo,
     own_id: SpiffeId,
     mut inbound: Streaming<DiscoveryRequest>,
     tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
@@ -286,11 +289,22 @@ async fn serve_stream(
     let mut bundle_rx = state.bundle.clone();
     let mut pending = false;
     let mut last_version: Option<String> = None;
+    // A client that half-closes still gets pushes until it goes away.
+    let mut inbound_open = true;
+    let mut changes = state.attestation_changed.clone();
+    let mut shutdown = state.shutdown.clone();
+    let end = state.stream_end(peer, &own_id, &mut changes, &mut shutdown);
+    tokio::pin!(end);
     loop {
         tokio::select! {
-            msg = inbound.next() => {
+            why = &mut end => return Err(why.into_status()),
+            _ = tx.closed() => return Ok(()),
+            msg = inbound.next(), if inbound_open => {
                 let req = match msg {
-                    None => return Ok(()),
+                    None => {
+                        inbound_open = false;
+                        continue;
+                    }
                     Some(Err(status)) => {
                         tracing::debug!(%status, spiffe_id = %own_id, "SDS stream closed by the client");
                         return Ok(());

@@ -68,12 +68,15 @@ pub async fn bind(path: &Path) -> Result<UnixListener, SocketError> {
             }
             // A socket file: is anyone serving on it?
             match tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(path)).await {
-                Ok(Ok(_)) => return Err(SocketError::InUse(path.to_owned())),
-                // Refused (or hung): nobody accepts on it; it is stale.
-                Ok(Err(_)) | Err(_) => {
+                // Refused: nobody listens on it any more; it is stale.
+                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
                     tracing::info!(path = %path.display(), "removing stale agent socket");
                     std::fs::remove_file(path).map_err(io_err(path))?;
                 }
+                // Accepted, or busy (a full backlog, a hang): someone
+                // serves on it; never take a live agent's socket away.
+                Ok(Ok(_)) | Err(_) => return Err(SocketError::InUse(path.to_owned())),
+                Ok(Err(e)) => return Err(io_err(path)(e)),
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -87,15 +87,20 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_security_header(&request)?;
-        let workload = self.state.attest(&request).await?;
+        let (peer, workload) = self.state.attest_peer(&request).await?;
         let subscription = self.state.manager.subscribe(&workload.spiffe_id);
         let mut cert_rx = subscription.cert.clone();
         let mut bundle_rx = self.state.bundle.clone();
         let (tx, rx) = mpsc::channel(1);
         let guard = self.state.metrics.stream_opened("workload_api");
+        let state = self.state.clone();
         tokio::spawn(async move {
             let _guard = guard;
             let _subscription = subscription;
+            let mut changes = state.attestation_changed.clone();
+            let mut shutdown = state.shutdown.clone();
+            let end = state.stream_end(&peer, &workload.spiffe_id, &mut changes, &mut shutdown);
+            tokio::pin!(end);
             loop {
                 let cert = cert_rx.borrow_and_update().clone();
                 let bundle = bundle_rx.borrow_and_update().clone();
@@ -108,6 +113,10 @@ impl SpiffeWorkloadApi for WorkloadApiService {
                     r = cert_rx.changed() => if r.is_err() { return },
                     r = bundle_rx.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
+                    why = &mut end => {
+                        let _ = tx.send(Err(why.into_status())).await;
+                        return;
+                    }
                 }
             }
         });
@@ -119,12 +128,17 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_security_header(&request)?;
-        self.state.attest(&request).await?;
+        let (peer, workload) = self.state.attest_peer(&request).await?;
         let mut bundle_rx = self.state.bundle.clone();
         let (tx, rx) = mpsc::channel(1);
         let guard = self.state.metrics.stream_opened("workload_api");
+        let state = self.state.clone();
         tokio::spawn(async move {
             let _guard = guard;
+            let mut changes = state.attestation_changed.clone();
+            let mut shutdown = state.shutdown.clone();
+            let end = state.stream_end(&peer, &workload.spiffe_id, &mut changes, &mut shutdown);
+            tokio::pin!(end);
             loop {
                 let bundle = bundle_rx.borrow_and_update().clone();
                 if let Some(b) = bundle
@@ -135,6 +149,10 @@ impl SpiffeWorkloadApi for WorkloadApiService {
                 tokio::select! {
                     r = bundle_rx.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
+                    why = &mut end => {
+                        let _ = tx.send(Err(why.into_status())).await;
+                        return;
+                    }
                 }
             }
         });

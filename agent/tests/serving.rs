@@ -512,3 +512,125 @@ async fn client_that_never_reads_is_not_buffered_for() {
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn identity_is_dropped_even_while_the_ca_is_down() {
+    let h = Harness::start().await;
+    h.ca.set_mode(FakeMode::Down);
+    {
+        let mut client = h.sds().await;
+        let _s = SdsStream::open(&mut client, &["default"]).await.unwrap();
+        assert!(eventually(5, || h.ca.calls() >= 2).await);
+    }
+    // Retries keep failing, yet the identity goes once nobody wants it, and
+    // no CSR is sent for it after that.
+    assert!(
+        eventually(5, || h.manager.identities().is_empty()).await,
+        "identity kept while the CA was down"
+    );
+    let calls = h.ca.calls();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        h.ca.calls(),
+        calls,
+        "CSRs sent for an identity nobody asks for"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn removing_the_entry_ends_open_streams() {
+    let h = Harness::start().await;
+    let mut client = h.sds().await;
+    let mut s = SdsStream::open(&mut client, &["default"]).await.unwrap();
+    s.next(10).await.unwrap();
+    let mut wl = h.workload_api().await;
+    let mut svids = wl
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(5), svids.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // The entry is edited to another uid: the caller has no identity now.
+    h.set_entries(
+        "entries:\n  - spiffe_id: spiffe://cluster.local/ns/shop/sa/web\n    uid: 4242424\n",
+    );
+    let err = s.next(5).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let err = tokio::time::timeout(Duration::from_secs(5), svids.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_unrelated_entries_edit_keeps_streams_open() {
+    let h = Harness::start().await;
+    let mut client = h.sds().await;
+    let mut s = SdsStream::open(&mut client, &["default"]).await.unwrap();
+    s.next(10).await.unwrap();
+    h.set_entries(&format!(
+        "entries:\n  - spiffe_id: {WEB}\n    uid: {}\n  - spiffe_id: spiffe://cluster.local/ns/x/sa/y\n    uid: 4242424\n",
+        my_uid()
+    ));
+    assert!(
+        s.quiet_for(500).await,
+        "the stream ended or was answered after an unrelated edit"
+    );
+    h.manager.rotate_all();
+    s.next(5).await.unwrap();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn workload_api_client_that_never_reads_is_not_buffered_for() {
+    let h = Harness::start().await;
+    let mut wl = h.workload_api().await;
+    let mut bundles = wl
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(5), bundles.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    for seq in 2..300u64 {
+        h.set_bundle(h.ca.bundle(), seq);
+    }
+    let mut roots = h.ca.bundle().roots().to_vec();
+    roots.extend(h.ca.foreign_bundle().roots().iter().cloned());
+    let latest =
+        citadel_identity::TrustBundle::new(h.ca.bundle().trust_domain().clone(), roots).unwrap();
+    h.set_bundle(latest.clone(), 300);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut seen = Vec::new();
+    while let Ok(Ok(Some(m))) =
+        tokio::time::timeout(Duration::from_millis(500), bundles.message()).await
+    {
+        seen.push(m);
+    }
+    // Identical bundles are still full-state messages, but only what fit in
+    // the HTTP/2 window plus one was ever queued, and the latest came last.
+    assert!(
+        !seen.is_empty() && seen.len() <= 30,
+        "{} messages queued",
+        seen.len()
+    );
+    assert_eq!(
+        seen.last()
+            .unwrap()
+            .bundles
+            .get("spiffe://cluster.local")
+            .cloned(),
+        Some(latest.to_concatenated_der())
+    );
+    h.stop().await;
+}

@@ -1,7 +1,7 @@
 //! `citadel.v1.TrustBundleService/WatchTrustBundle`: the trust bundle streamed to node agents,
 //! and their acknowledgements recorded in the store.
 //!
-//! The caller authenticates like a CSR caller (client certificate or bearer token). It gets the
+//! The caller must be a node agent authenticated with its node certificate. It gets the
 //! current bundle at once and again after every change. Updates are read from a `watch`
 //! channel only when the transport asks for the next message, so a slow agent gets the latest
 //! bundle, never a backlog. Acknowledgements are read by a task of their own, so they are
@@ -17,10 +17,11 @@ use futures::Stream;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{AuthChain, Credentials};
+use crate::auth::{AuthChain, AuthMethod, Credentials};
 use crate::bundle_watch::BundleSnapshot;
 use crate::clock::unix_now;
 use crate::issuer::IssueError;
+use crate::node::NODE_PATH_PREFIX;
 use crate::service::{bearer_token, status_of};
 
 /// Largest acknowledgement accepted, bytes (one is a few bytes).
@@ -178,6 +179,18 @@ impl TrustBundleService for TrustBundleStreamService {
                 tracing::warn!(error = %e, "trust-bundle stream refused");
                 status_of(&e)
             })?;
+        // Only node agents, proven by their node certificate, follow the
+        // bundle here: their acknowledgements are what `root status`
+        // reports, and a workload or an unused join token must not add rows.
+        if caller.method != AuthMethod::ClientCertificate
+            || !caller.identity.path().starts_with(NODE_PATH_PREFIX)
+        {
+            tracing::warn!(caller = %caller.identity, method = caller.method.as_str(), "trust-bundle stream refused: not a node agent");
+            return Err(Status::permission_denied(format!(
+                "{} may not watch the trust bundle: only node agents authenticated with their node certificate may",
+                caller.identity
+            )));
+        }
         tracing::info!(
             agent = %caller.identity,
             method = caller.method.as_str(),

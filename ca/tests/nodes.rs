@@ -395,10 +395,37 @@ async fn trust_bundle_stream_sends_bundle_and_records_acks() {
 }
 
 #[tokio::test]
-async fn trust_bundle_stream_pushes_on_change() {
+async fn rejects_trust_bundle_stream_from_a_workload() {
     let h = Harness::start().await;
     let token = h.tokens.token("shop", "web");
-    let mut stream = BundleStream::open(&h, None, Some(&token)).await;
+    let (acks, rx) = mpsc::channel(1);
+    acks.send(TrustBundleAck {
+        applied_sequence: 1,
+    })
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let err = h
+        .bundle_client(None)
+        .await
+        .watch_trust_bundle(req)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        h.store.list_bundle_acks().await.unwrap().is_empty(),
+        "a workload was recorded as an agent"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn trust_bundle_stream_pushes_on_change() {
+    let h = Harness::start().await;
+    let (chain, key) = h.join("node-a", &[WEB]).await;
+    let mut stream = BundleStream::open(&h, Some((&chain, &key)), None).await;
     let first = stream.next().await;
     assert_eq!(first.x509_authorities.len(), 1);
     // A new root is prepared, as another replica or the CLI would do.
@@ -419,7 +446,7 @@ async fn trust_bundle_stream_pushes_on_change() {
     assert_eq!(pushed.x509_authorities.len(), 2);
     assert!(pushed.x509_authorities.contains(&next_root.root().to_vec()));
     stream.ack(pushed.sequence).await;
-    wait_for_ack(&h, WEB, pushed.sequence).await;
+    wait_for_ack(&h, NODE_A, pushed.sequence).await;
     // bundle.pem follows as well.
     let on_disk = std::fs::read_to_string(h.data_dir.join("bundle.pem")).unwrap();
     let on_disk = citadel_identity::TrustBundle::from_pem(h.trust_domain(), &on_disk).unwrap();

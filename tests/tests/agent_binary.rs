@@ -396,3 +396,91 @@ async fn workloads_keep_certificates_through_a_ca_outage() {
     .expect("no renewal within one backoff step of the CA's return");
     assert_ne!(renewed, first_leaf);
 }
+
+#[test]
+fn agent_bad_flags_and_entries_are_clear_errors() {
+    use std::process::Command;
+    let agent = citadel_e2e::process::binary("citadel-agent");
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("bundle.pem");
+    std::fs::write(&bundle, "not a certificate").unwrap();
+    let entries = tmp.path().join("entries.yaml");
+    let run = |args: &[&str]| {
+        let out = Command::new(&agent).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&["run", "--ca-bundle", "x", "--entries", "y"]);
+    assert!(!ok && err.contains("--ca"), "{err}");
+    let (ok, err) = run(&[
+        "run",
+        "--ca",
+        "127.0.0.1:1",
+        "--ca-bundle",
+        "x",
+        "--entries",
+        "y",
+        "--workload-ttl",
+        "soon",
+    ]);
+    assert!(!ok && err.contains("--workload-ttl"), "{err}");
+    let b = bundle.to_str().unwrap();
+    let e = entries.to_str().unwrap();
+    let (ok, err) = run(&[
+        "run",
+        "--ca",
+        "127.0.0.1:1",
+        "--ca-bundle",
+        b,
+        "--entries",
+        e,
+    ]);
+    assert!(!ok && err.contains("no PEM certificate"), "{err}");
+    // A real bundle, then entries problems, each named.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&bundle, p.self_signed(&key).unwrap().pem()).unwrap();
+    let (ok, err) = run(&[
+        "run",
+        "--ca",
+        "127.0.0.1:1",
+        "--ca-bundle",
+        b,
+        "--entries",
+        e,
+    ]);
+    assert!(!ok && err.contains("entries.yaml"), "{err}");
+    std::fs::write(
+        &entries,
+        "entries:\n  - spiffe_id: spiffe://cluster.local/ns/a/sa/b\n    uid: 1\n    colour: red\n",
+    )
+    .unwrap();
+    let (ok, err) = run(&[
+        "run",
+        "--ca",
+        "127.0.0.1:1",
+        "--ca-bundle",
+        b,
+        "--entries",
+        e,
+    ]);
+    assert!(!ok && err.contains("colour"), "{err}");
+    // Valid entries but no node identity and no join token.
+    std::fs::write(&entries, "entries: []\n").unwrap();
+    let data = tmp.path().join("data");
+    let (ok, err) = run(&[
+        "run",
+        "--ca",
+        "127.0.0.1:1",
+        "--ca-bundle",
+        b,
+        "--entries",
+        e,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("citadel token create"), "{err}");
+}

@@ -50,6 +50,8 @@ pub struct Harness {
     pub bundle_tx: watch::Sender<Option<Arc<BundleState>>>,
     pub manager: CertManager,
     pub metrics: AgentMetrics,
+    entries_tx: watch::Sender<Arc<WorkloadEntries>>,
+    epoch_tx: watch::Sender<u64>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -94,9 +96,10 @@ impl Harness {
                 my_uid()
             )
         });
-        let (_entries_tx, entries_rx) =
+        let (entries_tx, entries_rx) =
             watch::channel(Arc::new(WorkloadEntries::parse(&yaml).unwrap()));
-        std::mem::forget(_entries_tx);
+        let (epoch_tx, epoch_rx) = watch::channel(0u64);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (bundle_tx, bundle_rx) = watch::channel(Some(Arc::new(BundleState {
             bundle: ca.bundle(),
             sequence: 1,
@@ -118,12 +121,15 @@ impl Harness {
             bundle: bundle_rx,
             metrics: metrics.clone(),
             fetch_timeout: Duration::from_secs(2),
+            attestation_changed: epoch_rx,
+            shutdown: shutdown_rx,
         });
         let listener = socket::bind(&socket_path).await.unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             serve(listener, state, async {
                 let _ = stop_rx.await;
+                shutdown_tx.send_replace(true);
             })
             .await
             .unwrap();
@@ -135,6 +141,8 @@ impl Harness {
             bundle_tx,
             manager,
             metrics,
+            entries_tx,
+            epoch_tx,
             shutdown: Some(stop_tx),
             server: Some(server),
         }
@@ -158,12 +166,24 @@ impl Harness {
             .send_replace(Some(Arc::new(BundleState { bundle, sequence })));
     }
 
+    /// Replaces the workload entries, as a reload of the file does.
+    pub fn set_entries(&self, yaml: &str) {
+        self.entries_tx
+            .send_replace(Arc::new(WorkloadEntries::parse(yaml).unwrap()));
+        self.epoch_tx.send_modify(|n| *n += 1);
+    }
+
+    /// Stops the server; fails the test if graceful shutdown hangs (open
+    /// streams must end when the agent stops).
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(h) = self.server.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
+            tokio::time::timeout(Duration::from_secs(5), h)
+                .await
+                .expect("the agent did not shut down within 5 s with streams open")
+                .unwrap();
         }
     }
 }
