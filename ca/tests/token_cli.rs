@@ -36,6 +36,15 @@ async fn data_dir() -> tempfile::TempDir {
     dir
 }
 
+/// The bytes of `path` (empty if missing), read by `cat`.
+fn read_by_another_process(path: &Path) -> Vec<u8> {
+    Command::new("cat")
+        .arg(path)
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default()
+}
+
 /// Rows in `join_tokens`, read behind the store's back.
 async fn join_token_rows(dir: &Path) -> i64 {
     let url = format!("sqlite://{}", dir.join("citadel.db").display());
@@ -99,8 +108,11 @@ async fn token_create_prints_only_the_token() {
     assert!((rec.expires_at - rec.created_at) == 600, "{rec:?}");
     assert!(rec.created_at >= before && rec.created_at <= unix_now());
     // Only the hash: the database file never contains the token.
-    let raw = std::fs::read(dir.path().join("citadel.db")).unwrap();
-    let wal = std::fs::read(dir.path().join("citadel.db-wal")).unwrap_or_default();
+    // Read by another process: opening and closing the database file in this one would drop
+    // the POSIX locks SQLite holds on it here (they are per process), and the store open in
+    // this test would then miss later commits by other processes.
+    let raw = read_by_another_process(&dir.path().join("citadel.db"));
+    let wal = read_by_another_process(&dir.path().join("citadel.db-wal"));
     for bytes in [raw, wal] {
         assert!(
             !bytes.windows(body.len()).any(|w| w == body.as_bytes()),
@@ -119,8 +131,10 @@ async fn token_create_prints_only_the_token() {
         WEB,
     ]);
     assert!(again.status.success(), "stderr: {}", text(&again.stderr));
-    assert_ne!(text(&again.stdout).trim(), token);
-    assert_eq!(join_token_rows(dir.path()).await, 2);
+    let second = text(&again.stdout).trim().to_owned();
+    assert_ne!(second, token);
+    let found = store.find_join_token(&token_hash(&second)).await.unwrap();
+    assert_eq!(found.map(|r| r.node_name), Some("node-a".to_owned()));
 }
 
 #[tokio::test]
