@@ -186,7 +186,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, Some(token)) => {
             let joining = GrpcCa::new(endpoint.clone(), NodeCredential::JoinToken(token.clone()))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let n = node::join(&joining, &roots_pem, args.node_ttl).await?;
+            let n = join_when_ca_answers(&joining, &roots_pem, args.node_ttl).await?;
             node::save(&args.data_dir, &n)?;
             tracing::info!(spiffe_id = %n.spiffe_id(), "joined with the join token");
             n
@@ -285,6 +285,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let result = server::serve(listener, state, shutdown).await;
     let _ = std::fs::remove_file(&socket_path);
     result.context("agent server")
+}
+
+/// Exchanges the join token, waiting (with backoff) while the CA cannot be
+/// reached: on a fresh node the agent may well start before the CA. A
+/// refusal (bad, used or expired token) ends the agent at once, with the
+/// CA's reason.
+async fn join_when_ca_answers(
+    ca: &GrpcCa,
+    roots_pem: &str,
+    ttl: Duration,
+) -> anyhow::Result<node::NodeIdentity> {
+    let backoff = citadel_identity::Backoff::default();
+    let mut failures = 0u32;
+    loop {
+        match node::join(ca, roots_pem, ttl).await {
+            Ok(n) => return Ok(n),
+            Err(e)
+                if e.downcast_ref::<citadel_agent::ca_client::CaError>()
+                    .is_some_and(|c| c.code == tonic::Code::Unavailable) =>
+            {
+                failures = failures.saturating_add(1);
+                let delay = backoff.delay(failures, citadel_agent::random_unit());
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "CA unreachable; will retry joining");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn host_of(addr: &str) -> Option<String> {

@@ -484,3 +484,46 @@ fn agent_bad_flags_and_entries_are_clear_errors() {
     ]);
     assert!(!ok && err.contains("citadel token create"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_started_before_the_ca_joins_once_it_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca_dir = tmp.path().join("ca");
+    let mut ca = CaProcess::start(&ca_dir, &[]).await.unwrap();
+    let (grpc, http) = (ca.grpc_addr, ca.http_addr);
+    let token = create_join_token(&ca.data_dir, "node-a", &[WEB], "10m").unwrap();
+    ca.stop().await.unwrap();
+    drop(ca);
+    let entries = format!("entries:\n  - spiffe_id: {WEB}\n    uid: {}\n", my_uid());
+    let dir = tmp.path().join("agent");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut agent = AgentProcess::spawn(
+        grpc,
+        &ca_dir.join("bundle.pem"),
+        &AgentOptions {
+            dir: &dir,
+            entries_yaml: &entries,
+            join_token: Some(&token),
+            extra: &[],
+        },
+    )
+    .unwrap();
+    // The CA is down: the agent waits instead of exiting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        agent.wait_exit(0).await.is_err(),
+        "the agent gave up while the CA was down"
+    );
+    let _ca = CaProcess::start_on(&ca_dir, grpc, http, &[]).await.unwrap();
+    let client = wait_for_in(Some(&dir), 30, "the agent to join and serve", async || {
+        let c = WorkloadApiClient::connect_to(socket_url(&agent.socket))
+            .await
+            .ok()?;
+        c.fetch_x509_svid()
+            .await
+            .ok()
+            .map(|s| s.spiffe_id().to_string())
+    })
+    .await;
+    assert_eq!(client, WEB);
+}
