@@ -14,20 +14,45 @@ use crate::ca_client::GrpcCa;
 use crate::metrics::AgentMetrics;
 use crate::random_unit;
 
-/// A trust bundle and the CA's sequence number for it.
+/// A trust bundle and the CA's sequence number for it, with the forms it is
+/// served in made once per bundle (not once per stream and push).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BundleState {
     /// The roots.
     pub bundle: TrustBundle,
     /// The CA's sequence; increases on every change.
     pub sequence: u64,
+    pem: String,
+    der: Vec<u8>,
+    trust_domain_id: String,
 }
 
 impl BundleState {
+    /// `bundle` at `sequence`.
+    pub fn new(bundle: TrustBundle, sequence: u64) -> BundleState {
+        BundleState {
+            pem: bundle.to_pem(),
+            der: bundle.to_concatenated_der(),
+            trust_domain_id: bundle.trust_domain().id().to_string(),
+            bundle,
+            sequence,
+        }
+    }
+
+    /// The roots as PEM (SDS `ROOTCA`).
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// The roots as concatenated DER (Workload API).
+    pub fn der(&self) -> &[u8] {
+        &self.der
+    }
+
     /// The bundle as the Workload API's map key: the trust domain's SPIFFE
     /// ID (`spiffe://<td>`).
-    pub fn trust_domain_id(&self) -> String {
-        self.bundle.trust_domain().id().to_string()
+    pub fn trust_domain_id(&self) -> &str {
+        &self.trust_domain_id
     }
 }
 
@@ -75,10 +100,7 @@ pub fn apply_update(
         .collect();
     let bundle =
         TrustBundle::new(td, roots).map_err(|e| BundleUpdateError::Roots(e.to_string()))?;
-    Ok(BundleState {
-        bundle,
-        sequence: update.sequence,
-    })
+    Ok(BundleState::new(bundle, update.sequence))
 }
 
 /// Keeps `tx` up to date from the CA's bundle stream, reconnecting with
@@ -132,7 +154,7 @@ async fn follow_once(
                         roots = state.bundle.roots().len(),
                         "applied trust bundle"
                     );
-                    if let Err(e) = ca.set_roots(state.bundle.to_pem()) {
+                    if let Err(e) = ca.set_roots(state.pem().to_owned()) {
                         tracing::warn!(error = %e, "cannot use the new roots for the CA connection");
                     }
                     metrics.bundle_sequence(state.sequence);

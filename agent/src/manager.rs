@@ -26,6 +26,15 @@ use crate::{random_unit, unix_now};
 /// the first issuance succeeds (and again if it expires unrenewed).
 pub type CertWatch = watch::Receiver<Option<Arc<WorkloadSvid>>>;
 
+/// Resolves when the watched certificate changes; never, when there is none
+/// to watch (a stream that has not asked for a certificate).
+pub async fn cert_changed(rx: &mut Option<CertWatch>) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(c) => c.changed().await,
+        None => futures::future::pending().await,
+    }
+}
+
 /// Manager settings.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -242,7 +251,7 @@ async fn run_slot(inner: Arc<Inner>, id: SpiffeId, slot: Arc<Slot>) {
                         break;
                     }
                 }
-                _ = async { if let Some(at) = expiry { tokio::time::sleep_until(at).await } else { futures::future::pending::<()>().await } } => {
+                _ = sleep_until_if(expiry) => {
                     tracing::warn!("certificate expired before it could be renewed; withdrawn");
                     slot.cert.send_replace(None);
                 }
@@ -254,12 +263,20 @@ async fn run_slot(inner: Arc<Inner>, id: SpiffeId, slot: Arc<Slot>) {
                         idle_since = None;
                     }
                 }
-                _ = async { if let Some(at) = linger_end { tokio::time::sleep_until(at).await } else { futures::future::pending::<()>().await } } => {
+                _ = sleep_until_if(linger_end) => {
                     if remove_if_idle(&inner, &id, &slot) { return; }
                     idle_since = None;
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `at`; forever when there is no such time.
+async fn sleep_until_if(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => futures::future::pending().await,
     }
 }
 

@@ -37,8 +37,8 @@ impl NodeIdentity {
     /// As a CA credential.
     pub fn credential(&self) -> NodeCredential {
         NodeCredential::Certificate {
-            chain_pem: self.svid.chain_pem(),
-            key_pem: self.svid.key.to_pem(),
+            chain_pem: self.svid.chain_pem().to_owned(),
+            key_pem: self.svid.key.pem().to_owned(),
         }
     }
 }
@@ -101,7 +101,7 @@ pub fn save(data_dir: &Path, node: &NodeIdentity) -> anyhow::Result<()> {
         .with_context(|| data_dir.display().to_string())?;
     write_atomic(
         &data_dir.join(KEY_FILE),
-        node.svid.key.to_pem().as_bytes(),
+        node.svid.key.pem().as_bytes(),
         0o600,
     )?;
     write_atomic(

@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::attest::PeerInfo;
 use crate::bundle::BundleState;
+use crate::manager::cert_changed;
 use crate::server::AgentState;
 use crate::svid::WorkloadSvid;
 
@@ -130,7 +131,7 @@ pub fn build_response(
                 name: name.clone(),
                 r#type: Some(secret::Type::ValidationContext(
                     CertificateValidationContext {
-                        trusted_ca: Some(inline(b.bundle.to_pem().into_bytes())),
+                        trusted_ca: Some(inline(b.pem().as_bytes().to_vec())),
                         ..Default::default()
                     },
                 )),
@@ -141,8 +142,8 @@ pub fn build_response(
             Secret {
                 name: name.clone(),
                 r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-                    certificate_chain: Some(inline(c.chain_pem().into_bytes())),
-                    private_key: Some(inline(c.key.to_pem().into_bytes())),
+                    certificate_chain: Some(inline(c.chain_pem().as_bytes().to_vec())),
+                    private_key: Some(inline(c.key.pem().as_bytes().to_vec())),
                     ..Default::default()
                 })),
             }
@@ -262,7 +263,7 @@ impl SecretDiscoveryService for SdsService {
                     return Ok(resp);
                 }
                 tokio::select! {
-                    r = async { match cert_rx.as_mut() { Some(c) => c.changed().await, None => futures::future::pending().await } } => r.map_err(|_| Status::unavailable("agent shutting down"))?,
+                    r = cert_changed(&mut cert_rx) => r.map_err(|_| Status::unavailable("agent shutting down"))?,
                     r = bundle_rx.changed() => r.map_err(|_| Status::unavailable("agent shutting down"))?,
                 }
             }
@@ -333,7 +334,7 @@ async fn serve_stream(
                     subscription = Some(sub);
                 }
             }
-            r = async { match cert_rx.as_mut() { Some(c) => c.changed().await, None => futures::future::pending().await } } => {
+            r = cert_changed(&mut cert_rx) => {
                 if r.is_err() { return Ok(()); }
                 pending |= session.wants_certificate(&own_id);
             }

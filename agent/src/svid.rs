@@ -7,19 +7,28 @@ use citadel_identity::{SpiffeId, TrustBundle, verify_chain};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType};
 use rustls_pki_types::CertificateDer;
 
-/// A PKCS#8 private key held in memory. Its `Debug` never shows the key.
+/// A PKCS#8 private key held in memory, with its PEM form made once (every
+/// SDS push serves it). Its `Debug` never shows the key.
 #[derive(Clone, PartialEq, Eq)]
-pub struct PrivateKey(Vec<u8>);
+pub struct PrivateKey {
+    der: Vec<u8>,
+    pem: String,
+}
 
 impl PrivateKey {
+    fn from_pkcs8_der(der: Vec<u8>) -> PrivateKey {
+        let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", der.clone()));
+        PrivateKey { der, pem }
+    }
+
     /// The unencrypted PKCS#8 DER, for serving to the workload it belongs to.
     pub fn pkcs8_der(&self) -> &[u8] {
-        &self.0
+        &self.der
     }
 
     /// The key as PEM (`PRIVATE KEY`).
-    pub fn to_pem(&self) -> String {
-        pem::encode(&pem::Pem::new("PRIVATE KEY", self.0.clone()))
+    pub fn pem(&self) -> &str {
+        &self.pem
     }
 }
 
@@ -29,7 +38,8 @@ impl fmt::Debug for PrivateKey {
     }
 }
 
-/// A workload's certificate, its chain and its key, checked.
+/// A workload's certificate, its chain and its key, checked. The wire forms
+/// of the chain are made once, at issuance, not on every push.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadSvid {
     /// The identity the certificate carries.
@@ -44,20 +54,19 @@ pub struct WorkloadSvid {
     pub not_before: i64,
     /// notAfter, unix seconds.
     pub not_after: i64,
+    chain_der: Vec<u8>,
+    chain_pem: String,
 }
 
 impl WorkloadSvid {
     /// The chain as concatenated DER (Workload API form).
-    pub fn chain_der(&self) -> Vec<u8> {
-        self.chain.iter().flat_map(|c| c.iter().copied()).collect()
+    pub fn chain_der(&self) -> &[u8] {
+        &self.chain_der
     }
 
     /// The chain as PEM (SDS form).
-    pub fn chain_pem(&self) -> String {
-        self.chain
-            .iter()
-            .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
-            .collect()
+    pub fn chain_pem(&self) -> &str {
+        &self.chain_pem
     }
 }
 
@@ -113,7 +122,7 @@ impl PendingKey {
 
     /// The key as PKCS#8 DER.
     pub fn private_key(&self) -> PrivateKey {
-        PrivateKey(self.key.serialize_der())
+        PrivateKey::from_pkcs8_der(self.key.serialize_der())
     }
 
     fn spki_der(&self) -> Vec<u8> {
@@ -184,6 +193,11 @@ pub fn accept_chain(
         return Err(ChainRejected::WrongKey);
     }
     chain.retain(|c| !bundle.contains(c));
+    let chain_der = chain.iter().flat_map(|c| c.iter().copied()).collect();
+    let chain_pem = chain
+        .iter()
+        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+        .collect();
     Ok(WorkloadSvid {
         spiffe_id: leaf.spiffe_id,
         chain,
@@ -191,5 +205,7 @@ pub fn accept_chain(
         serial_hex: leaf.serial_hex,
         not_before: leaf.not_before,
         not_after: leaf.not_after,
+        chain_der,
+        chain_pem,
     })
 }

@@ -14,7 +14,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use citadel_identity::SpiffeId;
+
+use crate::attest::PeerInfo;
 use crate::bundle::BundleState;
+use crate::manager::{CertSubscription, cert_changed};
 use crate::server::AgentState;
 use crate::svid::WorkloadSvid;
 
@@ -37,9 +41,9 @@ pub fn svid_response(cert: &WorkloadSvid, bundle: &BundleState) -> X509svidRespo
     X509svidResponse {
         svids: vec![X509svid {
             spiffe_id: cert.spiffe_id.to_string(),
-            x509_svid: cert.chain_der(),
+            x509_svid: cert.chain_der().to_vec(),
             x509_svid_key: cert.key.pkcs8_der().to_vec(),
-            bundle: bundle.bundle.to_concatenated_der(),
+            bundle: bundle.der().to_vec(),
             hint: String::new(),
         }],
         crl: Vec::new(),
@@ -51,12 +55,9 @@ pub fn svid_response(cert: &WorkloadSvid, bundle: &BundleState) -> X509svidRespo
 pub fn bundles_response(bundle: &BundleState) -> X509BundlesResponse {
     X509BundlesResponse {
         crl: Vec::new(),
-        bundles: [(
-            bundle.trust_domain_id(),
-            bundle.bundle.to_concatenated_der(),
-        )]
-        .into_iter()
-        .collect(),
+        bundles: [(bundle.trust_domain_id().to_owned(), bundle.der().to_vec())]
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -89,38 +90,13 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         check_security_header(&request)?;
         let (peer, workload) = self.state.attest_peer(&request).await?;
         let subscription = self.state.manager.subscribe(&workload.spiffe_id);
-        let mut cert_rx = subscription.cert.clone();
-        let mut bundle_rx = self.state.bundle.clone();
-        let (tx, rx) = mpsc::channel(1);
-        let guard = self.state.metrics.stream_opened("workload_api");
-        let state = self.state.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            let _subscription = subscription;
-            let mut changes = state.attestation_changed.clone();
-            let mut shutdown = state.shutdown.clone();
-            let end = state.stream_end(&peer, &workload.spiffe_id, &mut changes, &mut shutdown);
-            tokio::pin!(end);
-            loop {
-                let cert = cert_rx.borrow_and_update().clone();
-                let bundle = bundle_rx.borrow_and_update().clone();
-                if let (Some(c), Some(b)) = (cert, bundle)
-                    && tx.send(Ok(svid_response(&c, &b))).await.is_err()
-                {
-                    return;
-                }
-                tokio::select! {
-                    r = cert_rx.changed() => if r.is_err() { return },
-                    r = bundle_rx.changed() => if r.is_err() { return },
-                    _ = tx.closed() => return,
-                    why = &mut end => {
-                        let _ = tx.send(Err(why.into_status())).await;
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(full_state_stream(
+            self.state.clone(),
+            peer,
+            workload.spiffe_id,
+            Some(subscription),
+            |cert, bundle| cert.map(|c| svid_response(c, bundle)),
+        )))
     }
 
     async fn fetch_x509_bundles(
@@ -129,34 +105,13 @@ impl SpiffeWorkloadApi for WorkloadApiService {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_security_header(&request)?;
         let (peer, workload) = self.state.attest_peer(&request).await?;
-        let mut bundle_rx = self.state.bundle.clone();
-        let (tx, rx) = mpsc::channel(1);
-        let guard = self.state.metrics.stream_opened("workload_api");
-        let state = self.state.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            let mut changes = state.attestation_changed.clone();
-            let mut shutdown = state.shutdown.clone();
-            let end = state.stream_end(&peer, &workload.spiffe_id, &mut changes, &mut shutdown);
-            tokio::pin!(end);
-            loop {
-                let bundle = bundle_rx.borrow_and_update().clone();
-                if let Some(b) = bundle
-                    && tx.send(Ok(bundles_response(&b))).await.is_err()
-                {
-                    return;
-                }
-                tokio::select! {
-                    r = bundle_rx.changed() => if r.is_err() { return },
-                    _ = tx.closed() => return,
-                    why = &mut end => {
-                        let _ = tx.send(Err(why.into_status())).await;
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(full_state_stream(
+            self.state.clone(),
+            peer,
+            workload.spiffe_id,
+            None,
+            |_, bundle| Some(bundles_response(bundle)),
+        )))
     }
 
     async fn fetch_jwtsvid(
@@ -182,4 +137,48 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         check_security_header(&request)?;
         Err(Status::unimplemented(JWT_UNIMPLEMENTED))
     }
+}
+
+/// A Workload API stream: the message `render` makes of the certificate (of
+/// `subscription`, when given) and the bundle, now and after every change,
+/// until the client leaves, the agent stops, or the caller loses its
+/// identity. One message in flight at most; changes meanwhile collapse into
+/// the latest state.
+fn full_state_stream<T: Send + 'static>(
+    state: Arc<AgentState>,
+    peer: PeerInfo,
+    own: SpiffeId,
+    subscription: Option<CertSubscription>,
+    render: impl Fn(Option<&WorkloadSvid>, &BundleState) -> Option<T> + Send + 'static,
+) -> ResponseStream<T> {
+    let (tx, rx) = mpsc::channel(1);
+    let guard = state.metrics.stream_opened("workload_api");
+    tokio::spawn(async move {
+        let _guard = guard;
+        let mut cert_rx = subscription.as_ref().map(|s| s.cert.clone());
+        let mut bundle_rx = state.bundle.clone();
+        let mut changes = state.attestation_changed.clone();
+        let mut shutdown = state.shutdown.clone();
+        let end = state.stream_end(&peer, &own, &mut changes, &mut shutdown);
+        tokio::pin!(end);
+        loop {
+            let cert = cert_rx.as_mut().and_then(|c| c.borrow_and_update().clone());
+            let bundle = bundle_rx.borrow_and_update().clone();
+            if let Some(msg) = bundle.as_deref().and_then(|b| render(cert.as_deref(), b))
+                && tx.send(Ok(msg)).await.is_err()
+            {
+                return;
+            }
+            tokio::select! {
+                r = cert_changed(&mut cert_rx) => if r.is_err() { return },
+                r = bundle_rx.changed() => if r.is_err() { return },
+                _ = tx.closed() => return,
+                why = &mut end => {
+                    let _ = tx.send(Err(why.into_status())).await;
+                    return;
+                }
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
 }

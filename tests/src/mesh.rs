@@ -70,13 +70,27 @@ pub struct AgentOptions<'a> {
     pub extra: &'a [&'a str],
 }
 
+impl<'a> AgentOptions<'a> {
+    /// Options with no extra flags.
+    pub fn new(dir: &'a Path, entries_yaml: &'a str, join_token: Option<&'a str>) -> Self {
+        AgentOptions {
+            dir,
+            entries_yaml,
+            join_token,
+            extra: &[],
+        }
+    }
+}
+
 impl AgentProcess {
-    /// Spawns the agent against `ca` without waiting for readiness.
+    /// Spawns the agent against `ca` without waiting for readiness; creates
+    /// `opts.dir` if needed.
     pub fn spawn(
         ca_addr: SocketAddr,
         bundle_file: &Path,
         opts: &AgentOptions<'_>,
     ) -> anyhow::Result<AgentProcess> {
+        std::fs::create_dir_all(opts.dir)?;
         let socket = opts.dir.join("agent.sock");
         let entries = opts.dir.join("entries.yaml");
         std::fs::write(&entries, opts.entries_yaml)?;

@@ -40,12 +40,17 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
         .await?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
+    parse_http_response(&buf)
+}
+
+/// The status and body of a whole (unchunked) HTTP/1.x response.
+pub fn parse_http_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
+    let text = String::from_utf8_lossy(raw);
     let status = text
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .context("no HTTP status")?;
+        .with_context(|| format!("no HTTP status in {text:?}"))?;
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())

@@ -20,15 +20,8 @@ const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
 const NODE: &str = "spiffe://cluster.local/citadel/node/node-a";
 
 fn my_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
-        })
-        .and_then(|u| u.parse().ok())
-        .unwrap_or(0)
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map_or(0, |m| m.uid())
 }
 
 fn envoy_or_skip() -> Option<std::path::PathBuf> {
@@ -115,18 +108,9 @@ async fn envoy_and_spiffe_client_get_certificates_and_see_rotation() {
         exe = envoy_exe.display()
     );
     let agent_dir = tmp.path().join("agent");
-    std::fs::create_dir_all(&agent_dir).unwrap();
-    let agent = AgentProcess::start(
-        &ca,
-        &AgentOptions {
-            dir: &agent_dir,
-            entries_yaml: &entries,
-            join_token: Some(&token),
-            extra: &[],
-        },
-    )
-    .await
-    .unwrap();
+    let agent = AgentProcess::start(&ca, &AgentOptions::new(&agent_dir, &entries, Some(&token)))
+        .await
+        .unwrap();
     // The node certificate is kept 0600 in a 0700 directory.
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -278,30 +262,15 @@ async fn rejects_used_and_expired_join_tokens() {
     let entries = format!("entries:\n  - spiffe_id: {WEB}\n    uid: {}\n", my_uid());
     let token = create_join_token(&ca.data_dir, "node-a", &[WEB], "10m").unwrap();
     let dir1 = tmp.path().join("a1");
-    std::fs::create_dir_all(&dir1).unwrap();
-    let _first = AgentProcess::start(
-        &ca,
-        &AgentOptions {
-            dir: &dir1,
-            entries_yaml: &entries,
-            join_token: Some(&token),
-            extra: &[],
-        },
-    )
-    .await
-    .unwrap();
+    let _first = AgentProcess::start(&ca, &AgentOptions::new(&dir1, &entries, Some(&token)))
+        .await
+        .unwrap();
     // The same token again, from a fresh data dir: refused.
     let dir2 = tmp.path().join("a2");
-    std::fs::create_dir_all(&dir2).unwrap();
     let mut second = AgentProcess::spawn(
         ca.grpc_addr,
         &ca.data_dir.join("bundle.pem"),
-        &AgentOptions {
-            dir: &dir2,
-            entries_yaml: &entries,
-            join_token: Some(&token),
-            extra: &[],
-        },
+        &AgentOptions::new(&dir2, &entries, Some(&token)),
     )
     .unwrap();
     let (status, stderr) = second.wait_exit(30).await.unwrap();
@@ -312,16 +281,10 @@ async fn rejects_used_and_expired_join_tokens() {
     let short = create_join_token(&ca.data_dir, "node-b", &[WEB], "1s").unwrap();
     tokio::time::sleep(Duration::from_millis(2_100)).await;
     let dir3 = tmp.path().join("a3");
-    std::fs::create_dir_all(&dir3).unwrap();
     let mut third = AgentProcess::spawn(
         ca.grpc_addr,
         &ca.data_dir.join("bundle.pem"),
-        &AgentOptions {
-            dir: &dir3,
-            entries_yaml: &entries,
-            join_token: Some(&short),
-            extra: &[],
-        },
+        &AgentOptions::new(&dir3, &entries, Some(&short)),
     )
     .unwrap();
     let (status, stderr) = third.wait_exit(30).await.unwrap();
@@ -338,7 +301,6 @@ async fn workloads_keep_certificates_through_a_ca_outage() {
     let entries = format!("entries:\n  - spiffe_id: {WEB}\n    uid: {}\n", my_uid());
     let token = create_join_token(&ca.data_dir, "node-a", &[WEB], "10m").unwrap();
     let dir = tmp.path().join("agent");
-    std::fs::create_dir_all(&dir).unwrap();
     // 30 s certificates: renewal due 12-15 s after issue.
     let agent = AgentProcess::start(
         &ca,
@@ -496,16 +458,10 @@ async fn agent_started_before_the_ca_joins_once_it_answers() {
     drop(ca);
     let entries = format!("entries:\n  - spiffe_id: {WEB}\n    uid: {}\n", my_uid());
     let dir = tmp.path().join("agent");
-    std::fs::create_dir_all(&dir).unwrap();
     let mut agent = AgentProcess::spawn(
         grpc,
         &ca_dir.join("bundle.pem"),
-        &AgentOptions {
-            dir: &dir,
-            entries_yaml: &entries,
-            join_token: Some(&token),
-            extra: &[],
-        },
+        &AgentOptions::new(&dir, &entries, Some(&token)),
     )
     .unwrap();
     // The CA is down: the agent waits instead of exiting.

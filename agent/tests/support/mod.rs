@@ -32,15 +32,8 @@ pub const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 
 /// The uid of the test process (the caller the agent sees).
 pub fn my_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
-        })
-        .and_then(|u| u.parse().ok())
-        .unwrap_or(0)
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map_or(0, |m| m.uid())
 }
 
 pub struct Harness {
@@ -100,10 +93,8 @@ impl Harness {
             watch::channel(Arc::new(WorkloadEntries::parse(&yaml).unwrap()));
         let (epoch_tx, epoch_rx) = watch::channel(0u64);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let (bundle_tx, bundle_rx) = watch::channel(Some(Arc::new(BundleState {
-            bundle: ca.bundle(),
-            sequence: 1,
-        })));
+        let (bundle_tx, bundle_rx) =
+            watch::channel(Some(Arc::new(BundleState::new(ca.bundle(), 1))));
         let metrics = AgentMetrics::new();
         let manager = CertManager::new(
             ca.clone(),
@@ -163,7 +154,7 @@ impl Harness {
     /// Replaces the bundle with `bundle` at `sequence`.
     pub fn set_bundle(&self, bundle: TrustBundle, sequence: u64) {
         self.bundle_tx
-            .send_replace(Some(Arc::new(BundleState { bundle, sequence })));
+            .send_replace(Some(Arc::new(BundleState::new(bundle, sequence))));
     }
 
     /// Replaces the workload entries, as a reload of the file does.

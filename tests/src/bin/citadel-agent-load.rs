@@ -16,7 +16,6 @@
 //! target/release/citadel-agent-load --workloads 1000
 //! ```
 
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,16 +78,24 @@ fn connect_as(path: &std::path::Path, uid: u32) -> anyhow::Result<std::os::unix:
     })
 }
 
+/// An SDS stream kept open (so its identity stays in demand).
+struct OpenStream {
+    _requests: tokio::sync::mpsc::Sender<DiscoveryRequest>,
+    _responses: tonic::Streaming<DiscoveryResponse>,
+}
+
 /// Opens an SDS stream for `default` on a connection made as `uid` and
 /// waits for the first response.
-async fn fetch_as(path: std::path::PathBuf, uid: u32) -> anyhow::Result<DiscoveryResponse> {
+async fn fetch_as(
+    path: std::path::PathBuf,
+    uid: u32,
+) -> anyhow::Result<(DiscoveryResponse, OpenStream)> {
     let std_stream = tokio::task::spawn_blocking({
         let path = path.clone();
         move || connect_as(&path, uid)
     })
     .await??;
     std_stream.set_nonblocking(true)?;
-    let _ = std_stream.as_raw_fd();
     let slot = Arc::new(Mutex::new(Some(tokio::net::UnixStream::from_std(
         std_stream,
     )?)));
@@ -114,40 +121,41 @@ async fn fetch_as(path: std::path::PathBuf, uid: u32) -> anyhow::Result<Discover
     })
     .await?;
     let mut responses = client
-        .stream_secrets(tokio_stream_from(rx))
+        .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
     let first = responses.message().await?.context("stream ended")?;
-    // Keep the stream (and so the identity) open until the wave ends.
-    std::mem::forget(tx);
-    std::mem::forget(responses);
-    Ok(first)
+    Ok((
+        first,
+        OpenStream {
+            _requests: tx,
+            _responses: responses,
+        },
+    ))
 }
 
-fn tokio_stream_from(
-    rx: tokio::sync::mpsc::Receiver<DiscoveryRequest>,
-) -> impl futures::Stream<Item = DiscoveryRequest> {
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
-}
-
-async fn wave(path: &std::path::Path, args: &Args) -> anyhow::Result<Duration> {
+/// Every workload opens a stream at once; the time until all hold
+/// certificates, and the streams (open until dropped).
+async fn wave(path: &std::path::Path, args: &Args) -> anyhow::Result<(Duration, Vec<OpenStream>)> {
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(args.workloads as usize);
     for i in 0..args.workloads {
         tasks.push(tokio::spawn(fetch_as(path.to_owned(), args.first_uid + i)));
     }
+    let mut open = Vec::with_capacity(tasks.len());
     for (i, t) in tasks.into_iter().enumerate() {
-        let resp = t.await?.with_context(|| format!("workload {i}"))?;
+        let (resp, stream) = t.await?.with_context(|| format!("workload {i}"))?;
         anyhow::ensure!(resp.resources.len() == 1, "workload {i}: no certificate");
+        open.push(stream);
     }
-    Ok(start.elapsed())
+    Ok((start.elapsed(), open))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(
-        rustix_like_geteuid() == 0,
+        effective_uid() == 0,
         "run as root: each simulated workload connects with its own uid"
     );
     let tmp = tempfile::tempdir()?;
@@ -163,7 +171,6 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
     let dir = tmp.path().join("agent");
-    std::fs::create_dir_all(&dir)?;
     let agent = AgentProcess::start(
         &ca,
         &AgentOptions {
@@ -177,9 +184,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = rss_kib(agent.pid())?;
 
-    let cold = wave(&agent.socket, &args).await?;
+    let (cold, _cold_streams) = wave(&agent.socket, &args).await?;
     let after_cold = rss_kib(agent.pid())?;
-    let warm = wave(&agent.socket, &args).await?;
+    let (warm, _warm_streams) = wave(&agent.socket, &args).await?;
     let after_warm = rss_kib(agent.pid())?;
     let metrics = agent.metrics().await?;
     let issued = metrics
@@ -218,7 +225,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rustix_like_geteuid() -> u32 {
+fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
