@@ -1,6 +1,7 @@
 //! The trust bundle the agent serves: received from the CA's
 //! `citadel.v1.TrustBundleService` stream, applied, then acknowledged.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use citadel_identity::{Backoff, TrustBundle, TrustDomain};
@@ -103,17 +104,40 @@ pub fn apply_update(
     Ok(BundleState::new(bundle, update.sequence))
 }
 
+/// The file in the agent's data directory holding the last bundle it
+/// applied (PEM), trusted on the next start beside `--ca-bundle`: a root
+/// rotation that happened while the agent was down does not strand it.
+pub const SAVED_BUNDLE_FILE: &str = "bundle.pem";
+
+/// The roots of the bundle saved in `data_dir`, if any (PEM).
+pub fn load_saved_roots(data_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join(SAVED_BUNDLE_FILE)).ok()?;
+    text.contains("-----BEGIN CERTIFICATE-----").then_some(text)
+}
+
+/// Saves `state`'s roots as [`SAVED_BUNDLE_FILE`] in `data_dir`, atomically.
+pub fn save_roots(data_dir: &Path, state: &BundleState) -> anyhow::Result<()> {
+    crate::files::ensure_private_dir(data_dir)?;
+    crate::files::write_atomic(
+        &data_dir.join(SAVED_BUNDLE_FILE),
+        state.pem().as_bytes(),
+        0o644,
+    )
+}
+
 /// Keeps `tx` up to date from the CA's bundle stream, reconnecting with
-/// backoff; also points the CA client at the new roots.
+/// backoff; also points the CA client at the new roots, and saves each new
+/// bundle in `data_dir` before acknowledging it.
 pub async fn follow_ca_bundle(
     ca: Arc<GrpcCa>,
     tx: watch::Sender<Option<Arc<BundleState>>>,
     metrics: AgentMetrics,
+    data_dir: PathBuf,
 ) {
     let backoff = Backoff::default();
     let mut failures = 0u32;
     loop {
-        match follow_once(&ca, &tx, &metrics, &mut failures).await {
+        match follow_once(&ca, &tx, &metrics, &data_dir, &mut failures).await {
             Ok(()) => tracing::info!("trust bundle stream ended; reconnecting"),
             Err(status) => {
                 metrics.ca_error(&format!("{:?}", status.code()));
@@ -129,6 +153,7 @@ async fn follow_once(
     ca: &GrpcCa,
     tx: &watch::Sender<Option<Arc<BundleState>>>,
     metrics: &AgentMetrics,
+    data_dir: &Path,
     failures: &mut u32,
 ) -> Result<(), tonic::Status> {
     let (ack_tx, ack_rx) = mpsc::channel::<TrustBundleAck>(4);
@@ -156,6 +181,9 @@ async fn follow_once(
                     );
                     if let Err(e) = ca.set_roots(state.pem().to_owned()) {
                         tracing::warn!(error = %e, "cannot use the new roots for the CA connection");
+                    }
+                    if let Err(e) = save_roots(data_dir, &state) {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot save the trust bundle; a restart will rely on --ca-bundle");
                     }
                     metrics.bundle_sequence(state.sequence);
                     tx.send_replace(Some(Arc::new(state)));

@@ -10,11 +10,14 @@
 
 #![deny(missing_docs)]
 
+pub mod app;
 pub mod attest;
+pub mod authority;
 pub mod bundle;
 pub mod ca_client;
 pub mod entries;
 pub mod fake;
+pub mod files;
 pub mod http;
 pub mod manager;
 pub mod metrics;

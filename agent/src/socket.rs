@@ -16,6 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tonic::transport::server::Connected;
 
 use crate::attest::{PeerInfo, process_start_time};
+use crate::authority::IgnoreAuthority;
 
 /// Mode of the socket's directory: others may reach the socket.
 pub const SOCKET_DIR_MODE: u32 = 0o755;
@@ -88,10 +89,10 @@ pub async fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     Ok(listener)
 }
 
-/// An accepted connection and the credentials of its peer.
-#[derive(Debug)]
+/// An accepted connection and the credentials of its peer. Reads go through
+/// [`IgnoreAuthority`], so any `:authority` a client sends is accepted.
 pub struct PeerConnection {
-    stream: UnixStream,
+    stream: IgnoreAuthority<UnixStream>,
     peer: PeerInfo,
 }
 
@@ -102,7 +103,7 @@ impl PeerConnection {
         let pid = cred.pid();
         let start_time = pid.and_then(|p| process_start_time(Path::new("/proc"), p));
         Ok(Self {
-            stream,
+            stream: IgnoreAuthority::new(stream),
             peer: PeerInfo {
                 connection_id,
                 pid,

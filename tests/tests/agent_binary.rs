@@ -114,7 +114,7 @@ async fn envoy_and_spiffe_client_get_certificates_and_see_rotation() {
     // The node certificate is kept 0600 in a 0700 directory.
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(&agent.data_dir.join("node.key")), 0o600);
+    assert_eq!(mode(&agent.data_dir.join("node-identity.pem")), 0o600);
     assert_eq!(mode(&agent.data_dir), 0o700);
     assert_eq!(mode(&agent.socket), 0o666);
 
@@ -445,6 +445,158 @@ fn agent_bad_flags_and_entries_are_clear_errors() {
         data.to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("citadel token create"), "{err}");
+    // ... is exit code 2, on one line, without a backtrace.
+    let out = Command::new(&agent)
+        .args([
+            "run",
+            "--ca",
+            "127.0.0.1:1",
+            "--ca-bundle",
+            b,
+            "--entries",
+            e,
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .env_remove("CITADEL_JOIN_TOKEN")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("citadel-agent:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains("citadel token create"), "{err}");
+    assert!(!err.contains("stack backtrace"), "{err}");
+}
+
+/// The SPIFFE ID of the agent's SVID for this process, once it serves,
+/// and whether its chain verifies against `bundle`.
+async fn svid_verifies_against(agent: &AgentProcess, bundle: &TrustBundle) -> (String, bool) {
+    let client = WorkloadApiClient::connect_to(socket_url(&agent.socket))
+        .await
+        .unwrap();
+    let svid = client.fetch_x509_svid().await.unwrap();
+    let chain: Vec<CertificateDer<'static>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    (
+        svid.spiffe_id().to_string(),
+        citadel_identity::verify_chain(&chain, bundle, now).is_ok(),
+    )
+}
+
+/// The sequence a new user hit: an agent joined to CA A, both stopped, a new
+/// CA B with a new root, and the agent started with a token of B. It must
+/// re-join B (replacing what it saved from A) instead of refusing to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_with_a_stale_identity_rejoins_a_new_ca_with_its_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let entries = format!("entries:\n  - spiffe_id: {WEB}\n    uid: {}\n", my_uid());
+    let dir = tmp.path().join("agent");
+    let mut ca_a = CaProcess::start(&tmp.path().join("ca-a"), &[])
+        .await
+        .unwrap();
+    let token_a = create_join_token(&ca_a.data_dir, "node-a", &[WEB], "10m").unwrap();
+    let mut agent = AgentProcess::start(&ca_a, &AgentOptions::new(&dir, &entries, Some(&token_a)))
+        .await
+        .unwrap();
+    let (id, from_a) = svid_verifies_against(&agent, &bundle_of(&ca_a)).await;
+    assert_eq!((id.as_str(), from_a), (WEB, true));
+    agent.signal("-TERM").unwrap();
+    agent.wait_exit(10).await.unwrap();
+    ca_a.stop().await.unwrap();
+
+    let ca_b = CaProcess::start(&tmp.path().join("ca-b"), &[])
+        .await
+        .unwrap();
+    let token_b = create_join_token(&ca_b.data_dir, "node-a", &[WEB], "10m").unwrap();
+    let agent = match AgentProcess::start(&ca_b, &AgentOptions::new(&dir, &entries, Some(&token_b)))
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            dump_logs(&dir);
+            panic!("the agent did not start with CA B's token: {e:#}");
+        }
+    };
+    let (id, from_b) = svid_verifies_against(&agent, &bundle_of(&ca_b)).await;
+    assert_eq!(
+        (id.as_str(), from_b),
+        (WEB, true),
+        "served a certificate of CA B"
+    );
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(log.contains("replacing the saved node identity"), "{log}");
+    assert!(!log.contains(&token_b), "the token must never be logged");
+}
+
+/// An agent restarted with a `--ca-bundle` that no longer holds the CA's
+/// root (older than the CA's bundle) starts from the bundle it saved; without
+/// that file it could not use its identity and would need a new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restarted_with_an_outdated_ca_bundle_starts_from_its_saved_bundle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let entries = format!("entries:\n  - spiffe_id: {WEB}\n    uid: {}\n", my_uid());
+    let dir = tmp.path().join("agent");
+    let ca = CaProcess::start(&tmp.path().join("ca"), &[]).await.unwrap();
+    let token = create_join_token(&ca.data_dir, "node-a", &[WEB], "10m").unwrap();
+    let mut agent = AgentProcess::start(&ca, &AgentOptions::new(&dir, &entries, Some(&token)))
+        .await
+        .unwrap();
+    let saved = agent.data_dir.join("bundle.pem");
+    let squash = |s: String| s.split_whitespace().collect::<String>();
+    assert_eq!(
+        squash(std::fs::read_to_string(&saved).unwrap()),
+        squash(ca.bundle_pem().unwrap()),
+        "the applied bundle is saved in the data dir"
+    );
+    agent.signal("-TERM").unwrap();
+    agent.wait_exit(10).await.unwrap();
+
+    // A --ca-bundle holding only some other root.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let outdated = tmp.path().join("outdated-bundle.pem");
+    std::fs::write(&outdated, p.self_signed(&key).unwrap().pem()).unwrap();
+    let opts = AgentOptions::new(&dir, &entries, None);
+    let mut agent = AgentProcess::spawn(ca.grpc_addr, &outdated, &opts).unwrap();
+    let id = wait_for_in(
+        Some(&dir),
+        30,
+        "the agent to serve from its saved bundle",
+        async || {
+            let c = WorkloadApiClient::connect_to(socket_url(&agent.socket))
+                .await
+                .ok()?;
+            c.fetch_x509_svid()
+                .await
+                .ok()
+                .map(|s| s.spiffe_id().to_string())
+        },
+    )
+    .await;
+    assert_eq!(id, WEB);
+    agent.signal("-TERM").unwrap();
+    agent.wait_exit(10).await.unwrap();
+
+    // Without the saved bundle the identity cannot be checked: exit 2, and
+    // the message says why and what to run.
+    std::fs::remove_file(&saved).unwrap();
+    let mut agent = AgentProcess::spawn(ca.grpc_addr, &outdated, &opts).unwrap();
+    let (status, stderr) = agent.wait_exit(20).await.unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("citadel token create"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
