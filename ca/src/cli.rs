@@ -1,4 +1,5 @@
-//! Operator commands that read the store: `root status`, `ledger verify`, `certs list`.
+//! Operator commands that work on the store: `root status`, `ledger verify`, `certs list`,
+//! `node list`, `node evict`.
 
 use crate::clock::unix_now;
 use std::io::Write;
@@ -6,9 +7,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use citadel_identity::TrustDomain;
-use citadel_store::{AuthorityState, LedgerFilter, Store};
+use citadel_store::{AuthorityState, BundleAck, LedgerFilter, NodeRecord, Store, StoreError};
 
 use crate::authorities::current_bundle;
+use crate::node::{node_identity, validate_node_name};
 
 /// Where the store is.
 #[derive(clap::Args, Debug, Clone)]
@@ -209,4 +211,188 @@ pub async fn certs_list(
         )?;
     }
     Ok(())
+}
+
+/// One row of `citadel node list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    /// The node name.
+    pub node: String,
+    /// Its agent's identity, `spiffe://<td>/citadel/node/<node>`.
+    pub spiffe_id: String,
+    /// `active` or `evicted`.
+    pub state: &'static str,
+    /// SPIFFE IDs its agent may request for workloads.
+    pub allowed_ids: Vec<String>,
+    /// notAfter of the node certificate in use, unix seconds.
+    pub not_after: Option<i64>,
+    /// When a node certificate of it was last accepted (or it joined), unix seconds.
+    pub last_seen: Option<i64>,
+    /// The trust-bundle sequence its agent last acknowledged.
+    pub bundle_sequence: Option<u64>,
+    /// When it last joined, unix seconds.
+    pub joined_at: i64,
+    /// When it was evicted, unix seconds.
+    pub evicted_at: Option<i64>,
+}
+
+/// Joins nodes with their agents' bundle acknowledgements (keyed by the node identity in
+/// `trust_domain`), in the order of `nodes` (pure).
+pub fn node_rows(
+    nodes: &[NodeRecord],
+    acks: &[BundleAck],
+    trust_domain: &TrustDomain,
+) -> Vec<NodeRow> {
+    nodes
+        .iter()
+        .map(|n| {
+            let spiffe_id = node_identity(trust_domain, &n.name)
+                .map(|id| id.to_string())
+                .unwrap_or_else(|_| format!("spiffe://{trust_domain}/citadel/node/{}", n.name));
+            let bundle_sequence = acks
+                .iter()
+                .find(|a| a.agent_id == spiffe_id)
+                .map(|a| a.sequence);
+            NodeRow {
+                node: n.name.clone(),
+                state: n.state(),
+                allowed_ids: n.allowed_ids.clone(),
+                not_after: n.current_not_after,
+                last_seen: n.last_seen,
+                bundle_sequence,
+                joined_at: n.joined_at,
+                evicted_at: n.evicted_at,
+                spiffe_id,
+            }
+        })
+        .collect()
+}
+
+fn fmt_opt_time(t: Option<i64>) -> String {
+    t.map_or_else(|| "-".to_owned(), fmt_time)
+}
+
+/// `citadel node list`: every joined node, as a table or (`json`) a JSON array whose fields
+/// are documented in docs/ca.md.
+pub async fn node_list(
+    store: &dyn Store,
+    trust_domain: &TrustDomain,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let nodes = store.list_nodes().await?;
+    let acks = store.list_bundle_acks().await?;
+    let rows = node_rows(&nodes, &acks, trust_domain);
+    if json {
+        let items: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "node": r.node,
+                    "spiffe_id": r.spiffe_id,
+                    "state": r.state,
+                    "allowed_ids": r.allowed_ids,
+                    "not_after": r.not_after.map(fmt_time),
+                    "last_seen": r.last_seen.map(fmt_time),
+                    "bundle_sequence": r.bundle_sequence,
+                    "joined_at": fmt_time(r.joined_at),
+                    "evicted_at": r.evicted_at.map(fmt_time),
+                })
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&items)?)?;
+        return Ok(());
+    }
+    if rows.is_empty() {
+        writeln!(out, "no node has joined")?;
+        return Ok(());
+    }
+    let width = rows.iter().map(|r| r.node.len()).max().unwrap_or(0).max(4);
+    writeln!(
+        out,
+        "{:<width$}  {:<7}  {:<20}  {:<20}  {:>10}  ALLOWED IDS",
+        "NODE", "STATE", "CERT NOT AFTER", "LAST SEEN", "BUNDLE SEQ"
+    )?;
+    for r in &rows {
+        let sequence = r
+            .bundle_sequence
+            .map_or_else(|| "-".to_owned(), |s| s.to_string());
+        writeln!(
+            out,
+            "{:<width$}  {:<7}  {:<20}  {:<20}  {:>10}  {}",
+            r.node,
+            r.state,
+            fmt_opt_time(r.not_after),
+            fmt_opt_time(r.last_seen),
+            sequence,
+            r.allowed_ids.join(",")
+        )?;
+    }
+    Ok(())
+}
+
+/// `citadel node evict NAME`: from `now` on, every certificate of the node is refused (renewal,
+/// workload certificates, the trust-bundle stream) until it joins again with a new token.
+/// An unknown or malformed node name is an error.
+pub async fn node_evict(
+    store: &dyn Store,
+    node: &str,
+    now: i64,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    validate_node_name(node)?;
+    match store.evict_node(node, now).await {
+        Ok(true) => writeln!(
+            out,
+            "node {node} evicted: its node certificates are refused from now on; \
+             re-admit it with `citadel token create --node {node} …` and a new join"
+        )?,
+        Ok(false) => writeln!(out, "node {node} was already evicted")?,
+        Err(StoreError::NotFound(_)) => {
+            anyhow::bail!("no node named {node} has joined; nothing evicted")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, evicted_at: Option<i64>) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            allowed_ids: vec!["spiffe://td/ns/a/sa/web".into()],
+            joined_at: 10,
+            current_serial: Some("aa".into()),
+            current_not_after: Some(100),
+            pending_serial: None,
+            pending_not_after: None,
+            last_seen: Some(50),
+            evicted_at,
+        }
+    }
+
+    #[test]
+    fn node_rows_carry_each_agents_acknowledged_bundle_sequence() {
+        let td = TrustDomain::new("td").unwrap();
+        let acks = [BundleAck {
+            agent_id: "spiffe://td/citadel/node/node-b".into(),
+            sequence: 7,
+            acked_at: 60,
+        }];
+        let rows = node_rows(
+            &[record("node-a", None), record("node-b", Some(70))],
+            &acks,
+            &td,
+        );
+        assert_eq!(rows[0].spiffe_id, "spiffe://td/citadel/node/node-a");
+        assert_eq!(rows[0].bundle_sequence, None);
+        assert_eq!(rows[0].state, "active");
+        assert_eq!(rows[1].bundle_sequence, Some(7));
+        assert_eq!(rows[1].state, "evicted");
+        assert_eq!(rows[1].not_after, Some(100));
+        assert_eq!(rows[1].last_seen, Some(50));
+    }
 }

@@ -7,9 +7,12 @@ use std::time::Instant;
 
 use citadel_identity::lifetime::{LifetimeError, LifetimePolicy, leaf_validity};
 use citadel_identity::{SpiffeId, TrustDomain};
-use citadel_store::{ConsumeOutcome, GroupCommitLedger, NewIssuance, Store, StoreError};
+use citadel_store::{
+    GroupCommitLedger, LedgerEntry, NewIssuance, NodeGrant, NodeIssuanceOutcome, Store, StoreError,
+};
 use tokio::sync::watch;
 
+use crate::auth::client_cert::node_refusal_message;
 use crate::auth::{AuthChain, AuthError, AuthMethod, Caller, Credentials};
 use crate::authority::{Authority, AuthorityError, IssuedCertificate, LeafSpec, random_serial};
 use crate::csr::{CsrError, parse_and_verify};
@@ -87,6 +90,7 @@ impl From<AuthError> for IssueError {
             AuthError::Unavailable(reason) => {
                 IssueError::Unavailable(format!("{reason}; no certificate issued, retry later"))
             }
+            AuthError::Denied(reason) => IssueError::PermissionDenied(reason),
             other => IssueError::Unauthenticated(other),
         }
     }
@@ -250,8 +254,9 @@ pub struct CertificateIssuer {
 }
 
 impl CertificateIssuer {
-    /// Assembles the issuing core. `store` answers node allow lists and consumes join
-    /// tokens; `ledger` records issuances.
+    /// Assembles the issuing core. `store` answers node allow lists and records node
+    /// certificates (join-token exchanges and renewals) with their ledger rows; `ledger`
+    /// records every other issuance.
     pub fn new(
         trust_domain: TrustDomain,
         authority: watch::Receiver<Arc<Authority>>,
@@ -316,10 +321,8 @@ impl CertificateIssuer {
             authority.window(),
             now,
         )?;
-        if caller.method == AuthMethod::JoinToken {
-            // Last check before signing: everything above can refuse without spending the token.
-            self.consume_join_token(&caller, req, now).await?;
-        }
+        // Decided before signing, so that a malformed request cannot get this far.
+        let node_grant = node_grant(&caller, &granted, req, &self.trust_domain)?;
         let leaf = authority.sign(&LeafSpec {
             spiffe_id: Some(&granted),
             dns_names: &[],
@@ -330,20 +333,26 @@ impl CertificateIssuer {
             validity,
             serial: random_serial()?,
         })?;
-        let entry = self
-            .ledger
-            .record(NewIssuance {
-                serial_hex: leaf.serial_hex.clone(),
-                spiffe_id: granted.to_string(),
-                authority_id: authority.id().to_owned(),
-                not_before: leaf.not_before,
-                not_after: leaf.not_after,
-                requester: caller.identity.to_string(),
-                node,
-                der_sha256: leaf.der_sha256,
-                issued_at: now,
-            })
-            .await?;
+        let issuance = NewIssuance {
+            serial_hex: leaf.serial_hex.clone(),
+            spiffe_id: granted.to_string(),
+            authority_id: authority.id().to_owned(),
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
+            requester: caller.identity.to_string(),
+            node,
+            der_sha256: leaf.der_sha256,
+            issued_at: now,
+        };
+        let entry = match node_grant {
+            // A node certificate: the join token is spent, or the renewal recorded as the
+            // node's pending certificate, in the transaction that writes the ledger row.
+            Some((node, grant)) => {
+                self.record_node_issuance(&node, &grant, &issuance, now)
+                    .await?
+            }
+            None => self.ledger.record(issuance).await?,
+        };
         self.metrics
             .issued
             .get_or_create(&IssuedLabels {
@@ -401,31 +410,77 @@ impl CertificateIssuer {
         }
     }
 
-    /// Uses up the caller's join token; of concurrent requests with one token only one gets
-    /// past this point.
-    async fn consume_join_token(
+    /// Records a node certificate with what it changes about its node, all in one store
+    /// transaction; of concurrent requests with one join token only one is recorded.
+    async fn record_node_issuance(
         &self,
-        caller: &Caller,
-        req: &IssueRequest<'_>,
+        node: &str,
+        grant: &NodeGrant,
+        issuance: &NewIssuance,
         now: i64,
-    ) -> Result<(), IssueError> {
-        let node = caller.node.as_deref().unwrap_or_default();
-        let token = req.credentials.bearer_token.ok_or_else(|| {
-            IssueError::Internal("a join-token caller without a bearer token".into())
-        })?;
-        match self.store.consume_join_token(&token_hash(token), now).await {
-            Ok(ConsumeOutcome::Consumed(rec)) if rec.node_name == node => Ok(()),
-            Ok(ConsumeOutcome::Consumed(rec)) => Err(IssueError::Internal(format!(
-                "join token authenticated node {node} but was consumed for node {}",
-                rec.node_name
-            ))),
-            Ok(ConsumeOutcome::Refused(refusal)) => Err(IssueError::PermissionDenied(format!(
-                "the join token of node {node} was not consumed: {refusal}"
-            ))),
-            Err(e) => Err(IssueError::Unavailable(format!(
-                "join token cannot be consumed, no certificate issued: {e}"
-            ))),
+    ) -> Result<LedgerEntry, IssueError> {
+        match self
+            .store
+            .append_node_issuance(node, grant, issuance, now)
+            .await
+        {
+            Ok(NodeIssuanceOutcome::Recorded(entry)) => Ok(*entry),
+            Ok(NodeIssuanceOutcome::TokenRefused(refusal)) => Err(IssueError::PermissionDenied(
+                format!("the join token of node {node} was not consumed: {refusal}"),
+            )),
+            Ok(NodeIssuanceOutcome::NodeRefused(refusal)) => {
+                tracing::warn!(node, reason = %refusal, "node certificate renewal refused");
+                Err(IssueError::PermissionDenied(node_refusal_message(
+                    node, refusal,
+                )))
+            }
+            Err(e) => Err(IssueError::from(e)),
         }
+    }
+}
+
+/// Whether the certificate to issue is a node certificate, and what entitles it (pure): a
+/// join-token caller gets its node certificate by spending its token; a node agent that
+/// authenticated with its node certificate and asks for its own identity renews it. `None`
+/// for every other issuance (workloads, impersonation).
+pub fn node_grant(
+    caller: &Caller,
+    granted: &SpiffeId,
+    req: &IssueRequest<'_>,
+    td: &TrustDomain,
+) -> Result<Option<(String, NodeGrant)>, IssueError> {
+    if *granted != caller.identity {
+        return Ok(None);
+    }
+    match caller.method {
+        AuthMethod::JoinToken => {
+            let node = caller
+                .node
+                .clone()
+                .ok_or_else(|| IssueError::Internal("a join-token caller without a node".into()))?;
+            let token = req.credentials.bearer_token.ok_or_else(|| {
+                IssueError::Internal("a join-token caller without a bearer token".into())
+            })?;
+            Ok(Some((
+                node,
+                NodeGrant::Join {
+                    token_sha256: token_hash(token),
+                },
+            )))
+        }
+        AuthMethod::ClientCertificate => {
+            let Some(node) = node_name_of(&caller.identity, td) else {
+                return Ok(None);
+            };
+            let presented_serial = caller.certificate_serial.clone().ok_or_else(|| {
+                IssueError::Internal("a client-certificate caller without a serial".into())
+            })?;
+            Ok(Some((
+                node.to_owned(),
+                NodeGrant::Renewal { presented_serial },
+            )))
+        }
+        AuthMethod::Jwt => Ok(None),
     }
 }
 
@@ -439,6 +494,7 @@ mod tests {
             method: AuthMethod::Jwt,
             node: None,
             pod: None,
+            certificate_serial: None,
         }
     }
 
@@ -539,6 +595,71 @@ mod tests {
             let err = check_node_allow_list(&node, "node-a", &web, allowed).unwrap_err();
             assert!(matches!(err, IssueError::PermissionDenied(_)), "{err}");
         }
+    }
+
+    fn issue_request<'a>(token: Option<&'a str>) -> IssueRequest<'a> {
+        IssueRequest {
+            csr_pem: "",
+            requested_ttl_secs: 0,
+            impersonated_identity: None,
+            credentials: Credentials {
+                bearer_token: token,
+                peer_chain: None,
+                now: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn node_certificates_are_granted_by_a_join_token_or_a_renewal() {
+        let joining = node_caller(AuthMethod::JoinToken);
+        let req = issue_request(Some("citadel-join.x"));
+        let (node, grant) = node_grant(&joining, &joining.identity, &req, &td())
+            .unwrap()
+            .unwrap();
+        assert_eq!(node, "node-a");
+        assert_eq!(
+            grant,
+            NodeGrant::Join {
+                token_sha256: token_hash("citadel-join.x")
+            }
+        );
+        let renewing = Caller {
+            certificate_serial: Some("4a".into()),
+            ..node_caller(AuthMethod::ClientCertificate)
+        };
+        let (node, grant) = node_grant(&renewing, &renewing.identity, &issue_request(None), &td())
+            .unwrap()
+            .unwrap();
+        assert_eq!(node, "node-a");
+        assert_eq!(
+            grant,
+            NodeGrant::Renewal {
+                presented_serial: "4a".into()
+            }
+        );
+    }
+
+    #[test]
+    fn workload_and_impersonated_certificates_are_not_node_grants() {
+        let renewing = Caller {
+            certificate_serial: Some("4a".into()),
+            ..node_caller(AuthMethod::ClientCertificate)
+        };
+        let web = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
+        let req = issue_request(None);
+        assert_eq!(node_grant(&renewing, &web, &req, &td()).unwrap(), None);
+        let workload = Caller {
+            method: AuthMethod::ClientCertificate,
+            certificate_serial: Some("4b".into()),
+            ..caller("spiffe://td/ns/a/sa/web")
+        };
+        assert_eq!(
+            node_grant(&workload, &workload.identity, &req, &td()).unwrap(),
+            None
+        );
+        let jwt = caller("spiffe://td/ns/a/sa/web");
+        assert_eq!(node_grant(&jwt, &jwt.identity, &req, &td()).unwrap(), None);
     }
 
     #[test]

@@ -56,6 +56,36 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Inspect and evict joined node agents.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// List joined nodes: state, allowed IDs, node-certificate expiry, last seen and the
+    /// trust-bundle sequence each agent acknowledged.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Trust domain of the node identities (to find their bundle acknowledgements).
+        #[arg(long, env = "CITADEL_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evict a node: its node certificates can no longer renew, request workload
+    /// certificates or watch the trust bundle, until it joins again with a new token.
+    Evict {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The node name.
+        #[arg(value_name = "NAME")]
+        node: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -323,6 +353,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(args) => policy_cmd::run(*args),
+        Command::Node {
+            command:
+                NodeCommand::List {
+                    store,
+                    trust_domain,
+                    json,
+                },
+        } => {
+            let td = TrustDomain::new(&trust_domain).context("--trust-domain")?;
+            let store = store.open().await?;
+            citadel_ca::cli::node_list(store.as_ref(), &td, json, &mut stdout).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node {
+            command: NodeCommand::Evict { store, node },
+        } => {
+            // Validate before opening the store: a bad name never touches it.
+            citadel_ca::node::validate_node_name(&node)?;
+            let store = store.open().await?;
+            citadel_ca::cli::node_evict(store.as_ref(), &node, unix_now(), &mut stdout).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Token {
             command:
                 TokenCommand::Create {

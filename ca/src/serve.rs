@@ -193,7 +193,11 @@ pub async fn start_with_store(
 
     let ledger = GroupCommitLedger::spawn(store.clone(), 256);
     let mut authenticators: Vec<Arc<dyn Authenticator>> = vec![
-        Arc::new(ClientCertAuthenticator::new(bundle_rx)),
+        Arc::new(ClientCertAuthenticator::new(
+            bundle_rx,
+            store.clone(),
+            config.trust_domain.clone(),
+        )),
         Arc::new(JoinTokenAuthenticator::new(
             store.clone(),
             config.trust_domain.clone(),

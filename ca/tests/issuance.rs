@@ -11,12 +11,9 @@ use citadel_e2e::csr::{csr_with, p256_csr};
 use citadel_e2e::tokens::{TEST_ISSUER, TokenIssuer};
 use citadel_e2e::unix_now;
 use citadel_identity::{TrustBundle, TrustDomain};
-use citadel_store::{
-    AuthorityRecord, AuthorityState, BundleAck, ConsumeOutcome, JoinTokenRecord, LedgerEntry,
-    LedgerFilter, LedgerVerification, NewIssuance, Store, StoreError,
-};
+use citadel_store::LedgerFilter;
 use rustls_pki_types::pem::PemObject;
-use support::{Harness, WEB, chain_der};
+use support::{FlakyStore, Harness, WEB, chain_der};
 use tonic::Code;
 
 #[tokio::test]
@@ -374,78 +371,6 @@ async fn keeps_serving_after_bad_input_and_exposes_metrics() {
         200
     );
     h.stop().await;
-}
-
-/// A store whose ledger appends fail while `down` is set, as when the
-/// database is unreachable; everything else passes through.
-struct FlakyStore {
-    inner: Arc<dyn Store>,
-    down: Arc<std::sync::atomic::AtomicBool>,
-}
-
-#[async_trait::async_trait]
-impl Store for FlakyStore {
-    async fn ping(&self) -> Result<(), StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("connection refused".into()));
-        }
-        self.inner.ping().await
-    }
-    async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
-        self.inner.list_authorities().await
-    }
-    async fn insert_authority(&self, rec: &AuthorityRecord) -> Result<(), StoreError> {
-        self.inner.insert_authority(rec).await
-    }
-    async fn set_authority_state(&self, id: &str, state: AuthorityState) -> Result<(), StoreError> {
-        self.inner.set_authority_state(id, state).await
-    }
-    async fn append_issuances(
-        &self,
-        batch: &[NewIssuance],
-    ) -> Result<Vec<LedgerEntry>, StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("connection refused".into()));
-        }
-        self.inner.append_issuances(batch).await
-    }
-    async fn list_issuances(&self, filter: &LedgerFilter) -> Result<Vec<LedgerEntry>, StoreError> {
-        self.inner.list_issuances(filter).await
-    }
-    async fn verify_ledger(&self) -> Result<LedgerVerification, StoreError> {
-        self.inner.verify_ledger().await
-    }
-    async fn live_counts_by_authority(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError> {
-        self.inner.live_counts_by_authority(now).await
-    }
-    async fn bundle_sequence(&self) -> Result<u64, StoreError> {
-        self.inner.bundle_sequence().await
-    }
-    async fn insert_join_token(&self, rec: &JoinTokenRecord) -> Result<(), StoreError> {
-        self.inner.insert_join_token(rec).await
-    }
-    async fn find_join_token(
-        &self,
-        hash: &[u8; 32],
-    ) -> Result<Option<JoinTokenRecord>, StoreError> {
-        self.inner.find_join_token(hash).await
-    }
-    async fn consume_join_token(
-        &self,
-        hash: &[u8; 32],
-        now: i64,
-    ) -> Result<ConsumeOutcome, StoreError> {
-        self.inner.consume_join_token(hash, now).await
-    }
-    async fn node_allowed_ids(&self, node: &str) -> Result<Option<Vec<String>>, StoreError> {
-        self.inner.node_allowed_ids(node).await
-    }
-    async fn record_bundle_ack(&self, agent: &str, seq: u64, now: i64) -> Result<(), StoreError> {
-        self.inner.record_bundle_ack(agent, seq, now).await
-    }
-    async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
-        self.inner.list_bundle_acks().await
-    }
 }
 
 #[tokio::test]

@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use citadel_ca::authorities::record_of;
@@ -14,7 +16,7 @@ use citadel_e2e::csr::p256_csr;
 use citadel_e2e::unix_now;
 use citadel_proto::citadel::v1::{TrustBundleAck, TrustBundleUpdate};
 use citadel_store::{AuthorityState, LedgerFilter};
-use support::{Harness, WEB, chain_der};
+use support::{FlakyStore, Harness, WEB, chain_der};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming};
@@ -304,6 +306,223 @@ async fn workload_certificate_cannot_impersonate() {
         Some((&web_chain, &web_key)),
     )
     .await;
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Revocable node credentials: serials, supersession, eviction
+// ---------------------------------------------------------------------------------------------
+
+/// The refusal must be `PERMISSION_DENIED`; returns its message.
+fn denied<T: std::fmt::Debug>(out: Result<T, tonic::Status>) -> String {
+    match out {
+        Err(status) => {
+            assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+            status.message().to_owned()
+        }
+        Ok(v) => panic!("expected PERMISSION_DENIED, got {v:?}"),
+    }
+}
+
+async fn node_record(h: &Harness, name: &str) -> citadel_store::NodeRecord {
+    h.store
+        .list_nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|n| n.name == name)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn cloned_node_identity_is_refused_after_the_original_renews() {
+    let h = Harness::start().await;
+    let (chain, key) = h.join("node-a", &[WEB]).await;
+    // The clone: the same certificate and key, used by another client.
+    let clone = (chain.clone(), key.clone());
+    let (renewed_chain, renewed_key) = h.renew_node("node-a", (&chain, &key)).await.unwrap();
+    // The original uses its new certificate, which supersedes the copied one.
+    let issued = h
+        .impersonate((&renewed_chain, &renewed_key), WEB)
+        .await
+        .unwrap();
+    assert_eq!(leaf_id(&issued), WEB);
+    let before = h.ledger_len().await;
+    let msg = denied(h.renew_node("node-a", (&clone.0, &clone.1)).await);
+    assert!(
+        msg.contains("node-a") && msg.contains("superseded by a newer one"),
+        "{msg}"
+    );
+    denied(h.impersonate((&clone.0, &clone.1), WEB).await);
+    assert_eq!(h.ledger_len().await, before, "the clone got a certificate");
+    assert_eq!(
+        node_record(&h, "node-a").await.current_serial.as_deref(),
+        Some(
+            citadel_identity::check_citadel_leaf(
+                &chain_der(std::slice::from_ref(&renewed_chain))[0]
+            )
+            .unwrap()
+            .serial_hex
+            .as_str()
+        )
+    );
+    // The original carries on.
+    h.renew_node("node-a", (&renewed_chain, &renewed_key))
+        .await
+        .unwrap();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn lost_renewal_response_does_not_lock_the_node_out() {
+    let h = Harness::start().await;
+    let (chain, key) = h.join("node-a", &[WEB]).await;
+    // The renewal succeeds but its answer never reaches the agent ...
+    let (lost_chain, lost_key) = h.renew_node("node-a", (&chain, &key)).await.unwrap();
+    // ... which keeps using its old certificate: still accepted, for impersonation and to
+    // renew again.
+    h.impersonate((&chain, &key), WEB).await.unwrap();
+    h.impersonate((&chain, &key), WEB).await.unwrap();
+    assert!(node_record(&h, "node-a").await.pending_serial.is_some());
+    // Once the new certificate is used, the old one is refused.
+    h.impersonate((&lost_chain, &lost_key), WEB).await.unwrap();
+    let before = h.ledger_len().await;
+    denied(h.impersonate((&chain, &key), WEB).await);
+    denied(h.renew_node("node-a", (&chain, &key)).await);
+    assert_eq!(h.ledger_len().await, before);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn evicted_node_cannot_renew() {
+    let h = Harness::start().await;
+    let (chain, key) = h.join("node-a", &[WEB]).await;
+    assert!(h.store.evict_node("node-a", unix_now()).await.unwrap());
+    let csr = p256_csr(&[NODE_A]).unwrap();
+    let msg = h
+        .expect_refusal_as(
+            request(&csr.pem, 0, None, None),
+            Code::PermissionDenied,
+            Some((&chain, &key)),
+        )
+        .await;
+    assert!(
+        msg.contains("node-a has been evicted") && msg.contains("re-join with a new token"),
+        "{msg}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn evicted_node_cannot_impersonate() {
+    let h = Harness::start().await;
+    let (chain, key) = h.join("node-a", &[WEB]).await;
+    h.impersonate((&chain, &key), WEB).await.unwrap();
+    assert!(h.store.evict_node("node-a", unix_now()).await.unwrap());
+    let csr = p256_csr(&[]).unwrap();
+    let msg = h
+        .expect_refusal_as(
+            request(&csr.pem, 0, None, Some(WEB)),
+            Code::PermissionDenied,
+            Some((&chain, &key)),
+        )
+        .await;
+    assert!(msg.contains("evicted"), "{msg}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn evicted_node_cannot_watch_the_trust_bundle() {
+    let h = Harness::start().await;
+    let (chain, key) = h.join("node-a", &[WEB]).await;
+    assert!(h.store.evict_node("node-a", unix_now()).await.unwrap());
+    let (acks, rx) = mpsc::channel(1);
+    acks.send(TrustBundleAck {
+        applied_sequence: 1,
+    })
+    .await
+    .unwrap();
+    let err = h
+        .bundle_client(Some((&chain, &key)))
+        .await
+        .watch_trust_bundle(ReceiverStream::new(rx))
+        .await
+        .expect_err("an evicted node must not watch the trust bundle");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("evicted"), "{err:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        h.store.list_bundle_acks().await.unwrap().is_empty(),
+        "an evicted node's acknowledgement was recorded"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn evicted_node_rejoins_with_a_new_token() {
+    let h = Harness::start().await;
+    let (old_chain, old_key) = h.join("node-a", &[WEB]).await;
+    assert!(h.store.evict_node("node-a", unix_now()).await.unwrap());
+    denied(h.impersonate((&old_chain, &old_key), WEB).await);
+    // A new token and a join clear the eviction.
+    let (chain, key) = h.join("node-a", &[WEB]).await;
+    let node = node_record(&h, "node-a").await;
+    assert_eq!(node.evicted_at, None);
+    assert_eq!(node.state(), "active");
+    h.impersonate((&chain, &key), WEB).await.unwrap();
+    h.renew_node("node-a", (&chain, &key)).await.unwrap();
+    // The certificate from before the eviction stays refused.
+    let before = h.ledger_len().await;
+    denied(h.impersonate((&old_chain, &old_key), WEB).await);
+    assert_eq!(h.ledger_len().await, before);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn failed_ledger_write_leaves_the_join_token_usable() {
+    let down = Arc::new(AtomicBool::new(false));
+    let flag = down.clone();
+    let h = Harness::start_with(move |inner| Arc::new(FlakyStore { inner, down: flag })).await;
+    let token = h.join_token("node-a", &[WEB]).await;
+    let csr = p256_csr(&[NODE_A]).unwrap();
+    down.store(true, Ordering::SeqCst);
+    let msg = h
+        .expect_refusal(request(&csr.pem, 0, Some(&token), None), Code::Unavailable)
+        .await;
+    assert!(msg.contains("no certificate issued"), "{msg}");
+    assert!(
+        !token_used(&h, &token).await,
+        "the failed join spent the token"
+    );
+    assert_eq!(h.store.node_allowed_ids("node-a").await.unwrap(), None);
+    // Once the ledger is back, the same token is exchanged for the node certificate.
+    down.store(false, Ordering::SeqCst);
+    let mut client = connect(h.addr(), &h.bundle_pem, None).await.unwrap();
+    let resp = create(&mut client, request(&csr.pem, 0, Some(&token), None))
+        .await
+        .unwrap();
+    assert_eq!(leaf_id(&resp.cert_chain), NODE_A);
+    assert!(token_used(&h, &token).await);
+    assert!(h.store.verify_ledger().await.unwrap().is_valid());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn failed_ledger_write_leaves_a_renewal_unrecorded() {
+    let down = Arc::new(AtomicBool::new(false));
+    let flag = down.clone();
+    let h = Harness::start_with(move |inner| Arc::new(FlakyStore { inner, down: flag })).await;
+    let (chain, key) = h.join("node-a", &[WEB]).await;
+    let before = node_record(&h, "node-a").await;
+    down.store(true, Ordering::SeqCst);
+    let err = h.renew_node("node-a", (&chain, &key)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let after = node_record(&h, "node-a").await;
+    assert_eq!(after.pending_serial, None);
+    assert_eq!(after.current_serial, before.current_serial);
+    down.store(false, Ordering::SeqCst);
+    h.renew_node("node-a", (&chain, &key)).await.unwrap();
+    assert!(node_record(&h, "node-a").await.pending_serial.is_some());
     h.stop().await;
 }
 

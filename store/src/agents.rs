@@ -55,16 +55,6 @@ impl fmt::Display for JoinTokenRefusal {
     }
 }
 
-/// Outcome of [`crate::Store::consume_join_token`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsumeOutcome {
-    /// The token was unused and unexpired; it is now marked used (`used_at` set) and its node
-    /// is recorded with the token's allowed IDs.
-    Consumed(JoinTokenRecord),
-    /// Nothing was changed.
-    Refused(JoinTokenRefusal),
-}
-
 /// An agent's latest trust-bundle acknowledgement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BundleAck {

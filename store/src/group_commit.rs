@@ -107,9 +107,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::agents::{BundleAck, ConsumeOutcome, JoinTokenRecord, JoinTokenRefusal};
+    use crate::agents::{BundleAck, JoinTokenRecord};
     use crate::memory::MemoryStore;
     use crate::model::{AuthorityRecord, AuthorityState, LedgerFilter, LedgerVerification};
+    use crate::nodes::{NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord};
 
     /// A store that delegates to [`MemoryStore`], records the size of every append, takes
     /// (virtual) time per append, and fails appends on demand.
@@ -195,12 +196,30 @@ mod tests {
         ) -> Result<Option<JoinTokenRecord>, StoreError> {
             self.inner.find_join_token(hash).await
         }
-        async fn consume_join_token(
+        async fn append_node_issuance(
             &self,
-            hash: &[u8; 32],
+            node: &str,
+            grant: &NodeGrant,
+            issuance: &NewIssuance,
             now: i64,
-        ) -> Result<ConsumeOutcome, StoreError> {
-            self.inner.consume_join_token(hash, now).await
+        ) -> Result<NodeIssuanceOutcome, StoreError> {
+            self.inner
+                .append_node_issuance(node, grant, issuance, now)
+                .await
+        }
+        async fn use_node_certificate(
+            &self,
+            node: &str,
+            serial: &str,
+            now: i64,
+        ) -> Result<NodeCertificateUse, StoreError> {
+            self.inner.use_node_certificate(node, serial, now).await
+        }
+        async fn evict_node(&self, node: &str, now: i64) -> Result<bool, StoreError> {
+            self.inner.evict_node(node, now).await
+        }
+        async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+            self.inner.list_nodes().await
         }
         async fn node_allowed_ids(&self, node: &str) -> Result<Option<Vec<String>>, StoreError> {
             self.inner.node_allowed_ids(node).await
@@ -400,12 +419,28 @@ mod tests {
             ) -> Result<Option<JoinTokenRecord>, StoreError> {
                 Ok(None)
             }
-            async fn consume_join_token(
+            async fn append_node_issuance(
                 &self,
-                _: &[u8; 32],
+                _: &str,
+                _: &NodeGrant,
+                _: &NewIssuance,
                 _: i64,
-            ) -> Result<ConsumeOutcome, StoreError> {
-                Ok(ConsumeOutcome::Refused(JoinTokenRefusal::Unknown))
+            ) -> Result<NodeIssuanceOutcome, StoreError> {
+                Err(StoreError::Unavailable("not implemented".into()))
+            }
+            async fn use_node_certificate(
+                &self,
+                _: &str,
+                _: &str,
+                _: i64,
+            ) -> Result<NodeCertificateUse, StoreError> {
+                Err(StoreError::Unavailable("not implemented".into()))
+            }
+            async fn evict_node(&self, _: &str, _: i64) -> Result<bool, StoreError> {
+                Ok(false)
+            }
+            async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+                Ok(Vec::new())
             }
             async fn node_allowed_ids(&self, _: &str) -> Result<Option<Vec<String>>, StoreError> {
                 Ok(None)

@@ -1,6 +1,7 @@
 //! Citadel's durable state: the signing authorities (certificates and state, never keys),
 //! the append-only, hash-chained issuance ledger, and what node agents leave behind: one-time
-//! join tokens (hashed), joined nodes, the trust-bundle sequence and bundle acknowledgements.
+//! join tokens (hashed), joined nodes with the serials of their node certificates (see
+//! [`NodeRecord`]), the trust-bundle sequence and bundle acknowledgements.
 //!
 //! [`connect`] opens SQLite (`sqlite://PATH`, the default) or PostgreSQL (`postgres://…`, for
 //! several replicas) behind the [`Store`] trait, applying the embedded migrations.
@@ -23,17 +24,23 @@ mod error;
 mod group_commit;
 pub mod memory;
 mod model;
+mod nodes;
 mod sql;
 mod sql_agents;
+mod sql_nodes;
 mod store;
 
-pub use agents::{BundleAck, ConsumeOutcome, JoinTokenRecord, JoinTokenRefusal};
+pub use agents::{BundleAck, JoinTokenRecord, JoinTokenRefusal};
 pub use chain::{GENESIS_HASH, row_hash};
 pub use error::StoreError;
 pub use group_commit::GroupCommitLedger;
 pub use model::{
     AuthorityRecord, AuthorityState, LedgerEntry, LedgerFault, LedgerFilter, LedgerVerification,
     NewIssuance, ParseAuthorityStateError,
+};
+pub use nodes::{
+    NodeCertificateRole, NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord,
+    NodeRefusal,
 };
 pub use sql::connect;
 pub use store::Store;

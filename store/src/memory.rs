@@ -4,11 +4,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::agents::{BundleAck, ConsumeOutcome, JoinTokenRecord, JoinTokenRefusal};
+use crate::agents::{BundleAck, JoinTokenRecord, JoinTokenRefusal};
 use crate::chain::{ChainVerifier, GENESIS_HASH, chain_batch};
 use crate::error::StoreError;
 use crate::model::{
     AuthorityRecord, AuthorityState, LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance,
+};
+use crate::nodes::{
+    NodeCertificateRole, NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord,
+    NodeRefusal,
 };
 use crate::store::Store;
 
@@ -25,8 +29,7 @@ struct State {
     head: Option<(i64, [u8; 32])>,
     bundle_sequence: u64,
     join_tokens: HashMap<[u8; 32], JoinTokenRecord>,
-    /// Node name → allowed IDs (`joined_at` is not read back, so not kept).
-    nodes: HashMap<String, Vec<String>>,
+    nodes: BTreeMap<String, NodeRecord>,
     acks: BTreeMap<String, BundleAck>,
 }
 
@@ -38,7 +41,7 @@ impl Default for State {
             head: Some((0, GENESIS_HASH)),
             bundle_sequence: 0,
             join_tokens: HashMap::new(),
-            nodes: HashMap::new(),
+            nodes: BTreeMap::new(),
             acks: BTreeMap::new(),
         }
     }
@@ -60,6 +63,36 @@ impl MemoryStore {
         // A panic while holding the lock cannot leave `State` half-updated (every method
         // validates before it mutates), so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl State {
+    /// Appends `batch` all or nothing (everything is checked before anything changes).
+    fn append(&mut self, batch: &[NewIssuance]) -> Result<Vec<LedgerEntry>, StoreError> {
+        let (last_seq, last_hash) = self
+            .head
+            .ok_or_else(|| StoreError::Corrupt("the ledger head row is missing".into()))?;
+        let mut seen = std::collections::HashSet::new();
+        for i in batch {
+            let key = (i.authority_id.as_str(), i.serial_hex.as_str());
+            let stored = self.rows.iter().any(|r| {
+                (
+                    r.issuance.authority_id.as_str(),
+                    r.issuance.serial_hex.as_str(),
+                ) == key
+            });
+            if stored || !seen.insert(key) {
+                return Err(StoreError::Conflict(
+                    "an issuance in the batch repeats a serial number of its authority".into(),
+                ));
+            }
+        }
+        let entries = chain_batch(last_seq, last_hash, batch);
+        if let Some(last) = entries.last() {
+            self.head = Some((last.seq, last.row_hash));
+        }
+        self.rows.extend(entries.iter().cloned());
+        Ok(entries)
     }
 }
 
@@ -144,31 +177,7 @@ impl Store for MemoryStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut state = self.lock();
-        let (last_seq, last_hash) = state
-            .head
-            .ok_or_else(|| StoreError::Corrupt("the ledger head row is missing".into()))?;
-        let mut seen = std::collections::HashSet::new();
-        for i in batch {
-            let key = (i.authority_id.as_str(), i.serial_hex.as_str());
-            let stored = state.rows.iter().any(|r| {
-                (
-                    r.issuance.authority_id.as_str(),
-                    r.issuance.serial_hex.as_str(),
-                ) == key
-            });
-            if stored || !seen.insert(key) {
-                return Err(StoreError::Conflict(
-                    "an issuance in the batch repeats a serial number of its authority".into(),
-                ));
-            }
-        }
-        let entries = chain_batch(last_seq, last_hash, batch);
-        if let Some(last) = entries.last() {
-            state.head = Some((last.seq, last.row_hash));
-        }
-        state.rows.extend(entries.iter().cloned());
-        Ok(entries)
+        self.lock().append(batch)
     }
 
     async fn list_issuances(&self, filter: &LedgerFilter) -> Result<Vec<LedgerEntry>, StoreError> {
@@ -224,28 +233,120 @@ impl Store for MemoryStore {
         Ok(self.lock().join_tokens.get(token_sha256).cloned())
     }
 
-    async fn consume_join_token(
+    async fn append_node_issuance(
         &self,
-        token_sha256: &[u8; 32],
+        node_name: &str,
+        grant: &NodeGrant,
+        issuance: &NewIssuance,
         now: i64,
-    ) -> Result<ConsumeOutcome, StoreError> {
+    ) -> Result<NodeIssuanceOutcome, StoreError> {
         let mut state = self.lock();
-        let Some(rec) = state.join_tokens.get_mut(token_sha256) else {
-            return Ok(ConsumeOutcome::Refused(JoinTokenRefusal::Unknown));
+        // Decide everything on a copy of what changes, then append (which checks before it
+        // writes), then commit the copy: a refusal or an error leaves the state untouched.
+        let (token, node) = match grant {
+            NodeGrant::Join { token_sha256 } => {
+                let Some(rec) = state.join_tokens.get(token_sha256) else {
+                    return Ok(NodeIssuanceOutcome::TokenRefused(JoinTokenRefusal::Unknown));
+                };
+                if rec.node_name != node_name {
+                    return Err(StoreError::Conflict(format!(
+                        "the join token admits node {}, not node {node_name}",
+                        rec.node_name
+                    )));
+                }
+                if let Some(refusal) = rec.refusal_at(now) {
+                    return Ok(NodeIssuanceOutcome::TokenRefused(refusal));
+                }
+                let token = JoinTokenRecord {
+                    used_at: Some(now),
+                    ..rec.clone()
+                };
+                let node = NodeRecord {
+                    name: node_name.to_string(),
+                    allowed_ids: rec.allowed_ids.clone(),
+                    joined_at: now,
+                    current_serial: Some(issuance.serial_hex.clone()),
+                    current_not_after: Some(issuance.not_after),
+                    pending_serial: None,
+                    pending_not_after: None,
+                    last_seen: Some(now),
+                    evicted_at: None,
+                };
+                (Some(token), node)
+            }
+            NodeGrant::Renewal { presented_serial } => {
+                let Some(node) = state.nodes.get(node_name) else {
+                    return Ok(NodeIssuanceOutcome::NodeRefused(NodeRefusal::Unknown));
+                };
+                match node.judge_certificate(presented_serial) {
+                    Ok(NodeCertificateRole::Current) => {}
+                    Ok(NodeCertificateRole::Pending) => {
+                        return Ok(NodeIssuanceOutcome::NodeRefused(NodeRefusal::Superseded));
+                    }
+                    Err(refusal) => return Ok(NodeIssuanceOutcome::NodeRefused(refusal)),
+                }
+                let node = NodeRecord {
+                    pending_serial: Some(issuance.serial_hex.clone()),
+                    pending_not_after: Some(issuance.not_after),
+                    last_seen: Some(now),
+                    ..node.clone()
+                };
+                (None, node)
+            }
         };
-        if let Some(refusal) = rec.refusal_at(now) {
-            return Ok(ConsumeOutcome::Refused(refusal));
+        let entry = state
+            .append(std::slice::from_ref(issuance))?
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("the ledger append returned no entry".into()))?;
+        if let Some(token) = token {
+            state.join_tokens.insert(token.token_sha256, token);
         }
-        rec.used_at = Some(now);
-        let rec = rec.clone();
-        state
+        state.nodes.insert(node_name.to_string(), node);
+        Ok(NodeIssuanceOutcome::Recorded(Box::new(entry)))
+    }
+
+    async fn use_node_certificate(
+        &self,
+        node_name: &str,
+        serial_hex: &str,
+        now: i64,
+    ) -> Result<NodeCertificateUse, StoreError> {
+        let mut state = self.lock();
+        let Some(node) = state.nodes.get_mut(node_name) else {
+            return Ok(NodeCertificateUse::Refused(NodeRefusal::Unknown));
+        };
+        match node.judge_certificate(serial_hex) {
+            Ok(role) => {
+                *node = node.after_use(role, now);
+                Ok(NodeCertificateUse::Accepted(role))
+            }
+            Err(refusal) => Ok(NodeCertificateUse::Refused(refusal)),
+        }
+    }
+
+    async fn evict_node(&self, node_name: &str, now: i64) -> Result<bool, StoreError> {
+        let mut state = self.lock();
+        let node = state
             .nodes
-            .insert(rec.node_name.clone(), rec.allowed_ids.clone());
-        Ok(ConsumeOutcome::Consumed(rec))
+            .get_mut(node_name)
+            .ok_or_else(|| StoreError::NotFound(format!("node {node_name}")))?;
+        if node.evicted_at.is_some() {
+            return Ok(false);
+        }
+        node.evicted_at = Some(now);
+        Ok(true)
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        Ok(self.lock().nodes.values().cloned().collect())
     }
 
     async fn node_allowed_ids(&self, node_name: &str) -> Result<Option<Vec<String>>, StoreError> {
-        Ok(self.lock().nodes.get(node_name).cloned())
+        Ok(self
+            .lock()
+            .nodes
+            .get(node_name)
+            .map(|node| node.allowed_ids.clone()))
     }
 
     async fn record_bundle_ack(

@@ -13,14 +13,15 @@ use std::time::{Duration, Instant};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{AnyPool, ConnectOptions, Connection, Executor, Row};
+use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection, Executor, Row};
 
-use crate::agents::{BundleAck, ConsumeOutcome, JoinTokenRecord};
+use crate::agents::{BundleAck, JoinTokenRecord};
 use crate::chain::{ChainVerifier, chain_batch};
 use crate::error::{StoreError, from_sqlx, scrub};
 use crate::model::{
     AuthorityRecord, AuthorityState, LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance,
 };
+use crate::nodes::{NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord};
 use crate::sql_agents::bump_bundle_sequence;
 use crate::store::Store;
 
@@ -236,6 +237,16 @@ impl Dialect {
         }
     }
 
+    /// What to append to a `SELECT` that reads rows the transaction will change: PostgreSQL
+    /// locks them (concurrent writers wait); SQLite's write transaction already holds the
+    /// database lock.
+    pub(crate) fn lock_rows(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE",
+        }
+    }
+
     /// Opens a read-only transaction that sees one consistent snapshot.
     fn begin_snapshot(self) -> &'static str {
         match self {
@@ -251,14 +262,14 @@ pub(crate) struct SqlStore {
     pub(crate) dialect: Dialect,
 }
 
-fn decode_hash(hex_text: &str, column: &str) -> Result<[u8; 32], String> {
+pub(crate) fn decode_hash(hex_text: &str, column: &str) -> Result<[u8; 32], String> {
     let mut out = [0u8; 32];
     hex::decode_to_slice(hex_text, &mut out)
         .map_err(|_| format!("{column} is not 64 hexadecimal characters"))?;
     Ok(out)
 }
 
-fn column<'r, T>(row: &'r AnyRow, name: &str) -> Result<T, String>
+pub(crate) fn column<'r, T>(row: &'r AnyRow, name: &str) -> Result<T, String>
 where
     T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
 {
@@ -361,6 +372,67 @@ fn insert_sql(rows: usize) -> String {
         sql.push(')');
     }
     sql
+}
+
+/// Appends `batch` to the ledger inside the caller's write transaction, chained to the head.
+/// The head row is locked first: concurrent appenders (other tasks or other replicas) queue
+/// there, so each one reads the head only after the previous one committed. Every writer that
+/// appends to the ledger as part of a larger transaction takes the head lock last.
+pub(crate) async fn append_chained(
+    conn: &mut AnyConnection,
+    batch: &[NewIssuance],
+) -> Result<Vec<LedgerEntry>, StoreError> {
+    // Lock the head first: concurrent appenders (other tasks or other replicas) queue here,
+    // so each one reads the head only after the previous one committed.
+    let locked = sqlx::query("UPDATE ledger_head SET last_seq = last_seq WHERE id = 1")
+        .execute(&mut *conn)
+        .await
+        .map_err(from_sqlx)?
+        .rows_affected();
+    if locked != 1 {
+        return Err(StoreError::Corrupt("the ledger head row is missing".into()));
+    }
+    let head = sqlx::query("SELECT last_seq, last_hash FROM ledger_head WHERE id = 1")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(from_sqlx)?;
+    let last_seq: i64 = head.try_get("last_seq").map_err(from_sqlx)?;
+    let last_hash: String = head.try_get("last_hash").map_err(from_sqlx)?;
+    let last_hash = decode_hash(&last_hash, "ledger head hash").map_err(StoreError::Corrupt)?;
+
+    let entries = chain_batch(last_seq, last_hash, batch);
+    for chunk in entries.chunks(INSERT_CHUNK) {
+        let sql = insert_sql(chunk.len());
+        let mut query = sqlx::query(&sql);
+        for e in chunk {
+            let i = &e.issuance;
+            query = query
+                .bind(e.seq)
+                .bind(i.serial_hex.as_str())
+                .bind(i.spiffe_id.as_str())
+                .bind(i.authority_id.as_str())
+                .bind(i.not_before)
+                .bind(i.not_after)
+                .bind(i.requester.as_str())
+                .bind(i.node.clone())
+                .bind(hex::encode(i.der_sha256))
+                .bind(i.issued_at)
+                .bind(hex::encode(e.prev_hash))
+                .bind(hex::encode(e.row_hash));
+        }
+        // A unique violation (a serial number repeated for one authority) is a Conflict that
+        // names the constraint; the transaction rolls back and nothing is written.
+        query.execute(&mut *conn).await.map_err(from_sqlx)?;
+    }
+    if let Some(last) = entries.last() {
+        sqlx::query("UPDATE ledger_head SET last_seq = $1, last_hash = $2 WHERE id = 1")
+            .bind(last.seq)
+            .bind(hex::encode(last.row_hash))
+            .execute(&mut *conn)
+            .await
+            .map_err(from_sqlx)?;
+    }
+    Ok(entries)
 }
 
 #[async_trait::async_trait]
@@ -499,56 +571,7 @@ impl Store for SqlStore {
             .begin_with(self.dialect.begin_write())
             .await
             .map_err(from_sqlx)?;
-        // Lock the head first: concurrent appenders (other tasks or other replicas) queue here,
-        // so each one reads the head only after the previous one committed.
-        let locked = sqlx::query("UPDATE ledger_head SET last_seq = last_seq WHERE id = 1")
-            .execute(&mut *tx)
-            .await
-            .map_err(from_sqlx)?
-            .rows_affected();
-        if locked != 1 {
-            return Err(StoreError::Corrupt("the ledger head row is missing".into()));
-        }
-        let head = sqlx::query("SELECT last_seq, last_hash FROM ledger_head WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(from_sqlx)?;
-        let last_seq: i64 = head.try_get("last_seq").map_err(from_sqlx)?;
-        let last_hash: String = head.try_get("last_hash").map_err(from_sqlx)?;
-        let last_hash = decode_hash(&last_hash, "ledger head hash").map_err(StoreError::Corrupt)?;
-
-        let entries = chain_batch(last_seq, last_hash, batch);
-        for chunk in entries.chunks(INSERT_CHUNK) {
-            let sql = insert_sql(chunk.len());
-            let mut query = sqlx::query(&sql);
-            for e in chunk {
-                let i = &e.issuance;
-                query = query
-                    .bind(e.seq)
-                    .bind(i.serial_hex.as_str())
-                    .bind(i.spiffe_id.as_str())
-                    .bind(i.authority_id.as_str())
-                    .bind(i.not_before)
-                    .bind(i.not_after)
-                    .bind(i.requester.as_str())
-                    .bind(i.node.clone())
-                    .bind(hex::encode(i.der_sha256))
-                    .bind(i.issued_at)
-                    .bind(hex::encode(e.prev_hash))
-                    .bind(hex::encode(e.row_hash));
-            }
-            // A unique violation (a serial number repeated for one authority) is a Conflict that
-            // names the constraint; the transaction rolls back and nothing is written.
-            query.execute(&mut *tx).await.map_err(from_sqlx)?;
-        }
-        if let Some(last) = entries.last() {
-            sqlx::query("UPDATE ledger_head SET last_seq = $1, last_hash = $2 WHERE id = 1")
-                .bind(last.seq)
-                .bind(hex::encode(last.row_hash))
-                .execute(&mut *tx)
-                .await
-                .map_err(from_sqlx)?;
-        }
+        let entries = append_chained(&mut tx, batch).await?;
         tx.commit().await.map_err(from_sqlx)?;
         Ok(entries)
     }
@@ -653,12 +676,33 @@ impl Store for SqlStore {
         self.sql_find_join_token(token_sha256).await
     }
 
-    async fn consume_join_token(
+    async fn append_node_issuance(
         &self,
-        token_sha256: &[u8; 32],
+        node_name: &str,
+        grant: &NodeGrant,
+        issuance: &NewIssuance,
         now: i64,
-    ) -> Result<ConsumeOutcome, StoreError> {
-        self.sql_consume_join_token(token_sha256, now).await
+    ) -> Result<NodeIssuanceOutcome, StoreError> {
+        self.sql_append_node_issuance(node_name, grant, issuance, now)
+            .await
+    }
+
+    async fn use_node_certificate(
+        &self,
+        node_name: &str,
+        serial_hex: &str,
+        now: i64,
+    ) -> Result<NodeCertificateUse, StoreError> {
+        self.sql_use_node_certificate(node_name, serial_hex, now)
+            .await
+    }
+
+    async fn evict_node(&self, node_name: &str, now: i64) -> Result<bool, StoreError> {
+        self.sql_evict_node(node_name, now).await
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.sql_list_nodes().await
     }
 
     async fn node_allowed_ids(&self, node_name: &str) -> Result<Option<Vec<String>>, StoreError> {

@@ -1,12 +1,10 @@
-//! The SQL side of join tokens, nodes, the bundle sequence and bundle acknowledgements (one
+//! The SQL side of join tokens, node allow lists, the bundle sequence and bundle acknowledgements (one
 //! implementation for SQLite and PostgreSQL, like the rest of [`crate::sql`]).
 
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use crate::agents::{
-    BundleAck, ConsumeOutcome, JoinTokenRecord, JoinTokenRefusal, decode_ids, encode_ids,
-};
+use crate::agents::{BundleAck, JoinTokenRecord, decode_ids, encode_ids};
 use crate::error::{StoreError, from_sqlx};
 use crate::sql::SqlStore;
 
@@ -57,7 +55,7 @@ fn sequence_of(stored: i64) -> Result<u64, StoreError> {
     u64::try_from(stored).map_err(|_| StoreError::Corrupt("negative bundle sequence".into()))
 }
 
-async fn select_token(
+pub(crate) async fn select_token(
     conn: &mut AnyConnection,
     hash_hex: &str,
 ) -> Result<Option<JoinTokenRecord>, StoreError> {
@@ -111,62 +109,6 @@ impl SqlStore {
     ) -> Result<Option<JoinTokenRecord>, StoreError> {
         let mut conn = self.pool.acquire().await.map_err(from_sqlx)?;
         select_token(&mut conn, &hex::encode(token_sha256)).await
-    }
-
-    pub(crate) async fn sql_consume_join_token(
-        &self,
-        token_sha256: &[u8; 32],
-        now: i64,
-    ) -> Result<ConsumeOutcome, StoreError> {
-        let hash_hex = hex::encode(token_sha256);
-        let mut tx = self
-            .pool
-            .begin_with(self.dialect.begin_write())
-            .await
-            .map_err(from_sqlx)?;
-        // The conditional UPDATE is the decision: of concurrent consumers, PostgreSQL lets one
-        // update the row and re-checks `used_at IS NULL` for the others after it commits;
-        // SQLite's write lock (BEGIN IMMEDIATE) serialises them outright.
-        let claimed = sqlx::query(
-            "UPDATE join_tokens SET used_at = $1 \
-             WHERE token_sha256 = $2 AND used_at IS NULL AND expires_at > $3",
-        )
-        .bind(now)
-        .bind(hash_hex.as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(from_sqlx)?
-        .rows_affected();
-        let found = select_token(&mut tx, &hash_hex).await?;
-        let rec = match (claimed, found) {
-            (1, Some(rec)) => rec,
-            (_, found) => {
-                tx.rollback().await.map_err(from_sqlx)?;
-                let refusal = match found {
-                    None => JoinTokenRefusal::Unknown,
-                    Some(rec) => rec
-                        .refusal_at(now)
-                        // Not claimed, yet neither used nor expired: only a concurrent
-                        // consumer can explain that, and it won.
-                        .unwrap_or(JoinTokenRefusal::AlreadyUsed),
-                };
-                return Ok(ConsumeOutcome::Refused(refusal));
-            }
-        };
-        sqlx::query(
-            "INSERT INTO nodes (name, allowed_ids, joined_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (name) DO UPDATE \
-             SET allowed_ids = excluded.allowed_ids, joined_at = excluded.joined_at",
-        )
-        .bind(rec.node_name.as_str())
-        .bind(encode_ids(&rec.allowed_ids))
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(from_sqlx)?;
-        tx.commit().await.map_err(from_sqlx)?;
-        Ok(ConsumeOutcome::Consumed(rec))
     }
 
     pub(crate) async fn sql_node_allowed_ids(

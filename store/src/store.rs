@@ -1,10 +1,13 @@
 //! The `Store` trait: the one seam between the CA and its durable state.
 
-use crate::agents::{BundleAck, ConsumeOutcome, JoinTokenRecord};
+#[cfg(doc)]
+use crate::agents::JoinTokenRefusal;
+use crate::agents::{BundleAck, JoinTokenRecord};
 use crate::error::StoreError;
 use crate::model::{
     AuthorityRecord, AuthorityState, LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance,
 };
+use crate::nodes::{NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord};
 
 /// The CA's durable state: signing authorities, the issuance ledger, join tokens, joined nodes,
 /// the trust-bundle sequence and the agents' bundle acknowledgements.
@@ -59,18 +62,50 @@ pub trait Store: Send + Sync + 'static {
         token_sha256: &[u8; 32],
     ) -> Result<Option<JoinTokenRecord>, StoreError>;
 
-    /// Consumes the join token with this hash if it is unused and `expires_at > now`: in one
-    /// transaction it sets `used_at = now` and records (or replaces) the token's node with the
-    /// token's allowed IDs and `joined_at = now`. Of several concurrent calls for one token at
-    /// most one gets [`ConsumeOutcome::Consumed`]; the others are refused as already used.
-    async fn consume_join_token(
+    /// Records the issuance of a node certificate together with what it changes about the
+    /// node, in one transaction with the ledger row (chained like [`Store::append_issuances`]):
+    ///
+    /// - [`NodeGrant::Join`]: consumes the join token (it must be unused, `expires_at > now`
+    ///   and name `node_name`), records (or replaces) the node with the token's allowed IDs,
+    ///   `joined_at = last_seen = now`, the issuance's serial and notAfter as current, no
+    ///   pending serial and no eviction. Of concurrent joins with one token at most one is
+    ///   recorded; the others get [`JoinTokenRefusal::AlreadyUsed`]. A token of another node
+    ///   is a [`StoreError::Conflict`].
+    /// - [`NodeGrant::Renewal`]: the node must exist, not be evicted and have the presented
+    ///   serial as current; the issuance's serial and notAfter become pending.
+    ///
+    /// A refusal, or any error (including a failed ledger write), writes nothing: the token
+    /// stays usable and the node's serials stay as they were.
+    async fn append_node_issuance(
         &self,
-        token_sha256: &[u8; 32],
+        node_name: &str,
+        grant: &NodeGrant,
+        issuance: &NewIssuance,
         now: i64,
-    ) -> Result<ConsumeOutcome, StoreError>;
+    ) -> Result<NodeIssuanceOutcome, StoreError>;
+
+    /// Judges a use of node `node_name`'s certificate with serial `serial_hex` at `now`
+    /// ([`NodeRecord::judge_certificate`]) and, if it is accepted, records it in the same
+    /// transaction: `last_seen = now`, and a pending certificate becomes current (the old
+    /// current one is refused from then on). A refusal changes nothing.
+    async fn use_node_certificate(
+        &self,
+        node_name: &str,
+        serial_hex: &str,
+        now: i64,
+    ) -> Result<NodeCertificateUse, StoreError>;
+
+    /// Evicts node `node_name` at `now`: every certificate of it is refused until it joins
+    /// again with a new token. Returns `false` when it was already evicted (the first
+    /// eviction time is kept). [`StoreError::NotFound`] if no such node has joined.
+    async fn evict_node(&self, node_name: &str, now: i64) -> Result<bool, StoreError>;
+
+    /// Every joined node, ordered by name.
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
 
     /// The SPIFFE IDs the agent of node `node_name` may request for its workloads; `None` when
-    /// the node has never joined.
+    /// the node has never joined. (Whether its certificate is still accepted is
+    /// [`Store::use_node_certificate`]'s business.)
     async fn node_allowed_ids(&self, node_name: &str) -> Result<Option<Vec<String>>, StoreError>;
 
     /// Records that agent `agent_id` acknowledged bundle `sequence` at `now`. The stored

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use citadel_store::memory::MemoryStore;
 use citadel_store::{
-    AuthorityRecord, AuthorityState, BundleAck, ConsumeOutcome, GENESIS_HASH, GroupCommitLedger,
-    JoinTokenRecord, JoinTokenRefusal, LedgerFilter, NewIssuance, Store, StoreError, connect,
-    row_hash,
+    AuthorityRecord, AuthorityState, BundleAck, GENESIS_HASH, GroupCommitLedger, JoinTokenRecord,
+    JoinTokenRefusal, LedgerEntry, LedgerFilter, NewIssuance, NodeCertificateRole,
+    NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord, NodeRefusal, Store, StoreError,
+    connect, row_hash,
 };
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
@@ -248,7 +249,16 @@ conformance! {
         expired_join_token_is_refused,
         unknown_join_token_is_refused,
         concurrent_consumers_of_one_join_token_exactly_one_wins,
-        consuming_a_join_token_upserts_its_node_with_the_allowed_ids,
+        joining_records_its_node_with_the_allowed_ids,
+        join_records_token_node_and_ledger_row_together,
+        failed_ledger_write_in_a_join_leaves_the_token_usable,
+        join_token_of_another_node_is_a_conflict_and_writes_nothing,
+        renewal_sets_pending_and_its_first_use_promotes_it,
+        failed_ledger_write_in_a_renewal_leaves_the_serials_alone,
+        evicted_node_refuses_every_certificate_until_it_rejoins,
+        unknown_node_is_refused_and_cannot_be_evicted,
+        last_seen_follows_accepted_uses_only,
+        nodes_are_listed_by_name,
         bundle_sequence_bumps_on_insert_and_on_state_change,
         bundle_ack_upsert_keeps_the_highest_sequence,
         bundle_acks_are_listed_by_agent_id,
@@ -258,6 +268,7 @@ conformance! {
         two_connections_appending_concurrently_form_one_chain,
         migrations_are_idempotent,
         upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count,
+        upgrade_from_schema_2_takes_node_serials_from_the_ledger,
     ],
 }
 
@@ -690,6 +701,106 @@ fn join_token(n: u8, node: &str, allowed: &[&str], expires_at: i64) -> JoinToken
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
 
+/// A node certificate for `node` with serial `n` (notAfter 100 000 + n).
+fn node_cert(n: u64, node: &str) -> NewIssuance {
+    let id = format!("spiffe://cluster.local/citadel/node/{node}");
+    NewIssuance {
+        serial_hex: format!("{n:032x}"),
+        spiffe_id: id.clone(),
+        authority_id: "a1".to_string(),
+        not_before: 1_000,
+        not_after: 100_000 + n as i64,
+        requester: id,
+        node: Some(node.to_string()),
+        der_sha256: [(n % 251) as u8; 32],
+        issued_at: NOW,
+    }
+}
+
+fn serial(n: u64) -> String {
+    format!("{n:032x}")
+}
+
+/// Joins `node` with token `[token; 32]` and node certificate `cert` at `now`.
+async fn join(
+    b: &Backend,
+    token: u8,
+    node: &str,
+    cert: u64,
+    now: i64,
+) -> Result<NodeIssuanceOutcome, StoreError> {
+    b.store
+        .append_node_issuance(
+            node,
+            &NodeGrant::Join {
+                token_sha256: [token; 32],
+            },
+            &node_cert(cert, node),
+            now,
+        )
+        .await
+}
+
+/// Renews `node`'s certificate `presented` with new certificate `cert` at `now`.
+async fn renew(
+    b: &Backend,
+    node: &str,
+    presented: u64,
+    cert: u64,
+    now: i64,
+) -> Result<NodeIssuanceOutcome, StoreError> {
+    b.store
+        .append_node_issuance(
+            node,
+            &NodeGrant::Renewal {
+                presented_serial: serial(presented),
+            },
+            &node_cert(cert, node),
+            now,
+        )
+        .await
+}
+
+fn recorded(outcome: Result<NodeIssuanceOutcome, StoreError>) -> LedgerEntry {
+    match outcome {
+        Ok(NodeIssuanceOutcome::Recorded(entry)) => *entry,
+        other => panic!("expected a recorded issuance, got {other:?}"),
+    }
+}
+
+async fn use_cert(b: &Backend, node: &str, cert: u64, now: i64) -> NodeCertificateUse {
+    b.store
+        .use_node_certificate(node, &serial(cert), now)
+        .await
+        .unwrap()
+}
+
+async fn node(b: &Backend, name: &str) -> NodeRecord {
+    b.store
+        .list_nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|n| n.name == name)
+        .unwrap_or_else(|| panic!("node {name} is not listed"))
+}
+
+async fn ledger_rows(b: &Backend) -> Vec<LedgerEntry> {
+    b.store
+        .list_issuances(&LedgerFilter::default())
+        .await
+        .unwrap()
+}
+
+async fn token_used_at(b: &Backend, token: u8) -> Option<i64> {
+    b.store
+        .find_join_token(&[token; 32])
+        .await
+        .unwrap()
+        .unwrap()
+        .used_at
+}
+
 async fn join_token_round_trips_and_find_changes_nothing(b: Backend) {
     let rec = join_token(1, "node-a", &[WEB, DB], NOW + 3600);
     b.store.insert_join_token(&rec).await.unwrap();
@@ -701,11 +812,8 @@ async fn join_token_round_trips_and_find_changes_nothing(b: Backend) {
     }
     assert_eq!(b.store.find_join_token(&[2; 32]).await.unwrap(), None);
     assert_eq!(b.store.node_allowed_ids("node-a").await.unwrap(), None);
-    // Still consumable: finding it did not use it.
-    assert!(matches!(
-        b.store.consume_join_token(&[1; 32], NOW).await.unwrap(),
-        ConsumeOutcome::Consumed(_)
-    ));
+    // Still usable: finding it did not use it.
+    recorded(join(&b, 1, "node-a", 1, NOW).await);
 }
 
 async fn duplicate_join_token_is_a_conflict(b: Backend) {
@@ -722,29 +830,18 @@ async fn duplicate_join_token_is_a_conflict(b: Backend) {
 async fn join_token_is_single_use(b: Backend) {
     let rec = join_token(1, "node-a", &[WEB], NOW + 3600);
     b.store.insert_join_token(&rec).await.unwrap();
-    let first = b.store.consume_join_token(&[1; 32], NOW).await.unwrap();
-    assert_eq!(
-        first,
-        ConsumeOutcome::Consumed(JoinTokenRecord {
-            used_at: Some(NOW),
-            ..rec.clone()
-        })
-    );
-    let second = b.store.consume_join_token(&[1; 32], NOW + 1).await.unwrap();
+    recorded(join(&b, 1, "node-a", 1, NOW).await);
+    assert_eq!(token_used_at(&b, 1).await, Some(NOW));
+    let second = join(&b, 1, "node-a", 2, NOW + 1).await.unwrap();
     assert_eq!(
         second,
-        ConsumeOutcome::Refused(JoinTokenRefusal::AlreadyUsed)
+        NodeIssuanceOutcome::TokenRefused(JoinTokenRefusal::AlreadyUsed)
     );
-    // The refusal changed nothing: used_at is still the first use.
-    assert_eq!(
-        b.store
-            .find_join_token(&[1; 32])
-            .await
-            .unwrap()
-            .unwrap()
-            .used_at,
-        Some(NOW)
-    );
+    // The refusal changed nothing: used_at is still the first use, one ledger row, the node
+    // keeps its first certificate.
+    assert_eq!(token_used_at(&b, 1).await, Some(NOW));
+    assert_eq!(ledger_rows(&b).await.len(), 1);
+    assert_eq!(node(&b, "node-a").await.current_serial, Some(serial(1)));
 }
 
 async fn expired_join_token_is_refused(b: Backend) {
@@ -754,12 +851,12 @@ async fn expired_join_token_is_refused(b: Backend) {
         .unwrap();
     // expires_at is the first instant at which the token is refused.
     assert_eq!(
-        b.store.consume_join_token(&[1; 32], NOW).await.unwrap(),
-        ConsumeOutcome::Refused(JoinTokenRefusal::Expired)
+        join(&b, 1, "node-a", 1, NOW).await.unwrap(),
+        NodeIssuanceOutcome::TokenRefused(JoinTokenRefusal::Expired)
     );
-    let rec = b.store.find_join_token(&[1; 32]).await.unwrap().unwrap();
-    assert_eq!(rec.used_at, None);
+    assert_eq!(token_used_at(&b, 1).await, None);
     assert_eq!(b.store.node_allowed_ids("node-a").await.unwrap(), None);
+    assert!(ledger_rows(&b).await.is_empty());
 }
 
 async fn unknown_join_token_is_refused(b: Backend) {
@@ -768,10 +865,11 @@ async fn unknown_join_token_is_refused(b: Backend) {
         .await
         .unwrap();
     assert_eq!(
-        b.store.consume_join_token(&[9; 32], NOW).await.unwrap(),
-        ConsumeOutcome::Refused(JoinTokenRefusal::Unknown)
+        join(&b, 9, "node-a", 1, NOW).await.unwrap(),
+        NodeIssuanceOutcome::TokenRefused(JoinTokenRefusal::Unknown)
     );
     assert_eq!(b.store.node_allowed_ids("node-a").await.unwrap(), None);
+    assert!(ledger_rows(&b).await.is_empty());
 }
 
 async fn concurrent_consumers_of_one_join_token_exactly_one_wins(b: Backend) {
@@ -780,27 +878,45 @@ async fn concurrent_consumers_of_one_join_token_exactly_one_wins(b: Backend) {
         .await
         .unwrap();
     let start = Arc::new(tokio::sync::Barrier::new(8));
-    let tasks: Vec<_> = (0..8)
+    let tasks: Vec<_> = (0..8u64)
         .map(|i| {
             let store = b.store.clone();
             let start = start.clone();
             tokio::spawn(async move {
                 start.wait().await;
-                store.consume_join_token(&[1; 32], NOW + i).await
+                store
+                    .append_node_issuance(
+                        "node-a",
+                        &NodeGrant::Join {
+                            token_sha256: [1; 32],
+                        },
+                        &node_cert(i + 1, "node-a"),
+                        NOW + i as i64,
+                    )
+                    .await
             })
         })
         .collect();
-    let mut consumed = 0;
+    let mut winners = Vec::new();
     for task in tasks {
         match task.await.unwrap().unwrap() {
-            ConsumeOutcome::Consumed(_) => consumed += 1,
-            ConsumeOutcome::Refused(r) => assert_eq!(r, JoinTokenRefusal::AlreadyUsed),
+            NodeIssuanceOutcome::Recorded(entry) => winners.push(*entry),
+            NodeIssuanceOutcome::TokenRefused(r) => assert_eq!(r, JoinTokenRefusal::AlreadyUsed),
+            other => panic!("unexpected {other:?}"),
         }
     }
-    assert_eq!(consumed, 1, "exactly one consumer must win");
+    assert_eq!(winners.len(), 1, "exactly one consumer must win");
+    // Exactly the winner's certificate is in the ledger and recorded for the node.
+    let rows = ledger_rows(&b).await;
+    assert_eq!(rows, winners);
+    assert_eq!(
+        node(&b, "node-a").await.current_serial,
+        Some(winners[0].issuance.serial_hex.clone())
+    );
+    assert!(b.store.verify_ledger().await.unwrap().is_valid());
 }
 
-async fn consuming_a_join_token_upserts_its_node_with_the_allowed_ids(b: Backend) {
+async fn joining_records_its_node_with_the_allowed_ids(b: Backend) {
     b.store
         .insert_join_token(&join_token(1, "node-a", &[WEB, DB], NOW + 60))
         .await
@@ -809,17 +925,260 @@ async fn consuming_a_join_token_upserts_its_node_with_the_allowed_ids(b: Backend
         .insert_join_token(&join_token(2, "node-a", &[DB], NOW + 60))
         .await
         .unwrap();
-    b.store.consume_join_token(&[1; 32], NOW).await.unwrap();
+    recorded(join(&b, 1, "node-a", 1, NOW).await);
     assert_eq!(
         b.store.node_allowed_ids("node-a").await.unwrap(),
         Some(vec![WEB.to_string(), DB.to_string()])
     );
     assert_eq!(b.store.node_allowed_ids("node-b").await.unwrap(), None);
     // A node that joins again gets the new token's list, not a merge.
-    b.store.consume_join_token(&[2; 32], NOW + 5).await.unwrap();
+    recorded(join(&b, 2, "node-a", 2, NOW + 5).await);
     assert_eq!(
         b.store.node_allowed_ids("node-a").await.unwrap(),
         Some(vec![DB.to_string()])
+    );
+}
+
+async fn join_records_token_node_and_ledger_row_together(b: Backend) {
+    b.store
+        .insert_join_token(&join_token(1, "node-a", &[WEB], NOW + 60))
+        .await
+        .unwrap();
+    // Another issuance first: the join's row chains onto it.
+    b.store.append_issuances(&issuances(1..=1)).await.unwrap();
+    let entry = recorded(join(&b, 1, "node-a", 7, NOW).await);
+    assert_eq!(entry.seq, 2);
+    assert_eq!(entry.issuance, node_cert(7, "node-a"));
+    assert_eq!(ledger_rows(&b).await.last(), Some(&entry));
+    assert!(b.store.verify_ledger().await.unwrap().is_valid());
+    assert_eq!(token_used_at(&b, 1).await, Some(NOW));
+    assert_eq!(
+        b.store.list_nodes().await.unwrap(),
+        vec![NodeRecord {
+            name: "node-a".into(),
+            allowed_ids: vec![WEB.to_string()],
+            joined_at: NOW,
+            current_serial: Some(serial(7)),
+            current_not_after: Some(100_007),
+            pending_serial: None,
+            pending_not_after: None,
+            last_seen: Some(NOW),
+            evicted_at: None,
+        }]
+    );
+}
+
+async fn failed_ledger_write_in_a_join_leaves_the_token_usable(b: Backend) {
+    b.store
+        .insert_join_token(&join_token(1, "node-a", &[WEB], NOW + 60))
+        .await
+        .unwrap();
+    // A row with the serial the join will repeat: the join's ledger insert fails inside its
+    // transaction, after the token was claimed and the node written.
+    let mut clash = issuance(1);
+    clash.serial_hex = serial(5);
+    b.store.append_issuances(&[clash]).await.unwrap();
+    let out = join(&b, 1, "node-a", 5, NOW).await;
+    assert!(matches!(out, Err(StoreError::Conflict(_))), "{out:?}");
+    assert_eq!(token_used_at(&b, 1).await, None, "the token was spent");
+    assert_eq!(b.store.node_allowed_ids("node-a").await.unwrap(), None);
+    assert!(b.store.list_nodes().await.unwrap().is_empty());
+    assert_eq!(ledger_rows(&b).await.len(), 1);
+    // The same token works once the ledger does.
+    let entry = recorded(join(&b, 1, "node-a", 6, NOW + 1).await);
+    assert_eq!(entry.seq, 2);
+    assert!(b.store.verify_ledger().await.unwrap().is_valid());
+}
+
+async fn join_token_of_another_node_is_a_conflict_and_writes_nothing(b: Backend) {
+    b.store
+        .insert_join_token(&join_token(1, "node-a", &[WEB], NOW + 60))
+        .await
+        .unwrap();
+    let out = join(&b, 1, "node-b", 1, NOW).await;
+    assert!(matches!(out, Err(StoreError::Conflict(_))), "{out:?}");
+    assert_eq!(token_used_at(&b, 1).await, None);
+    assert!(b.store.list_nodes().await.unwrap().is_empty());
+    assert!(ledger_rows(&b).await.is_empty());
+}
+
+async fn renewal_sets_pending_and_its_first_use_promotes_it(b: Backend) {
+    b.store
+        .insert_join_token(&join_token(1, "node-a", &[WEB], NOW + 60))
+        .await
+        .unwrap();
+    recorded(join(&b, 1, "node-a", 1, NOW).await);
+    assert_eq!(
+        use_cert(&b, "node-a", 1, NOW + 1).await,
+        NodeCertificateUse::Accepted(NodeCertificateRole::Current)
+    );
+    let entry = recorded(renew(&b, "node-a", 1, 2, NOW + 2).await);
+    assert_eq!(entry.issuance.serial_hex, serial(2));
+    let n = node(&b, "node-a").await;
+    assert_eq!(n.current_serial, Some(serial(1)));
+    assert_eq!(n.pending_serial, Some(serial(2)));
+    assert_eq!(n.pending_not_after, Some(100_002));
+    // The renewal's answer may have been lost: the old certificate still works ...
+    assert_eq!(
+        use_cert(&b, "node-a", 1, NOW + 3).await,
+        NodeCertificateUse::Accepted(NodeCertificateRole::Current)
+    );
+    // ... until the new one is used, which makes it current.
+    assert_eq!(
+        use_cert(&b, "node-a", 2, NOW + 4).await,
+        NodeCertificateUse::Accepted(NodeCertificateRole::Pending)
+    );
+    let n = node(&b, "node-a").await;
+    assert_eq!(n.current_serial, Some(serial(2)));
+    assert_eq!(n.current_not_after, Some(100_002));
+    assert_eq!(n.pending_serial, None);
+    assert_eq!(n.pending_not_after, None);
+    assert_eq!(
+        use_cert(&b, "node-a", 2, NOW + 5).await,
+        NodeCertificateUse::Accepted(NodeCertificateRole::Current)
+    );
+    // The old one is superseded: refused for use and for renewal, which writes nothing.
+    assert_eq!(
+        use_cert(&b, "node-a", 1, NOW + 6).await,
+        NodeCertificateUse::Refused(NodeRefusal::Superseded)
+    );
+    let rows = ledger_rows(&b).await.len();
+    assert_eq!(
+        renew(&b, "node-a", 1, 3, NOW + 7).await.unwrap(),
+        NodeIssuanceOutcome::NodeRefused(NodeRefusal::Superseded)
+    );
+    assert_eq!(ledger_rows(&b).await.len(), rows);
+    assert_eq!(node(&b, "node-a").await.pending_serial, None);
+    // A second renewal replaces an unused pending certificate: only the newest is pending.
+    recorded(renew(&b, "node-a", 2, 3, NOW + 8).await);
+    recorded(renew(&b, "node-a", 2, 4, NOW + 9).await);
+    assert_eq!(
+        use_cert(&b, "node-a", 3, NOW + 10).await,
+        NodeCertificateUse::Refused(NodeRefusal::Superseded)
+    );
+    assert_eq!(
+        use_cert(&b, "node-a", 4, NOW + 11).await,
+        NodeCertificateUse::Accepted(NodeCertificateRole::Pending)
+    );
+    assert!(b.store.verify_ledger().await.unwrap().is_valid());
+}
+
+async fn failed_ledger_write_in_a_renewal_leaves_the_serials_alone(b: Backend) {
+    b.store
+        .insert_join_token(&join_token(1, "node-a", &[WEB], NOW + 60))
+        .await
+        .unwrap();
+    recorded(join(&b, 1, "node-a", 1, NOW).await);
+    let before = node(&b, "node-a").await;
+    // Certificate 1's serial again: the ledger insert fails inside the renewal's transaction.
+    let out = renew(&b, "node-a", 1, 1, NOW + 1).await;
+    assert!(matches!(out, Err(StoreError::Conflict(_))), "{out:?}");
+    assert_eq!(node(&b, "node-a").await, before);
+    assert_eq!(ledger_rows(&b).await.len(), 1);
+}
+
+async fn evicted_node_refuses_every_certificate_until_it_rejoins(b: Backend) {
+    for token in [1, 2] {
+        b.store
+            .insert_join_token(&join_token(token, "node-a", &[WEB], NOW + 60))
+            .await
+            .unwrap();
+    }
+    recorded(join(&b, 1, "node-a", 1, NOW).await);
+    recorded(renew(&b, "node-a", 1, 2, NOW + 1).await);
+    assert!(b.store.evict_node("node-a", NOW + 2).await.unwrap());
+    // Evicting again is a no-op that keeps the first time.
+    assert!(!b.store.evict_node("node-a", NOW + 3).await.unwrap());
+    let n = node(&b, "node-a").await;
+    assert_eq!(n.evicted_at, Some(NOW + 2));
+    assert_eq!(n.state(), "evicted");
+    for cert in [1, 2] {
+        assert_eq!(
+            use_cert(&b, "node-a", cert, NOW + 4).await,
+            NodeCertificateUse::Refused(NodeRefusal::Evicted)
+        );
+        assert_eq!(
+            renew(&b, "node-a", cert, 10 + cert, NOW + 4).await.unwrap(),
+            NodeIssuanceOutcome::NodeRefused(NodeRefusal::Evicted)
+        );
+    }
+    assert_eq!(ledger_rows(&b).await.len(), 2);
+    // A refused use is not a sign of life.
+    assert_eq!(node(&b, "node-a").await.last_seen, Some(NOW + 1));
+    // A new token re-admits the node with a fresh certificate; the old ones stay refused.
+    recorded(join(&b, 2, "node-a", 3, NOW + 5).await);
+    let n = node(&b, "node-a").await;
+    assert_eq!(n.evicted_at, None);
+    assert_eq!(n.state(), "active");
+    assert_eq!(n.current_serial, Some(serial(3)));
+    assert_eq!(n.pending_serial, None);
+    for cert in [1, 2] {
+        assert_eq!(
+            use_cert(&b, "node-a", cert, NOW + 6).await,
+            NodeCertificateUse::Refused(NodeRefusal::Superseded)
+        );
+    }
+    assert_eq!(
+        use_cert(&b, "node-a", 3, NOW + 6).await,
+        NodeCertificateUse::Accepted(NodeCertificateRole::Current)
+    );
+}
+
+async fn unknown_node_is_refused_and_cannot_be_evicted(b: Backend) {
+    assert_eq!(
+        use_cert(&b, "nope", 1, NOW).await,
+        NodeCertificateUse::Refused(NodeRefusal::Unknown)
+    );
+    assert_eq!(
+        renew(&b, "nope", 1, 2, NOW).await.unwrap(),
+        NodeIssuanceOutcome::NodeRefused(NodeRefusal::Unknown)
+    );
+    let out = b.store.evict_node("nope", NOW).await;
+    assert!(matches!(out, Err(StoreError::NotFound(_))), "{out:?}");
+    assert!(b.store.list_nodes().await.unwrap().is_empty());
+    assert!(ledger_rows(&b).await.is_empty());
+}
+
+async fn last_seen_follows_accepted_uses_only(b: Backend) {
+    b.store
+        .insert_join_token(&join_token(1, "node-a", &[WEB], NOW + 60))
+        .await
+        .unwrap();
+    recorded(join(&b, 1, "node-a", 1, NOW).await);
+    assert_eq!(node(&b, "node-a").await.last_seen, Some(NOW));
+    use_cert(&b, "node-a", 1, NOW + 10).await;
+    assert_eq!(node(&b, "node-a").await.last_seen, Some(NOW + 10));
+    assert_eq!(
+        use_cert(&b, "node-a", 99, NOW + 20).await,
+        NodeCertificateUse::Refused(NodeRefusal::Superseded)
+    );
+    assert_eq!(node(&b, "node-a").await.last_seen, Some(NOW + 10));
+}
+
+async fn nodes_are_listed_by_name(b: Backend) {
+    assert!(b.store.list_nodes().await.unwrap().is_empty());
+    for (token, name, allowed) in [(1, "node-c", WEB), (2, "node-a", DB), (3, "node-b", WEB)] {
+        b.store
+            .insert_join_token(&join_token(token, name, &[allowed], NOW + 60))
+            .await
+            .unwrap();
+        recorded(join(&b, token, name, u64::from(token), NOW).await);
+    }
+    let listed: Vec<(String, Vec<String>)> = b
+        .store
+        .list_nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.name, n.allowed_ids))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("node-a".to_string(), vec![DB.to_string()]),
+            ("node-b".to_string(), vec![WEB.to_string()]),
+            ("node-c".to_string(), vec![WEB.to_string()]),
+        ]
     );
 }
 
@@ -1012,7 +1371,7 @@ async fn upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count
     // Back to schema version 1, as a database written by the previous release.
     b.raw_sql(
         "DROP TABLE join_tokens; DROP TABLE nodes; DROP TABLE bundle_state; \
-         DROP TABLE bundle_acks; DELETE FROM _sqlx_migrations WHERE version = 2",
+         DROP TABLE bundle_acks; DELETE FROM _sqlx_migrations WHERE version >= 2",
     )
     .await;
     let upgraded = connect(b.url()).await.unwrap();
@@ -1022,6 +1381,76 @@ async fn upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count
         .await
         .unwrap();
     assert_eq!(upgraded.bundle_sequence().await.unwrap(), 3);
+}
+
+async fn upgrade_from_schema_2_takes_node_serials_from_the_ledger(b: Backend) {
+    // Ledger rows as the previous release wrote them: node-a joined (1) and renewed twice
+    // (2, 3), with a workload certificate (4) in between; node-b joined once (5); node-c
+    // joined but its node row has no certificate in the ledger.
+    let workload = NewIssuance {
+        spiffe_id: WEB.to_string(),
+        ..node_cert(4, "node-a")
+    };
+    b.store
+        .append_issuances(&[
+            node_cert(1, "node-a"),
+            node_cert(2, "node-a"),
+            workload,
+            node_cert(3, "node-a"),
+            node_cert(5, "node-b"),
+        ])
+        .await
+        .unwrap();
+    // Back to schema version 2, with three joined nodes.
+    let columns = [
+        "current_serial",
+        "current_not_after",
+        "pending_serial",
+        "pending_not_after",
+        "last_seen",
+        "evicted_at",
+    ];
+    let mut sql = String::new();
+    for column in columns {
+        sql.push_str(&format!("ALTER TABLE nodes DROP COLUMN {column}; "));
+    }
+    sql.push_str(
+        "DELETE FROM _sqlx_migrations WHERE version = 3;          INSERT INTO nodes (name, allowed_ids, joined_at) VALUES          ('node-a', '[]', 10), ('node-b', '[]', 20), ('node-c', '[]', 30)",
+    );
+    b.raw_sql(&sql).await;
+    let upgraded = connect(b.url()).await.unwrap();
+    let nodes = upgraded.list_nodes().await.unwrap();
+    let a = &nodes[0];
+    assert_eq!(a.name, "node-a");
+    assert_eq!(a.pending_serial, Some(serial(3)));
+    assert_eq!(a.pending_not_after, Some(100_003));
+    assert_eq!(a.current_serial, Some(serial(2)));
+    assert_eq!(a.current_not_after, Some(100_002));
+    assert_eq!(a.last_seen, Some(10));
+    assert_eq!(a.evicted_at, None);
+    let b_node = &nodes[1];
+    assert_eq!(b_node.pending_serial, Some(serial(5)));
+    assert_eq!(b_node.current_serial, None);
+    let c = &nodes[2];
+    assert_eq!(
+        (c.current_serial.as_ref(), c.pending_serial.as_ref()),
+        (None, None)
+    );
+    // The agent of node-a keeps working with the latest certificate, which supersedes the rest.
+    assert_eq!(
+        upgraded
+            .use_node_certificate("node-a", &serial(3), NOW)
+            .await
+            .unwrap(),
+        NodeCertificateUse::Accepted(NodeCertificateRole::Pending)
+    );
+    assert_eq!(
+        upgraded
+            .use_node_certificate("node-a", &serial(2), NOW)
+            .await
+            .unwrap(),
+        NodeCertificateUse::Refused(NodeRefusal::Superseded)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

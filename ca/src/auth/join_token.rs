@@ -2,8 +2,9 @@
 //! `citadel token create`, sent as `authorization: Bearer citadel-join.…`.
 //!
 //! Authentication only looks the token up; it does not use it up. The issuer
-//! consumes it atomically right before signing, once the request has passed
-//! every other check, so a bad CSR does not burn the token.
+//! spends it in the store transaction that records the node certificate in the
+//! ledger, once the request has passed every other check: a bad CSR does not
+//! burn the token, and neither does a failed ledger write.
 
 use std::sync::Arc;
 
@@ -63,6 +64,7 @@ impl Authenticator for JoinTokenAuthenticator {
             method: AuthMethod::JoinToken,
             node: Some(rec.node_name),
             pod: None,
+            certificate_serial: None,
         }))
     }
 }

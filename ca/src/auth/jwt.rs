@@ -233,6 +233,7 @@ impl JwtAuthenticator {
             method: AuthMethod::Jwt,
             node,
             pod,
+            certificate_serial: None,
         })
     }
 }

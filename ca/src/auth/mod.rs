@@ -59,6 +59,8 @@ pub struct Caller {
     pub node: Option<String>,
     /// The pod name, when the credential says so.
     pub pod: Option<String>,
+    /// Serial (lowercase hex) of the client certificate the caller authenticated with.
+    pub certificate_serial: Option<String>,
 }
 
 /// A credential was present but not acceptable. The reason goes to the CA
@@ -81,6 +83,10 @@ pub enum AuthError {
     /// A credential was presented and rejected.
     #[error(transparent)]
     Rejected(#[from] Rejection),
+    /// A credential was presented and is genuine, but its holder may no longer use it (a
+    /// superseded node certificate, an evicted node): `PermissionDenied`.
+    #[error("{0}")]
+    Denied(String),
     /// A credential was presented but cannot be checked right now (its backing store is
     /// unreachable); retrying later may succeed.
     #[error("{0}")]
@@ -91,7 +97,7 @@ pub enum AuthError {
 #[async_trait]
 pub trait Authenticator: Send + Sync {
     /// `Ok(None)` when this authenticator does not apply (no such credential);
-    /// `Ok(Some)` when it accepts; `Err` ([`AuthError::Rejected`] or
+    /// `Ok(Some)` when it accepts; `Err` ([`AuthError::Rejected`], [`AuthError::Denied`] or
     /// [`AuthError::Unavailable`]) when it recognises the credential and cannot accept it.
     async fn authenticate(&self, creds: &Credentials<'_>) -> Result<Option<Caller>, AuthError>;
 }
@@ -143,6 +149,7 @@ mod tests {
             method: AuthMethod::Jwt,
             node: None,
             pod: None,
+            certificate_serial: None,
         }
     }
 

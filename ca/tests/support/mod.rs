@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use citadel_ca::auth::jwt::{JwksSource, JwtConfig};
@@ -16,7 +17,11 @@ use citadel_e2e::unix_now;
 use citadel_identity::TrustDomain;
 use citadel_identity::lifetime::LifetimePolicy;
 use citadel_proto::citadel::v1::trust_bundle_service_client::TrustBundleServiceClient;
-use citadel_store::{LedgerFilter, Store};
+use citadel_store::{
+    AuthorityRecord, AuthorityState, BundleAck, JoinTokenRecord, LedgerEntry, LedgerFilter,
+    LedgerVerification, NewIssuance, NodeCertificateUse, NodeGrant, NodeIssuanceOutcome,
+    NodeRecord, Store, StoreError,
+};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tonic::Code;
@@ -180,6 +185,37 @@ impl Harness {
         (resp.cert_chain.concat(), csr.key.serialize_pem())
     }
 
+    /// Renews node `node`'s certificate over a connection authenticated with `identity`
+    /// (chain PEM, key PEM): the new (chain PEM, key PEM), or the refusal.
+    pub async fn renew_node(
+        &self,
+        node: &str,
+        identity: (&str, &str),
+    ) -> Result<(String, String), tonic::Status> {
+        let csr = p256_csr(&[&format!("spiffe://cluster.local/citadel/node/{node}")]).unwrap();
+        let mut client = connect(self.addr(), &self.bundle_pem, Some(identity))
+            .await
+            .unwrap();
+        let resp = create(&mut client, request(&csr.pem, 0, None, None)).await?;
+        Ok((resp.cert_chain.concat(), csr.key.serialize_pem()))
+    }
+
+    /// Asks for `target`'s certificate as a node agent authenticated with `identity`: the
+    /// chain, or the refusal.
+    pub async fn impersonate(
+        &self,
+        identity: (&str, &str),
+        target: &str,
+    ) -> Result<Vec<String>, tonic::Status> {
+        let csr = p256_csr(&[]).unwrap();
+        let mut client = connect(self.addr(), &self.bundle_pem, Some(identity))
+            .await
+            .unwrap();
+        create(&mut client, request(&csr.pem, 0, None, Some(target)))
+            .await
+            .map(|resp| resp.cert_chain)
+    }
+
     /// A trust-bundle client, with an optional client certificate (PEM chain, PEM key).
     pub async fn bundle_client(
         &self,
@@ -215,4 +251,102 @@ pub fn chain_der(chain: &[String]) -> Vec<CertificateDer<'static>> {
         .iter()
         .map(|p| CertificateDer::from_pem_slice(p.as_bytes()).unwrap())
         .collect()
+}
+
+/// A store whose ledger writes (plain and node issuances) and pings fail while `down` is set,
+/// as when the database is unreachable at that moment; everything else passes through.
+pub struct FlakyStore {
+    /// The store wrapped.
+    pub inner: Arc<dyn Store>,
+    /// Fail while true.
+    pub down: Arc<AtomicBool>,
+}
+
+impl FlakyStore {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("connection refused".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for FlakyStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.ping().await
+    }
+    async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
+        self.inner.list_authorities().await
+    }
+    async fn insert_authority(&self, rec: &AuthorityRecord) -> Result<(), StoreError> {
+        self.inner.insert_authority(rec).await
+    }
+    async fn set_authority_state(&self, id: &str, state: AuthorityState) -> Result<(), StoreError> {
+        self.inner.set_authority_state(id, state).await
+    }
+    async fn append_issuances(
+        &self,
+        batch: &[NewIssuance],
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        self.check()?;
+        self.inner.append_issuances(batch).await
+    }
+    async fn list_issuances(&self, filter: &LedgerFilter) -> Result<Vec<LedgerEntry>, StoreError> {
+        self.inner.list_issuances(filter).await
+    }
+    async fn verify_ledger(&self) -> Result<LedgerVerification, StoreError> {
+        self.inner.verify_ledger().await
+    }
+    async fn live_counts_by_authority(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.live_counts_by_authority(now).await
+    }
+    async fn bundle_sequence(&self) -> Result<u64, StoreError> {
+        self.inner.bundle_sequence().await
+    }
+    async fn insert_join_token(&self, rec: &JoinTokenRecord) -> Result<(), StoreError> {
+        self.inner.insert_join_token(rec).await
+    }
+    async fn find_join_token(
+        &self,
+        hash: &[u8; 32],
+    ) -> Result<Option<JoinTokenRecord>, StoreError> {
+        self.inner.find_join_token(hash).await
+    }
+    async fn append_node_issuance(
+        &self,
+        node: &str,
+        grant: &NodeGrant,
+        issuance: &NewIssuance,
+        now: i64,
+    ) -> Result<NodeIssuanceOutcome, StoreError> {
+        self.check()?;
+        self.inner
+            .append_node_issuance(node, grant, issuance, now)
+            .await
+    }
+    async fn use_node_certificate(
+        &self,
+        node: &str,
+        serial: &str,
+        now: i64,
+    ) -> Result<NodeCertificateUse, StoreError> {
+        self.inner.use_node_certificate(node, serial, now).await
+    }
+    async fn evict_node(&self, node: &str, now: i64) -> Result<bool, StoreError> {
+        self.inner.evict_node(node, now).await
+    }
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.inner.list_nodes().await
+    }
+    async fn node_allowed_ids(&self, node: &str) -> Result<Option<Vec<String>>, StoreError> {
+        self.inner.node_allowed_ids(node).await
+    }
+    async fn record_bundle_ack(&self, agent: &str, seq: u64, now: i64) -> Result<(), StoreError> {
+        self.inner.record_bundle_ack(agent, seq, now).await
+    }
+    async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
+        self.inner.list_bundle_acks().await
+    }
 }
