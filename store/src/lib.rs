@@ -39,8 +39,8 @@ pub use model::{
     NewIssuance, ParseAuthorityStateError,
 };
 pub use nodes::{
-    NodeCertificateRole, NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord,
-    NodeRefusal,
+    LAST_SEEN_GRANULARITY_SECS, NodeCertificateRole, NodeCertificateUse, NodeGrant,
+    NodeIssuanceOutcome, NodeRecord, NodeRefusal,
 };
 pub use sql::connect;
 pub use store::Store;

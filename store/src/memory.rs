@@ -317,7 +317,9 @@ impl Store for MemoryStore {
         };
         match node.judge_certificate(serial_hex) {
             Ok(role) => {
-                *node = node.after_use(role, now);
+                if node.use_needs_write(role, now) {
+                    *node = node.after_use(role, now);
+                }
                 Ok(NodeCertificateUse::Accepted(role))
             }
             Err(refusal) => Ok(NodeCertificateUse::Refused(refusal)),

@@ -16,6 +16,9 @@ use std::fmt;
 use crate::agents::JoinTokenRefusal;
 use crate::model::LedgerEntry;
 
+/// How far behind `last_seen` may fall before a use of a node certificate records it again.
+pub const LAST_SEEN_GRANULARITY_SECS: i64 = 60;
+
 /// A joined node as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRecord {
@@ -98,6 +101,17 @@ impl NodeRecord {
         next
     }
 
+    /// Whether an accepted use in `role` at `now` must be written (pure): a promotion always
+    /// is; `last_seen` only once it is [`LAST_SEEN_GRANULARITY_SECS`] old, so a node agent
+    /// asking for many workload certificates at once does not become as many write
+    /// transactions.
+    pub fn use_needs_write(&self, role: NodeCertificateRole, now: i64) -> bool {
+        role == NodeCertificateRole::Pending
+            || self
+                .last_seen
+                .is_none_or(|seen| now.saturating_sub(seen) >= LAST_SEEN_GRANULARITY_SECS)
+    }
+
     /// The state of the node: `active` or `evicted`.
     pub fn state(&self) -> &'static str {
         if self.evicted_at.is_some() {
@@ -160,6 +174,25 @@ mod tests {
             last_seen: None,
             evicted_at,
         }
+    }
+
+    #[test]
+    fn a_use_is_written_only_to_promote_or_to_refresh_a_stale_last_seen() {
+        let mut n = node(Some("aa"), Some("bb"), None);
+        assert!(
+            n.use_needs_write(NodeCertificateRole::Current, 1_000),
+            "never seen"
+        );
+        n.last_seen = Some(1_000);
+        assert!(!n.use_needs_write(NodeCertificateRole::Current, 1_000 + 59));
+        assert!(n.use_needs_write(
+            NodeCertificateRole::Current,
+            1_000 + LAST_SEEN_GRANULARITY_SECS
+        ));
+        assert!(
+            n.use_needs_write(NodeCertificateRole::Pending, 1_000),
+            "promotion"
+        );
     }
 
     #[test]

@@ -176,6 +176,19 @@ impl SqlStore {
         serial_hex: &str,
         now: i64,
     ) -> Result<NodeCertificateUse, StoreError> {
+        // Most uses change nothing worth writing: judge on a plain read first, and take the
+        // write lock only for a refusal-free use that promotes or refreshes `last_seen`.
+        let mut conn = self.pool.acquire().await.map_err(from_sqlx)?;
+        let seen = select_node_for_update(&mut conn, node_name, "").await?;
+        drop(conn);
+        match seen.as_ref().map(|n| (n, n.judge_certificate(serial_hex))) {
+            None => return Ok(NodeCertificateUse::Refused(NodeRefusal::Unknown)),
+            Some((_, Err(refusal))) => return Ok(NodeCertificateUse::Refused(refusal)),
+            Some((node, Ok(role))) if !node.use_needs_write(role, now) => {
+                return Ok(NodeCertificateUse::Accepted(role));
+            }
+            Some(_) => {}
+        }
         let mut tx = self
             .pool
             .begin_with(self.dialect.begin_write())

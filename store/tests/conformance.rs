@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use citadel_store::memory::MemoryStore;
 use citadel_store::{
     AuthorityRecord, AuthorityState, BundleAck, GENESIS_HASH, GroupCommitLedger, JoinTokenRecord,
-    JoinTokenRefusal, LedgerEntry, LedgerFilter, NewIssuance, NodeCertificateRole,
-    NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord, NodeRefusal, Store, StoreError,
-    connect, row_hash,
+    JoinTokenRefusal, LAST_SEEN_GRANULARITY_SECS, LedgerEntry, LedgerFilter, NewIssuance,
+    NodeCertificateRole, NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord,
+    NodeRefusal, Store, StoreError, connect, row_hash,
 };
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
@@ -1146,13 +1146,17 @@ async fn last_seen_follows_accepted_uses_only(b: Backend) {
         .unwrap();
     recorded(join(&b, 1, "node-a", 1, NOW).await);
     assert_eq!(node(&b, "node-a").await.last_seen, Some(NOW));
+    // Within the granularity a use is accepted without a write.
     use_cert(&b, "node-a", 1, NOW + 10).await;
-    assert_eq!(node(&b, "node-a").await.last_seen, Some(NOW + 10));
+    assert_eq!(node(&b, "node-a").await.last_seen, Some(NOW));
+    let later = NOW + LAST_SEEN_GRANULARITY_SECS;
+    use_cert(&b, "node-a", 1, later).await;
+    assert_eq!(node(&b, "node-a").await.last_seen, Some(later));
     assert_eq!(
-        use_cert(&b, "node-a", 99, NOW + 20).await,
+        use_cert(&b, "node-a", 99, later + 100).await,
         NodeCertificateUse::Refused(NodeRefusal::Superseded)
     );
-    assert_eq!(node(&b, "node-a").await.last_seen, Some(NOW + 10));
+    assert_eq!(node(&b, "node-a").await.last_seen, Some(later));
 }
 
 async fn nodes_are_listed_by_name(b: Backend) {
