@@ -32,7 +32,7 @@ use crate::issuer::CertificateIssuer;
 use crate::keystore::FileKeyStore;
 use crate::metrics::CaMetrics;
 use crate::service::{IstioCaService, MAX_REQUEST_BYTES};
-use crate::tls::{ServingCertResolver, provider, server_config, tls_incoming};
+use crate::tls::{CertResolver, provider, server_config, tls_incoming};
 
 /// How long shutdown waits for open connections to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -117,7 +117,7 @@ pub fn prepare_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 async fn refresh_serving_cert(
     authority: &Authority,
     config: &ServeConfig,
-    resolver: &ServingCertResolver,
+    resolver: &CertResolver,
     ledger: &GroupCommitLedger,
 ) -> anyhow::Result<(i64, i64)> {
     let now = unix_now();
@@ -226,7 +226,7 @@ pub async fn start_with_store(
     ));
 
     let provider = provider();
-    let resolver = Arc::new(ServingCertResolver::new(provider.clone()));
+    let resolver = Arc::new(CertResolver::new(provider.clone()));
     let (_, serving_not_after) =
         refresh_serving_cert(&authority, &config, &resolver, &ledger).await?;
     let tls = TlsAcceptor::from(Arc::new(server_config(provider, resolver.clone())?));

@@ -22,6 +22,6 @@ pub use lifetime::{
 pub use rotation::{Backoff, renew_at, until_renewal};
 pub use spiffe_id::{ServiceAccountRef, SpiffeId, SpiffeIdError, TrustDomain};
 pub use svid::{
-    LeafSvid, SvidError, check_citadel_leaf, check_signing_certificate, check_x509_svid,
-    signing_chain_window, verify_chain,
+    LeafSvid, PeerRole, SvidError, check_citadel_leaf, check_signing_certificate, check_x509_svid,
+    signing_chain_window, verify_chain, verify_chain_for,
 };

@@ -314,6 +314,30 @@ pub fn verify_chain(
     bundle: &TrustBundle,
     now_unix: u64,
 ) -> Result<LeafSvid, SvidError> {
+    verify_chain_for(chain, bundle, now_unix, PeerRole::Client)
+}
+
+/// The role a verified peer plays in the handshake: the extended key usage
+/// its leaf must allow (X509-SVIDs carry both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRole {
+    /// A TLS client (`id-kp-clientAuth`).
+    Client,
+    /// A TLS server (`id-kp-serverAuth`).
+    Server,
+}
+
+/// As [`verify_chain`], for a peer in `role`.
+pub fn verify_chain_for(
+    chain: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    now_unix: u64,
+    role: PeerRole,
+) -> Result<LeafSvid, SvidError> {
+    let usage = match role {
+        PeerRole::Client => webpki::KeyUsage::client_auth(),
+        PeerRole::Server => webpki::KeyUsage::server_auth(),
+    };
     let (leaf, intermediates) = chain.split_first().ok_or(SvidError::EmptyChain)?;
     let end_entity = webpki::EndEntityCert::try_from(leaf).map_err(|e| SvidError::Malformed {
         reason: e.to_string(),
@@ -324,7 +348,7 @@ pub fn verify_chain(
             bundle.trust_anchors(),
             intermediates,
             UnixTime::since_unix_epoch(Duration::from_secs(now_unix)),
-            webpki::KeyUsage::client_auth(),
+            usage,
             None,
             None,
         )
