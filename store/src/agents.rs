@@ -66,6 +66,40 @@ pub struct BundleAck {
     pub acked_at: i64,
 }
 
+/// An agent's latest policy-set acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyAck {
+    /// The agent's SPIFFE ID.
+    pub agent_id: String,
+    /// The version of the policy set it last acknowledged applying.
+    pub version: String,
+    /// When it acknowledged it, unix seconds.
+    pub acked_at: i64,
+}
+
+/// Longest policy version accepted (a SHA-256 in hex is 64 characters).
+pub const MAX_POLICY_VERSION_LEN: usize = 128;
+
+/// Checks a policy version before it is stored: non-empty, at most
+/// [`MAX_POLICY_VERSION_LEN`] characters, ASCII letters, digits, `-`, `_`, `.` or `:` (pure).
+pub fn check_policy_version(version: &str) -> Result<(), String> {
+    if version.is_empty() {
+        return Err("policy version is empty".into());
+    }
+    if version.len() > MAX_POLICY_VERSION_LEN {
+        return Err(format!(
+            "policy version is longer than {MAX_POLICY_VERSION_LEN} characters"
+        ));
+    }
+    if !version
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return Err("policy version has characters other than letters, digits, - _ . :".into());
+    }
+    Ok(())
+}
+
 /// Encodes a list of SPIFFE IDs for a text column (a JSON array of strings).
 pub(crate) fn encode_ids(ids: &[String]) -> String {
     serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_string())

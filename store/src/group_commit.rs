@@ -107,7 +107,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::agents::{BundleAck, JoinTokenRecord};
+    use crate::agents::{BundleAck, JoinTokenRecord, PolicyAck};
     use crate::memory::MemoryStore;
     use crate::model::{AuthorityRecord, AuthorityState, LedgerFilter, LedgerVerification};
     use crate::nodes::{NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord};
@@ -234,6 +234,17 @@ mod tests {
         }
         async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
             self.inner.list_bundle_acks().await
+        }
+        async fn record_policy_ack(
+            &self,
+            agent_id: &str,
+            version: &str,
+            now: i64,
+        ) -> Result<(), StoreError> {
+            self.inner.record_policy_ack(agent_id, version, now).await
+        }
+        async fn list_policy_acks(&self) -> Result<Vec<PolicyAck>, StoreError> {
+            self.inner.list_policy_acks().await
         }
     }
 
@@ -449,6 +460,12 @@ mod tests {
                 Ok(())
             }
             async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
+                Ok(Vec::new())
+            }
+            async fn record_policy_ack(&self, _: &str, _: &str, _: i64) -> Result<(), StoreError> {
+                Ok(())
+            }
+            async fn list_policy_acks(&self) -> Result<Vec<PolicyAck>, StoreError> {
                 Ok(Vec::new())
             }
         }

@@ -1,7 +1,8 @@
 //! Citadel's durable state: the signing authorities (certificates and state, never keys),
 //! the append-only, hash-chained issuance ledger, and what node agents leave behind: one-time
 //! join tokens (hashed), joined nodes with the serials of their node certificates (see
-//! [`NodeRecord`]), the trust-bundle sequence and bundle acknowledgements.
+//! [`NodeRecord`]), the trust-bundle sequence and bundle acknowledgements, and the policy-set version each agent
+//! acknowledged.
 //!
 //! [`connect`] opens SQLite (`sqlite://PATH`, the default) or PostgreSQL (`postgres://…`, for
 //! several replicas) behind the [`Store`] trait, applying the embedded migrations.
@@ -30,7 +31,10 @@ mod sql_agents;
 mod sql_nodes;
 mod store;
 
-pub use agents::{BundleAck, JoinTokenRecord, JoinTokenRefusal};
+pub use agents::{
+    BundleAck, JoinTokenRecord, JoinTokenRefusal, MAX_POLICY_VERSION_LEN, PolicyAck,
+    check_policy_version,
+};
 pub use chain::{GENESIS_HASH, row_hash};
 pub use error::StoreError;
 pub use group_commit::GroupCommitLedger;

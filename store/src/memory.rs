@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::agents::{BundleAck, JoinTokenRecord, JoinTokenRefusal};
+use crate::agents::{
+    BundleAck, JoinTokenRecord, JoinTokenRefusal, PolicyAck, check_policy_version,
+};
 use crate::chain::{ChainVerifier, GENESIS_HASH, chain_batch};
 use crate::error::StoreError;
 use crate::model::{
@@ -31,6 +33,7 @@ struct State {
     join_tokens: HashMap<[u8; 32], JoinTokenRecord>,
     nodes: BTreeMap<String, NodeRecord>,
     acks: BTreeMap<String, BundleAck>,
+    policy_acks: BTreeMap<String, PolicyAck>,
 }
 
 impl Default for State {
@@ -42,6 +45,7 @@ impl Default for State {
             bundle_sequence: 0,
             join_tokens: HashMap::new(),
             nodes: BTreeMap::new(),
+            policy_acks: BTreeMap::new(),
             acks: BTreeMap::new(),
         }
     }
@@ -378,5 +382,27 @@ impl Store for MemoryStore {
 
     async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
         Ok(self.lock().acks.values().cloned().collect())
+    }
+
+    async fn record_policy_ack(
+        &self,
+        agent_id: &str,
+        version: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        check_policy_version(version).map_err(StoreError::Conflict)?;
+        self.lock().policy_acks.insert(
+            agent_id.to_string(),
+            PolicyAck {
+                agent_id: agent_id.to_string(),
+                version: version.to_string(),
+                acked_at: now,
+            },
+        );
+        Ok(())
+    }
+
+    async fn list_policy_acks(&self) -> Result<Vec<PolicyAck>, StoreError> {
+        Ok(self.lock().policy_acks.values().cloned().collect())
     }
 }

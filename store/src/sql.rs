@@ -15,7 +15,7 @@ use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection, Executor, Row};
 
-use crate::agents::{BundleAck, JoinTokenRecord};
+use crate::agents::{BundleAck, JoinTokenRecord, PolicyAck};
 use crate::chain::{ChainVerifier, chain_batch};
 use crate::error::{StoreError, from_sqlx, scrub};
 use crate::model::{
@@ -720,6 +720,19 @@ impl Store for SqlStore {
 
     async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
         self.sql_list_bundle_acks().await
+    }
+
+    async fn record_policy_ack(
+        &self,
+        agent_id: &str,
+        version: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.sql_record_policy_ack(agent_id, version, now).await
+    }
+
+    async fn list_policy_acks(&self) -> Result<Vec<PolicyAck>, StoreError> {
+        self.sql_list_policy_acks().await
     }
 }
 

@@ -4,7 +4,9 @@
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use crate::agents::{BundleAck, JoinTokenRecord, decode_ids, encode_ids};
+use crate::agents::{
+    BundleAck, JoinTokenRecord, PolicyAck, check_policy_version, decode_ids, encode_ids,
+};
 use crate::error::{StoreError, from_sqlx};
 use crate::sql::SqlStore;
 
@@ -164,6 +166,45 @@ impl SqlStore {
             out.push(BundleAck {
                 agent_id: row.try_get("agent_id").map_err(from_sqlx)?,
                 sequence: sequence_of(row.try_get("sequence").map_err(from_sqlx)?)?,
+                acked_at: row.try_get("acked_at").map_err(from_sqlx)?,
+            });
+        }
+        // Sorted here rather than in SQL so both backends agree on string order.
+        out.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        Ok(out)
+    }
+
+    pub(crate) async fn sql_record_policy_ack(
+        &self,
+        agent_id: &str,
+        version: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        check_policy_version(version).map_err(StoreError::Conflict)?;
+        sqlx::query(
+            "INSERT INTO policy_acks (agent_id, version, acked_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (agent_id) DO UPDATE SET \
+             version = excluded.version, acked_at = excluded.acked_at",
+        )
+        .bind(agent_id)
+        .bind(version)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    pub(crate) async fn sql_list_policy_acks(&self) -> Result<Vec<PolicyAck>, StoreError> {
+        let rows = sqlx::query("SELECT agent_id, version, acked_at FROM policy_acks")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(from_sqlx)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            out.push(PolicyAck {
+                agent_id: row.try_get("agent_id").map_err(from_sqlx)?,
+                version: row.try_get("version").map_err(from_sqlx)?,
                 acked_at: row.try_get("acked_at").map_err(from_sqlx)?,
             });
         }

@@ -2,7 +2,7 @@
 
 #[cfg(doc)]
 use crate::agents::JoinTokenRefusal;
-use crate::agents::{BundleAck, JoinTokenRecord};
+use crate::agents::{BundleAck, JoinTokenRecord, PolicyAck};
 use crate::error::StoreError;
 use crate::model::{
     AuthorityRecord, AuthorityState, LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance,
@@ -120,4 +120,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every agent's latest acknowledgement, ordered by agent id.
     async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError>;
+
+    /// Records that agent `agent_id` acknowledged applying policy-set `version` at `now`.
+    /// Versions are content hashes, not ordered: the latest acknowledgement replaces the
+    /// previous one. A version that fails [`crate::check_policy_version`] is a
+    /// [`StoreError::Conflict`] and writes nothing.
+    async fn record_policy_ack(
+        &self,
+        agent_id: &str,
+        version: &str,
+        now: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Every agent's latest policy acknowledgement, ordered by agent id.
+    async fn list_policy_acks(&self) -> Result<Vec<PolicyAck>, StoreError>;
 }

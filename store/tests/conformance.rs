@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use citadel_store::memory::MemoryStore;
 use citadel_store::{
     AuthorityRecord, AuthorityState, BundleAck, GENESIS_HASH, GroupCommitLedger, JoinTokenRecord,
-    JoinTokenRefusal, LAST_SEEN_GRANULARITY_SECS, LedgerEntry, LedgerFilter, NewIssuance,
-    NodeCertificateRole, NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord,
-    NodeRefusal, Store, StoreError, connect, row_hash,
+    JoinTokenRefusal, LAST_SEEN_GRANULARITY_SECS, LedgerEntry, LedgerFilter,
+    MAX_POLICY_VERSION_LEN, NewIssuance, NodeCertificateRole, NodeCertificateUse, NodeGrant,
+    NodeIssuanceOutcome, NodeRecord, NodeRefusal, PolicyAck, Store, StoreError, connect, row_hash,
 };
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
@@ -262,6 +262,9 @@ conformance! {
         bundle_sequence_bumps_on_insert_and_on_state_change,
         bundle_ack_upsert_keeps_the_highest_sequence,
         bundle_acks_are_listed_by_agent_id,
+        policy_ack_upsert_keeps_the_latest_version,
+        policy_acks_are_listed_by_agent_id,
+        malformed_policy_version_is_refused_and_writes_nothing,
     ],
     sql: [
         ledger_verify_detects_missing_head,
@@ -269,6 +272,7 @@ conformance! {
         migrations_are_idempotent,
         upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count,
         upgrade_from_schema_2_takes_node_serials_from_the_ledger,
+        upgrade_from_schema_3_adds_empty_policy_acks,
     ],
 }
 
@@ -1294,6 +1298,85 @@ async fn bundle_acks_are_listed_by_agent_id(b: Backend) {
     );
 }
 
+async fn policy_ack_upsert_keeps_the_latest_version(b: Backend) {
+    let agent = "spiffe://cluster.local/citadel/node/node-a";
+    let ack = |version: &str, acked_at: i64| PolicyAck {
+        agent_id: agent.to_string(),
+        version: version.to_string(),
+        acked_at,
+    };
+    let (v1, v2) = ("a".repeat(64), "b".repeat(64));
+    assert!(b.store.list_policy_acks().await.unwrap().is_empty());
+    b.store.record_policy_ack(agent, &v2, NOW).await.unwrap();
+    assert_eq!(
+        b.store.list_policy_acks().await.unwrap(),
+        vec![ack(&v2, NOW)]
+    );
+    // Versions are hashes, not ordered: the latest acknowledgement wins even when it sorts lower.
+    b.store
+        .record_policy_ack(agent, &v1, NOW + 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.store.list_policy_acks().await.unwrap(),
+        vec![ack(&v1, NOW + 1)]
+    );
+    // Bundle acknowledgements are a separate record.
+    assert!(b.store.list_bundle_acks().await.unwrap().is_empty());
+}
+
+async fn policy_acks_are_listed_by_agent_id(b: Backend) {
+    for (agent, version) in [
+        ("spiffe://td/c", "c1"),
+        ("spiffe://td/a", "a1"),
+        ("spiffe://td/b", "b1"),
+    ] {
+        b.store
+            .record_policy_ack(agent, version, NOW)
+            .await
+            .unwrap();
+    }
+    let listed: Vec<(String, String)> = b
+        .store
+        .list_policy_acks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.agent_id, a.version))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("spiffe://td/a".to_string(), "a1".to_string()),
+            ("spiffe://td/b".to_string(), "b1".to_string()),
+            ("spiffe://td/c".to_string(), "c1".to_string()),
+        ]
+    );
+}
+
+async fn malformed_policy_version_is_refused_and_writes_nothing(b: Backend) {
+    let agent = "spiffe://td/a";
+    b.store.record_policy_ack(agent, "v1", NOW).await.unwrap();
+    for bad in [
+        String::new(),
+        "x".repeat(MAX_POLICY_VERSION_LEN + 1),
+        "v 2".into(),
+        "v\n2".into(),
+    ] {
+        let out = b.store.record_policy_ack(agent, &bad, NOW + 1).await;
+        assert!(
+            matches!(out, Err(StoreError::Conflict(_))),
+            "{bad:?}: {out:?}"
+        );
+    }
+    let listed = b.store.list_policy_acks().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].version.as_str(), listed[0].acked_at),
+        ("v1", NOW)
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bodies: SQL only
 // ---------------------------------------------------------------------------------------------
@@ -1375,7 +1458,8 @@ async fn upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count
     // Back to schema version 1, as a database written by the previous release.
     b.raw_sql(
         "DROP TABLE join_tokens; DROP TABLE nodes; DROP TABLE bundle_state; \
-         DROP TABLE bundle_acks; DELETE FROM _sqlx_migrations WHERE version >= 2",
+         DROP TABLE bundle_acks; DROP TABLE policy_acks; \
+         DELETE FROM _sqlx_migrations WHERE version >= 2",
     )
     .await;
     let upgraded = connect(b.url()).await.unwrap();
@@ -1385,6 +1469,24 @@ async fn upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count
         .await
         .unwrap();
     assert_eq!(upgraded.bundle_sequence().await.unwrap(), 3);
+}
+
+async fn upgrade_from_schema_3_adds_empty_policy_acks(b: Backend) {
+    b.store
+        .record_bundle_ack("spiffe://td/a", 2, NOW)
+        .await
+        .unwrap();
+    // Back to schema version 3, as a database written by the previous release.
+    b.raw_sql("DROP TABLE policy_acks; DELETE FROM _sqlx_migrations WHERE version = 4")
+        .await;
+    let upgraded = connect(b.url()).await.unwrap();
+    assert!(upgraded.list_policy_acks().await.unwrap().is_empty());
+    assert_eq!(upgraded.list_bundle_acks().await.unwrap().len(), 1);
+    upgraded
+        .record_policy_ack("spiffe://td/a", "v1", NOW)
+        .await
+        .unwrap();
+    assert_eq!(upgraded.list_policy_acks().await.unwrap().len(), 1);
 }
 
 async fn upgrade_from_schema_2_takes_node_serials_from_the_ledger(b: Backend) {

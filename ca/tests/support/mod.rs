@@ -20,7 +20,7 @@ use citadel_proto::citadel::v1::trust_bundle_service_client::TrustBundleServiceC
 use citadel_store::{
     AuthorityRecord, AuthorityState, BundleAck, JoinTokenRecord, LedgerEntry, LedgerFilter,
     LedgerVerification, NewIssuance, NodeCertificateUse, NodeGrant, NodeIssuanceOutcome,
-    NodeRecord, Store, StoreError,
+    NodeRecord, PolicyAck, Store, StoreError,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -348,5 +348,16 @@ impl Store for FlakyStore {
     }
     async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
         self.inner.list_bundle_acks().await
+    }
+    async fn record_policy_ack(
+        &self,
+        agent: &str,
+        version: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.inner.record_policy_ack(agent, version, now).await
+    }
+    async fn list_policy_acks(&self) -> Result<Vec<PolicyAck>, StoreError> {
+        self.inner.list_policy_acks().await
     }
 }
