@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "envoy/extensions/transport_sockets/tls/v3/secret.proto",
     "spiffe/workload/workload.proto",
     "citadel/v1/trust_bundle.proto",
+    "citadel/v1/policy.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -36,6 +36,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod applies;
 mod attr;
 mod authz;
 mod compile;
@@ -51,6 +52,7 @@ mod set;
 mod timestamp;
 mod validate;
 
+pub use applies::{applies_to, namespace_of_spiffe_id};
 pub use authz::{Decision, Reason, RuleRef, Verdict};
 pub use diag::{Diagnostic, Issue, LoadError, Severity};
 pub use load::{Loaded, Loader, Origin, load_str};

@@ -29,6 +29,11 @@ pub struct Loaded {
     pub object: PolicyObject,
     /// Where it came from.
     pub origin: Origin,
+    /// The object as read (apiVersion, kind, metadata, spec), as JSON, with
+    /// `metadata.namespace` filled in when the source left it out; what a policy
+    /// stream sends, so that its receiver parses it with this same loader. `None`
+    /// for objects added with [`Loader::add_object`].
+    pub json: Option<serde_json::Value>,
 }
 
 /// Collects objects from any number of sources, then builds a [`PolicySet`].
@@ -186,7 +191,7 @@ impl Loader {
             return;
         };
         let object = if kind == "PeerAuthentication" {
-            typed::<PeerAuthenticationSpec>(value).map(|(metadata, spec)| {
+            typed::<PeerAuthenticationSpec>(value.clone()).map(|(metadata, spec)| {
                 PolicyObject::PeerAuthentication(PeerAuthentication {
                     api_version: version,
                     metadata,
@@ -194,13 +199,20 @@ impl Loader {
                 })
             })
         } else {
-            typed::<AuthorizationPolicySpec>(value).map(|(metadata, spec)| {
+            typed::<AuthorizationPolicySpec>(value.clone()).map(|(metadata, spec)| {
                 PolicyObject::AuthorizationPolicy(AuthorizationPolicy {
                     api_version: version,
                     metadata,
                     spec,
                 })
             })
+        };
+        let json = match as_json(&value, ns) {
+            Ok(json) => json,
+            Err(message) => {
+                self.push(source, document, Some(label), Issue::error(prefix, message));
+                return;
+            }
         };
         match object {
             Err(mut issue) => {
@@ -221,6 +233,7 @@ impl Loader {
                             source: source.to_owned(),
                             document,
                         },
+                        json: Some(json),
                     });
                 }
             }
@@ -248,6 +261,7 @@ impl Loader {
                     source: source_name.to_owned(),
                     document,
                 },
+                json: None,
             });
         }
     }
@@ -369,6 +383,23 @@ fn describe_serde_error(path: String, msg: &str) -> Issue {
         return Issue::error(join(&path, field), "missing");
     }
     Issue::error(path, msg.to_owned())
+}
+
+/// The object as JSON with `metadata.namespace` set to `namespace` (its effective one).
+fn as_json(value: &Value, namespace: &str) -> Result<serde_json::Value, String> {
+    let mut json =
+        serde_json::to_value(value).map_err(|e| format!("cannot be represented as JSON: {e}"))?;
+    if let Some(object) = json.as_object_mut() {
+        let metadata = object
+            .entry("metadata")
+            .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+        if let Some(metadata) = metadata.as_object_mut() {
+            metadata
+                .entry("namespace")
+                .or_insert_with(|| serde_json::Value::String(namespace.to_owned()));
+        }
+    }
+    Ok(json)
 }
 
 fn join(prefix: &str, path: &str) -> String {

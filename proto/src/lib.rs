@@ -83,7 +83,7 @@ pub mod spiffe_workload {
 
 /// Citadel's own services.
 pub mod citadel {
-    /// `citadel.v1`: the trust-bundle stream.
+    /// `citadel.v1`: the trust-bundle and policy streams.
     #[allow(missing_docs, clippy::all)]
     pub mod v1 {
         tonic::include_proto!("citadel.v1");
