@@ -17,7 +17,7 @@ use futures::Stream;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{AuthChain, AuthMethod, Credentials};
+use crate::auth::{AuthChain, AuthMethod, Caller, Credentials};
 use crate::bundle_watch::BundleSnapshot;
 use crate::clock::unix_now;
 use crate::issuer::IssueError;
@@ -153,6 +153,41 @@ async fn record_acks(
     }
 }
 
+/// Authenticates the caller of a node-agent stream (`what`, for logs and errors): only node
+/// agents, proven by their node certificate, may open one. Their acknowledgements are what
+/// `root status` and `node list` report, and a workload or an unused join token must not add
+/// rows.
+pub async fn authenticate_node_agent<T>(
+    auth: &AuthChain,
+    request: &Request<T>,
+    what: &str,
+) -> Result<Caller, Status> {
+    let peer_chain = request.peer_certs();
+    let bearer = bearer_token(request.metadata()).map(str::to_owned);
+    let caller = auth
+        .authenticate(&Credentials {
+            bearer_token: bearer.as_deref(),
+            peer_chain: peer_chain.as_deref().map(Vec::as_slice),
+            now: unix_now(),
+        })
+        .await
+        .map_err(|e| {
+            let e = IssueError::from(e);
+            tracing::warn!(error = %e, "{what} refused");
+            status_of(&e)
+        })?;
+    if caller.method != AuthMethod::ClientCertificate
+        || !caller.identity.path().starts_with(NODE_PATH_PREFIX)
+    {
+        tracing::warn!(caller = %caller.identity, method = caller.method.as_str(), "{what} refused: not a node agent");
+        return Err(Status::permission_denied(format!(
+            "{} may not open the {what}: only node agents authenticated with their node certificate may",
+            caller.identity
+        )));
+    }
+    Ok(caller)
+}
+
 /// The stream type of `WatchTrustBundle`.
 pub type UpdateStream = Pin<Box<dyn Stream<Item = Result<TrustBundleUpdate, Status>> + Send>>;
 
@@ -164,33 +199,7 @@ impl TrustBundleService for TrustBundleStreamService {
         &self,
         request: Request<Streaming<TrustBundleAck>>,
     ) -> Result<Response<UpdateStream>, Status> {
-        let peer_chain = request.peer_certs();
-        let bearer = bearer_token(request.metadata()).map(str::to_owned);
-        let caller = self
-            .auth
-            .authenticate(&Credentials {
-                bearer_token: bearer.as_deref(),
-                peer_chain: peer_chain.as_deref().map(Vec::as_slice),
-                now: unix_now(),
-            })
-            .await
-            .map_err(|e| {
-                let e = IssueError::from(e);
-                tracing::warn!(error = %e, "trust-bundle stream refused");
-                status_of(&e)
-            })?;
-        // Only node agents, proven by their node certificate, follow the
-        // bundle here: their acknowledgements are what `root status`
-        // reports, and a workload or an unused join token must not add rows.
-        if caller.method != AuthMethod::ClientCertificate
-            || !caller.identity.path().starts_with(NODE_PATH_PREFIX)
-        {
-            tracing::warn!(caller = %caller.identity, method = caller.method.as_str(), "trust-bundle stream refused: not a node agent");
-            return Err(Status::permission_denied(format!(
-                "{} may not watch the trust bundle: only node agents authenticated with their node certificate may",
-                caller.identity
-            )));
-        }
+        let caller = authenticate_node_agent(&self.auth, &request, "trust-bundle stream").await?;
         tracing::info!(
             agent = %caller.identity,
             method = caller.method.as_str(),

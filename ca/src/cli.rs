@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use citadel_identity::TrustDomain;
-use citadel_store::{AuthorityState, BundleAck, LedgerFilter, NodeRecord, Store, StoreError};
+use citadel_store::{
+    AuthorityState, BundleAck, LedgerFilter, NodeRecord, PolicyAck, Store, StoreError,
+};
 
 use crate::authorities::current_bundle;
 use crate::node::{node_identity, validate_node_name};
@@ -230,17 +232,20 @@ pub struct NodeRow {
     pub last_seen: Option<i64>,
     /// The trust-bundle sequence its agent last acknowledged.
     pub bundle_sequence: Option<u64>,
+    /// The policy-set version its agent last acknowledged.
+    pub policy_version: Option<String>,
     /// When it last joined, unix seconds.
     pub joined_at: i64,
     /// When it was evicted, unix seconds.
     pub evicted_at: Option<i64>,
 }
 
-/// Joins nodes with their agents' bundle acknowledgements (keyed by the node identity in
-/// `trust_domain`), in the order of `nodes` (pure).
+/// Joins nodes with their agents' bundle and policy acknowledgements (keyed by the node
+/// identity in `trust_domain`), in the order of `nodes` (pure).
 pub fn node_rows(
     nodes: &[NodeRecord],
     acks: &[BundleAck],
+    policy_acks: &[PolicyAck],
     trust_domain: &TrustDomain,
 ) -> Vec<NodeRow> {
     nodes
@@ -253,6 +258,10 @@ pub fn node_rows(
                 .iter()
                 .find(|a| a.agent_id == spiffe_id)
                 .map(|a| a.sequence);
+            let policy_version = policy_acks
+                .iter()
+                .find(|a| a.agent_id == spiffe_id)
+                .map(|a| a.version.clone());
             NodeRow {
                 node: n.name.clone(),
                 state: n.state(),
@@ -260,6 +269,7 @@ pub fn node_rows(
                 not_after: n.current_not_after,
                 last_seen: n.last_seen,
                 bundle_sequence,
+                policy_version,
                 joined_at: n.joined_at,
                 evicted_at: n.evicted_at,
                 spiffe_id,
@@ -282,7 +292,8 @@ pub async fn node_list(
 ) -> anyhow::Result<()> {
     let nodes = store.list_nodes().await?;
     let acks = store.list_bundle_acks().await?;
-    let rows = node_rows(&nodes, &acks, trust_domain);
+    let policy_acks = store.list_policy_acks().await?;
+    let rows = node_rows(&nodes, &acks, &policy_acks, trust_domain);
     if json {
         let items: Vec<serde_json::Value> = rows
             .iter()
@@ -295,6 +306,7 @@ pub async fn node_list(
                     "not_after": r.not_after.map(fmt_time),
                     "last_seen": r.last_seen.map(fmt_time),
                     "bundle_sequence": r.bundle_sequence,
+                    "policy_version": r.policy_version,
                     "joined_at": fmt_time(r.joined_at),
                     "evicted_at": r.evicted_at.map(fmt_time),
                 })
@@ -310,21 +322,27 @@ pub async fn node_list(
     let width = rows.iter().map(|r| r.node.len()).max().unwrap_or(0).max(4);
     writeln!(
         out,
-        "{:<width$}  {:<7}  {:<20}  {:<20}  {:>10}  ALLOWED IDS",
-        "NODE", "STATE", "CERT NOT AFTER", "LAST SEEN", "BUNDLE SEQ"
+        "{:<width$}  {:<7}  {:<20}  {:<20}  {:>10}  {:<12}  ALLOWED IDS",
+        "NODE", "STATE", "CERT NOT AFTER", "LAST SEEN", "BUNDLE SEQ", "POLICY"
     )?;
     for r in &rows {
         let sequence = r
             .bundle_sequence
             .map_or_else(|| "-".to_owned(), |s| s.to_string());
+        // The first 12 hex digits, like a short commit id; --json has the whole version.
+        let policy = r
+            .policy_version
+            .as_deref()
+            .map_or_else(|| "-".to_owned(), |v| v.chars().take(12).collect());
         writeln!(
             out,
-            "{:<width$}  {:<7}  {:<20}  {:<20}  {:>10}  {}",
+            "{:<width$}  {:<7}  {:<20}  {:<20}  {:>10}  {:<12}  {}",
             r.node,
             r.state,
             fmt_opt_time(r.not_after),
             fmt_opt_time(r.last_seen),
             sequence,
+            policy,
             r.allowed_ids.join(",")
         )?;
     }
@@ -375,18 +393,26 @@ mod tests {
     }
 
     #[test]
-    fn node_rows_carry_each_agents_acknowledged_bundle_sequence() {
+    fn node_rows_carry_each_agents_acknowledged_bundle_sequence_and_policy_version() {
         let td = TrustDomain::new("td").unwrap();
         let acks = [BundleAck {
             agent_id: "spiffe://td/citadel/node/node-b".into(),
             sequence: 7,
             acked_at: 60,
         }];
+        let policy_acks = [PolicyAck {
+            agent_id: "spiffe://td/citadel/node/node-a".into(),
+            version: "abc".into(),
+            acked_at: 60,
+        }];
         let rows = node_rows(
             &[record("node-a", None), record("node-b", Some(70))],
             &acks,
+            &policy_acks,
             &td,
         );
+        assert_eq!(rows[0].policy_version.as_deref(), Some("abc"));
+        assert_eq!(rows[1].policy_version, None);
         assert_eq!(rows[0].spiffe_id, "spiffe://td/citadel/node/node-a");
         assert_eq!(rows[0].bundle_sequence, None);
         assert_eq!(rows[0].state, "active");

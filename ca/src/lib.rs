@@ -4,8 +4,8 @@
 //! join tokens, JWTs), lets node agents request their allowed workloads'
 //! identities, signs SPIFFE X.509 certificates with its active authority,
 //! records every issuance in a hash-chained ledger before answering, streams
-//! the trust bundle to node agents and records their acknowledgements, and
-//! serves metrics and health. `citadel` (in `main.rs`) is a thin CLI over
+//! the trust bundle and the policy set to node agents and records their
+//! acknowledgements, and serves metrics and health. `citadel` (in `main.rs`) is a thin CLI over
 //! this library.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -26,6 +26,9 @@ pub mod keystore;
 pub mod metrics;
 pub mod node;
 pub mod pemutil;
+pub mod policy_service;
+pub mod policy_set;
+pub mod policy_source;
 pub mod serve;
 pub mod service;
 pub mod tls;

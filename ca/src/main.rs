@@ -65,8 +65,8 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum NodeCommand {
-    /// List joined nodes: state, allowed IDs, node-certificate expiry, last seen and the
-    /// trust-bundle sequence each agent acknowledged.
+    /// List joined nodes: state, allowed IDs, node-certificate expiry, last seen, and the
+    /// trust-bundle sequence and policy version each agent acknowledged.
     List {
         #[command(flatten)]
         store: StoreArgs,
@@ -201,6 +201,18 @@ struct ServeArgs {
     /// How often to check the store for trust-bundle changes (pushed to node agents).
     #[arg(long, env = "CITADEL_BUNDLE_POLL_INTERVAL", default_value = "5s", value_parser = parse_duration_secs)]
     bundle_poll_interval: i64,
+    /// Directory of Istio PeerAuthentication and AuthorizationPolicy files (YAML or JSON,
+    /// searched recursively, as `citadel policy validate` reads them) streamed to node
+    /// agents. Without it the CA serves the empty set. An invalid set refuses start-up; a
+    /// later invalid change keeps the last good set in force.
+    #[arg(long, env = "CITADEL_POLICIES", value_name = "DIR")]
+    policies: Option<PathBuf>,
+    /// How often to re-read --policies for changes.
+    #[arg(long, env = "CITADEL_POLICIES_POLL_INTERVAL", default_value = "2s", value_parser = parse_duration_secs)]
+    policies_poll_interval: i64,
+    /// The mesh root namespace: its namespace-wide policies apply mesh-wide.
+    #[arg(long, default_value = "istio-system", env = "CITADEL_ROOT_NAMESPACE")]
+    root_namespace: String,
 }
 
 impl ServeArgs {
@@ -221,6 +233,10 @@ impl ServeArgs {
         anyhow::ensure!(
             self.bundle_poll_interval > 0,
             "--bundle-poll-interval must be at least 1s"
+        );
+        anyhow::ensure!(
+            self.policies_poll_interval > 0,
+            "--policies-poll-interval must be at least 1s"
         );
         let jwt = match (self.jwt_issuer, self.jwt_jwks) {
             (Some(issuer), Some(jwks)) => Some(JwtConfig {
@@ -250,6 +266,11 @@ impl ServeArgs {
             bundle_poll_interval: std::time::Duration::from_secs(
                 self.bundle_poll_interval.unsigned_abs(),
             ),
+            policies_dir: self.policies,
+            policies_poll_interval: std::time::Duration::from_secs(
+                self.policies_poll_interval.unsigned_abs(),
+            ),
+            root_namespace: self.root_namespace,
         })
     }
 }
@@ -301,6 +322,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_ttl_secs = config.lifetime.max_ttl_secs,
                 jwt = config.jwt.is_some(),
                 bundle_poll_interval_secs = config.bundle_poll_interval.as_secs(),
+                policies = ?config.policies_dir,
+                policies_poll_interval_secs = config.policies_poll_interval.as_secs(),
+                root_namespace = %config.root_namespace,
                 "starting"
             );
             let ca = citadel_ca::serve::start(config).await?;

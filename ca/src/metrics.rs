@@ -24,6 +24,13 @@ pub struct IssuedLabels {
 /// Every metric the CA exports.
 pub struct CaMetrics {
     registry: Registry,
+    /// `citadel_policy_*`: the policy set, under its own prefix.
+    policy_registry: Registry,
+    /// Reloads of the policy source that failed (unreadable or invalid); the last good set
+    /// stayed in force.
+    pub policy_reload_errors: Counter,
+    /// Objects in the policy set in force.
+    pub policy_objects: Gauge,
     /// Certificates issued.
     pub issued: Family<IssuedLabels, Counter>,
     /// Issuance failures by reason.
@@ -43,7 +50,8 @@ impl Default for CaMetrics {
 }
 
 impl CaMetrics {
-    /// Registers every metric under the `citadel_ca` prefix.
+    /// Registers every metric under the `citadel_ca` prefix, the policy ones under
+    /// `citadel_policy`.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("citadel_ca");
         let issued = Family::<IssuedLabels, Counter>::default();
@@ -72,8 +80,24 @@ impl CaMetrics {
             "Seconds until the active signing certificate expires",
             signer_expiry_seconds.clone(),
         );
+        let mut policy_registry = Registry::with_prefix("citadel_policy");
+        let policy_reload_errors = Counter::default();
+        let policy_objects = Gauge::default();
+        policy_registry.register(
+            "reload_errors",
+            "Policy reloads that failed (unreadable source or invalid object); the last good set stayed in force",
+            policy_reload_errors.clone(),
+        );
+        policy_registry.register(
+            "objects",
+            "PeerAuthentication and AuthorizationPolicy objects in the set in force",
+            policy_objects.clone(),
+        );
         Self {
             registry,
+            policy_registry,
+            policy_reload_errors,
+            policy_objects,
             issued,
             failures,
             issuance_seconds,
@@ -91,7 +115,9 @@ impl CaMetrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.policy_registry);
+        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
         out
     }
 }

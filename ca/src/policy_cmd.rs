@@ -1,15 +1,15 @@
 //! `citadel policy …`: validate policy files and explain a decision.
 //!
 //! A thin shell: it reads files and directories (recursively, `.yaml`/`.yml`/`.json`,
-//! in sorted order), hands their text to `citadel-policy`, and prints what comes back.
+//! in sorted order, with the same walk `citadel serve --policies` uses), hands their text to `citadel-policy`, and prints what comes back.
 //! All semantics live in the policy crate.
 
 use std::io::Write as _;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
+use citadel_ca::policy_source::read_policy_files;
 use citadel_policy::explain::{check, render_json, render_text};
 use citadel_policy::{
     Loader, MeshConfig, OwnedHttp, OwnedJwt, OwnedRequest, PolicySet, join_repeated_headers,
@@ -109,52 +109,14 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Every policy file under `paths`, sorted; a path naming a file is taken as is.
-fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-        let entries =
-            std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
-        for entry in entries {
-            let path = entry
-                .with_context(|| format!("reading {}", dir.display()))?
-                .path();
-            if path.is_dir() {
-                walk(&path, out)?;
-            } else if path
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
-            {
-                out.push(path);
-            }
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    for p in paths {
-        let meta = std::fs::metadata(p).with_context(|| format!("{}", p.display()))?;
-        if meta.is_dir() {
-            let mut found = Vec::new();
-            walk(p, &mut found)?;
-            found.sort();
-            out.extend(found);
-        } else {
-            out.push(p.clone());
-        }
-    }
-    Ok(out)
-}
-
 /// Reads every file into the loader.
 fn load(paths: &[PathBuf], root_namespace: &str) -> anyhow::Result<(Loader, usize)> {
-    let files = collect_files(paths)?;
+    let files = read_policy_files(paths)?;
     let mut loader = Loader::new(MeshConfig {
         root_namespace: root_namespace.to_owned(),
     });
     for f in &files {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        loader.add_source(&f.display().to_string(), &text);
+        loader.add_source(&f.name, &f.text);
     }
     Ok((loader, files.len()))
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use citadel_identity::TrustDomain;
 use citadel_identity::lifetime::{LifetimePolicy, leaf_validity};
+use citadel_proto::citadel::v1::policy_service_server::PolicyServiceServer;
 use citadel_proto::citadel::v1::trust_bundle_service_server::TrustBundleServiceServer;
 use citadel_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
 use citadel_store::{GroupCommitLedger, NewIssuance, Store};
@@ -31,6 +32,9 @@ use crate::http::{OpsState, router};
 use crate::issuer::CertificateIssuer;
 use crate::keystore::FileKeyStore;
 use crate::metrics::CaMetrics;
+use crate::policy_service::{MAX_POLICY_ACK_BYTES, PolicyStreamService};
+use crate::policy_set::PolicySnapshot;
+use crate::policy_source::{DirectorySource, PolicyPoller, PolicySource, load_initial};
 use crate::service::{IstioCaService, MAX_REQUEST_BYTES};
 use crate::tls::{CertResolver, provider, server_config, tls_incoming};
 
@@ -38,6 +42,8 @@ use crate::tls::{CertResolver, provider, server_config, tls_incoming};
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default time between two reads of the trust-bundle sequence.
 pub const DEFAULT_BUNDLE_POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// Default time between two reads of the policy directory.
+pub const DEFAULT_POLICIES_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Everything `citadel serve` needs, validated.
 #[derive(Debug, Clone)]
@@ -67,6 +73,13 @@ pub struct ServeConfig {
     /// Time between two reads of the trust-bundle sequence (changes reach the trust-bundle
     /// streams and client-certificate checks within this delay).
     pub bundle_poll_interval: Duration,
+    /// Directory of PeerAuthentication/AuthorizationPolicy files to serve to node agents;
+    /// `None` = the empty set.
+    pub policies_dir: Option<PathBuf>,
+    /// Time between two reads of the policy directory.
+    pub policies_poll_interval: Duration,
+    /// The mesh root namespace (policies there apply mesh-wide).
+    pub root_namespace: String,
 }
 
 impl ServeConfig {
@@ -215,6 +228,29 @@ pub async fn start_with_store(
     }
     let auth = AuthChain::new(authenticators);
     let metrics = Arc::new(CaMetrics::new());
+
+    // Policies: an invalid set at start-up is an error (there is no last good set to keep).
+    let mesh = citadel_policy::MeshConfig {
+        root_namespace: config.root_namespace.clone(),
+    };
+    let mut policy_source: Option<Box<dyn PolicySource>> = config
+        .policies_dir
+        .clone()
+        .map(|dir| Box::new(DirectorySource::new(dir)) as Box<dyn PolicySource>);
+    let policies = match policy_source.as_mut() {
+        Some(source) => load_initial(source.as_mut(), &mesh).await?,
+        None => PolicySnapshot::empty(),
+    };
+    metrics
+        .policy_objects
+        .set(i64::try_from(policies.objects.len()).unwrap_or(i64::MAX));
+    tracing::info!(
+        version = %policies.version,
+        objects = policies.objects.len(),
+        source = %policy_source.as_ref().map_or_else(|| "none".to_owned(), |s| s.describe()),
+        "policy set loaded"
+    );
+    let (policy_tx, policy_rx) = watch::channel(Arc::new(policies));
     let issuer = Arc::new(CertificateIssuer::new(
         config.trust_domain.clone(),
         authority_rx.clone(),
@@ -246,6 +282,13 @@ pub async fn start_with_store(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     // Bundle streams end by themselves on shutdown, so the graceful shutdown below does not
     // wait the whole grace period for agents that never hang up.
+    let policy_svc = PolicyServiceServer::new(PolicyStreamService::new(
+        auth.clone(),
+        store.clone(),
+        policy_rx,
+        shutdown_rx.clone(),
+    ))
+    .max_decoding_message_size(MAX_POLICY_ACK_BYTES);
     let bundle_svc = TrustBundleServiceServer::new(TrustBundleStreamService::new(
         auth,
         store.clone(),
@@ -259,6 +302,7 @@ pub async fn start_with_store(
         let result = tonic::transport::Server::builder()
             .add_service(svc)
             .add_service(bundle_svc)
+            .add_service(policy_svc)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             })
@@ -268,6 +312,7 @@ pub async fn start_with_store(
         }
     }));
 
+    let metrics_for_policies = metrics.clone();
     let ops = router(OpsState {
         metrics,
         store: store.clone(),
@@ -319,6 +364,26 @@ pub async fn start_with_store(
         }
         .run(shutdown_rx.clone()),
     ));
+
+    if let Some(source) = policy_source {
+        tasks.push(tokio::spawn(
+            PolicyPoller {
+                source,
+                mesh,
+                interval: config.policies_poll_interval,
+                snapshots: policy_tx,
+                metrics: metrics_for_policies,
+            }
+            .run(shutdown_rx.clone()),
+        ));
+    } else {
+        // No source: the empty set stays; keep the sender so streams stay open.
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let _keep = policy_tx;
+            let _ = rx.wait_for(|stop| *stop).await;
+        }));
+    }
 
     tracing::info!(%grpc_addr, %http_addr, trust_domain = %config.trust_domain, "citadel CA serving");
     Ok(RunningCa {

@@ -41,6 +41,15 @@ async fn node_list_shows_nodes_as_a_table_and_as_json() {
         .record_bundle_ack("spiffe://cluster.local/citadel/node/node-a", 1, unix_now())
         .await
         .unwrap();
+    let policy_version = "0123456789abcdef".repeat(4);
+    h.store
+        .record_policy_ack(
+            "spiffe://cluster.local/citadel/node/node-a",
+            &policy_version,
+            unix_now(),
+        )
+        .await
+        .unwrap();
     assert!(h.store.evict_node("node-b", unix_now()).await.unwrap());
     // The first certificate of the chain is the leaf.
     let not_after_b = citadel_identity::check_citadel_leaf(&support::chain_der(&[chain_b])[0])
@@ -61,12 +70,14 @@ async fn node_list_shows_nodes_as_a_table_and_as_json() {
     assert_eq!(a[0], "node-a", "{table}");
     assert_eq!(a[1], "active", "{table}");
     assert_eq!(a[4], "1", "bundle sequence: {table}");
-    assert_eq!(a[5], WEB, "{table}");
+    assert_eq!(a[5], "0123456789ab", "short policy version: {table}");
+    assert_eq!(a[6], WEB, "{table}");
     assert_eq!(b[0], "node-b", "{table}");
     assert_eq!(b[1], "evicted", "{table}");
     assert_eq!(b[2], citadel_ca::cli::fmt_time(not_after_b), "{table}");
     assert_eq!(b[4], "-", "node-b never acknowledged a bundle: {table}");
-    assert_eq!(b[5], format!("{WEB},{DB}"), "{table}");
+    assert_eq!(b[5], "-", "node-b never acknowledged a policy set: {table}");
+    assert_eq!(b[6], format!("{WEB},{DB}"), "{table}");
 
     let out = citadel(&["node", "list", "--data-dir", &data, "--json"]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
@@ -81,6 +92,8 @@ async fn node_list_shows_nodes_as_a_table_and_as_json() {
     assert_eq!(rows[0]["state"], "active");
     assert_eq!(rows[0]["allowed_ids"], serde_json::json!([WEB]));
     assert_eq!(rows[0]["bundle_sequence"], 1);
+    assert_eq!(rows[0]["policy_version"], policy_version.as_str());
+    assert!(rows[1]["policy_version"].is_null(), "{rows:?}");
     assert!(rows[0]["last_seen"].is_string(), "{rows:?}");
     assert!(rows[0]["joined_at"].is_string(), "{rows:?}");
     assert!(rows[0]["evicted_at"].is_null(), "{rows:?}");
@@ -110,6 +123,7 @@ async fn node_list_shows_nodes_as_a_table_and_as_json() {
             "last_seen",
             "node",
             "not_after",
+            "policy_version",
             "spiffe_id",
             "state"
         ]

@@ -16,6 +16,7 @@ use citadel_e2e::tokens::{TEST_ISSUER, TokenIssuer};
 use citadel_e2e::unix_now;
 use citadel_identity::TrustDomain;
 use citadel_identity::lifetime::LifetimePolicy;
+use citadel_proto::citadel::v1::policy_service_client::PolicyServiceClient;
 use citadel_proto::citadel::v1::trust_bundle_service_client::TrustBundleServiceClient;
 use citadel_store::{
     AuthorityRecord, AuthorityState, BundleAck, JoinTokenRecord, LedgerEntry, LedgerFilter,
@@ -85,6 +86,9 @@ impl Harness {
                 trust_domain: td,
             }),
             bundle_poll_interval: Duration::from_millis(100),
+            policies_dir: None,
+            policies_poll_interval: Duration::from_millis(100),
+            root_namespace: "istio-system".into(),
         };
         configure(&mut config);
         let url = config.store_url();
@@ -221,20 +225,32 @@ impl Harness {
         &self,
         client_identity: Option<(&str, &str)>,
     ) -> TrustBundleServiceClient<Channel> {
+        TrustBundleServiceClient::new(self.channel(client_identity).await)
+    }
+
+    /// A policy-stream client, with an optional client certificate (PEM chain, PEM key).
+    pub async fn policy_client(
+        &self,
+        client_identity: Option<(&str, &str)>,
+    ) -> PolicyServiceClient<Channel> {
+        PolicyServiceClient::new(self.channel(client_identity).await)
+    }
+
+    /// A TLS channel to the CA, with an optional client certificate (PEM chain, PEM key).
+    pub async fn channel(&self, client_identity: Option<(&str, &str)>) -> Channel {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.bundle_pem))
             .domain_name("localhost");
         if let Some((chain, key)) = client_identity {
             tls = tls.identity(Identity::from_pem(chain, key));
         }
-        let channel = Channel::from_shared(format!("https://{}", self.addr()))
+        Channel::from_shared(format!("https://{}", self.addr()))
             .unwrap()
             .tls_config(tls)
             .unwrap()
             .connect()
             .await
-            .unwrap();
-        TrustBundleServiceClient::new(channel)
+            .unwrap()
     }
 
     /// Stops the CA.
