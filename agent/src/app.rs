@@ -18,6 +18,7 @@ use crate::ca_client::{CaEndpoint, CaError, GrpcCa, NodeCredential};
 use crate::manager::{CertManager, ManagerConfig};
 use crate::metrics::AgentMetrics;
 use crate::node::{self, NeedsJoinToken, NodeIdentity, Startup};
+use crate::policy::follow_ca_policies;
 use crate::server::AgentState;
 use crate::{http, random_unit, server, socket, unix_now};
 
@@ -66,6 +67,8 @@ pub struct AgentConfig {
     pub http_listen: SocketAddr,
     /// How long a unary fetch waits for a first certificate.
     pub fetch_timeout: Duration,
+    /// The mesh root namespace: its policies apply to every workload.
+    pub root_namespace: String,
 }
 
 impl AgentConfig {
@@ -86,6 +89,7 @@ impl AgentConfig {
             idle_linger: Duration::from_secs(30),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 15020)),
             fetch_timeout: Duration::from_secs(30),
+            root_namespace: "istio-system".to_owned(),
         }
     }
 
@@ -183,7 +187,8 @@ impl RunningAgent {
 
 /// Starts the agent: reads the entries, settles the node identity (saved,
 /// or through the join token), binds the HTTP endpoint and the socket,
-/// and spawns the trust-bundle follower, node renewal and the server.
+/// and spawns the trust-bundle and policy followers, node renewal and the
+/// server.
 pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
     let server_name = config.server_name()?;
     let roots_pem = trusted_roots(&config.ca_bundle, &config.data_dir)?;
@@ -252,6 +257,17 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
         config.node_ttl,
     )));
 
+    let mesh = citadel_policy::MeshConfig {
+        root_namespace: config.root_namespace.clone(),
+    };
+    let (policy_tx, policy_rx) = watch::channel(None);
+    tasks.push(tokio::spawn(follow_ca_policies(
+        ca.clone(),
+        policy_tx,
+        metrics.clone(),
+        mesh.clone(),
+    )));
+
     let manager = CertManager::new(
         ca.clone(),
         bundle_rx.clone(),
@@ -276,6 +292,8 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
         attestor: Arc::new(EntriesAttestor::new(entries)),
         manager: manager.clone(),
         bundle: bundle_rx.clone(),
+        policies: policy_rx,
+        mesh,
         metrics: metrics.clone(),
         fetch_timeout: config.fetch_timeout,
         attestation_changed: epoch_rx,

@@ -6,7 +6,9 @@
 //! over Envoy SDS v3 ([`sds`]) and the SPIFFE Workload API
 //! ([`workload_api`]) on that one socket ([`server`], [`socket`]). Its own
 //! identity comes from a join token ([`node`]); the trust bundle from the
-//! CA's stream ([`bundle`]).
+//! CA's stream ([`bundle`]); the policy set from the CA's policy stream
+//! ([`policy`]), of which each workload gets the part that applies to it
+//! ([`workload_policy`]).
 
 #![deny(missing_docs)]
 
@@ -22,11 +24,13 @@ pub mod http;
 pub mod manager;
 pub mod metrics;
 pub mod node;
+pub mod policy;
 pub mod sds;
 pub mod server;
 pub mod socket;
 pub mod svid;
 pub mod workload_api;
+pub mod workload_policy;
 
 /// Unix seconds now. The one place the agent reads the wall clock for
 /// certificate decisions; the decisions themselves take time as an argument.

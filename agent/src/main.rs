@@ -88,6 +88,11 @@ struct RunArgs {
         default_value = "0.0.0.0:15020"
     )]
     http_listen: SocketAddr,
+    /// The mesh root namespace: its policies without a selector (and its
+    /// AuthorizationPolicies whose selector matches) apply to every
+    /// workload; use the CA's --root-namespace.
+    #[arg(long, env = "CITADEL_ROOT_NAMESPACE", default_value = "istio-system")]
+    root_namespace: String,
 }
 
 /// Parses `90s`, `15m`, `24h`, `7d` or plain seconds.
@@ -157,6 +162,7 @@ impl RunArgs {
             idle_linger: self.idle_linger,
             http_listen: self.http_listen,
             fetch_timeout: Duration::from_secs(30),
+            root_namespace: self.root_namespace,
         }
     }
 }

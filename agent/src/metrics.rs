@@ -26,7 +26,7 @@ pub struct CodeLabel {
 /// Label: which API a stream belongs to.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabel {
-    /// `sds` or `workload_api`.
+    /// `sds`, `workload_api` or `policy`.
     pub api: &'static str,
 }
 
@@ -35,6 +35,13 @@ pub struct ApiLabel {
 pub struct ResultLabel {
     /// `success` or `failure`.
     pub result: &'static str,
+}
+
+/// Label: a policy-set version.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    /// The CA's version of the set.
+    pub version: String,
 }
 
 /// Handles to every metric; cheap to clone.
@@ -48,6 +55,9 @@ pub struct AgentMetrics {
     streams_open: Family<ApiLabel, Gauge>,
     entries_reload_errors: Counter,
     bundle_sequence: Gauge<i64, AtomicI64>,
+    policy_version: Family<VersionLabel, Gauge>,
+    policy_objects: Gauge,
+    policy_update_errors: Counter,
 }
 
 impl Default for AgentMetrics {
@@ -102,8 +112,29 @@ impl AgentMetrics {
             "Sequence of the trust bundle in force (0: none yet)",
             bundle_sequence.clone(),
         );
+        let policy_version = Family::default();
+        registry.register(
+            "policy_version_info",
+            "The policy set in force: 1 for its version (absent: none yet)",
+            policy_version.clone(),
+        );
+        let policy_objects = Gauge::default();
+        registry.register(
+            "policy_objects",
+            "Objects in the policy set in force",
+            policy_objects.clone(),
+        );
+        let policy_update_errors = Counter::default();
+        registry.register(
+            "policy_update_errors",
+            "Policy sets from the CA refused (the current set stays in force)",
+            policy_update_errors.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            policy_version,
+            policy_objects,
+            policy_update_errors,
             certificates_held,
             expiry_seconds,
             issuances,
@@ -169,6 +200,23 @@ impl AgentMetrics {
     pub fn bundle_sequence(&self, seq: u64) {
         self.bundle_sequence
             .set(i64::try_from(seq).unwrap_or(i64::MAX));
+    }
+
+    /// Records the policy set in force.
+    pub fn policy_version(&self, version: &str, objects: usize) {
+        self.policy_version.clear();
+        self.policy_version
+            .get_or_create(&VersionLabel {
+                version: version.to_owned(),
+            })
+            .set(1);
+        self.policy_objects
+            .set(i64::try_from(objects).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a policy set refused.
+    pub fn policy_update_error(&self) {
+        self.policy_update_errors.inc();
     }
 
     /// Counts a stream as open until the returned guard drops.

@@ -1,9 +1,11 @@
-//! The agent's gRPC server on its Unix socket: SDS and the Workload API on
-//! one server, every request attested from the connection's peer.
+//! The agent's gRPC server on its Unix socket: SDS, the Workload API and the
+//! workload policy stream on one server, every request attested from the
+//! connection's peer.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use citadel_proto::citadel::v1::workload_policy_service_server::WorkloadPolicyServiceServer;
 use citadel_proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use citadel_proto::spiffe_workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tokio::net::UnixListener;
@@ -14,8 +16,10 @@ use crate::attest::{PeerInfo, Workload, WorkloadAttestor};
 use crate::bundle::BundleWatch;
 use crate::manager::CertManager;
 use crate::metrics::AgentMetrics;
+use crate::policy::PolicyWatch;
 use crate::sds::SdsService;
 use crate::workload_api::WorkloadApiService;
+use crate::workload_policy::WorkloadPolicyApi;
 
 /// Largest message accepted from a workload. Requests are small (a few
 /// resource names); anything bigger is garbage or abuse.
@@ -29,6 +33,10 @@ pub struct AgentState {
     pub manager: CertManager,
     /// The trust bundle.
     pub bundle: BundleWatch,
+    /// The policy set from the CA.
+    pub policies: PolicyWatch,
+    /// Mesh settings (the root namespace) for choosing each caller's policies.
+    pub mesh: citadel_policy::MeshConfig,
     /// Metrics.
     pub metrics: AgentMetrics,
     /// How long a unary fetch waits for a certificate.
@@ -75,7 +83,8 @@ impl AgentState {
     }
 }
 
-/// Serves SDS and the Workload API on `listener` until `shutdown` resolves.
+/// Serves SDS, the Workload API and the policy stream on `listener` until
+/// `shutdown` resolves.
 pub async fn serve(
     listener: UnixListener,
     state: Arc<AgentState>,
@@ -83,13 +92,16 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let sds = SecretDiscoveryServiceServer::new(SdsService::new(state.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let workload = SpiffeWorkloadApiServer::new(WorkloadApiService::new(state))
+    let workload = SpiffeWorkloadApiServer::new(WorkloadApiService::new(state.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let policies = WorkloadPolicyServiceServer::new(WorkloadPolicyApi::new(state))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
         .max_concurrent_streams(Some(256))
         .add_service(sds)
         .add_service(workload)
+        .add_service(policies)
         .serve_with_incoming_shutdown(crate::socket::incoming(listener), shutdown)
         .await
 }

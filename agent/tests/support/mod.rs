@@ -14,10 +14,13 @@ use citadel_agent::entries::WorkloadEntries;
 use citadel_agent::fake::FakeCa;
 use citadel_agent::manager::{CertManager, ManagerConfig};
 use citadel_agent::metrics::AgentMetrics;
+use citadel_agent::policy::{PolicyState, parse_set};
 use citadel_agent::server::{AgentState, serve};
 use citadel_agent::socket;
 use citadel_identity::{Backoff, TrustBundle, TrustDomain};
 use citadel_proto::SECRET_TYPE_URL;
+use citadel_proto::citadel::v1::PolicySet;
+use citadel_proto::citadel::v1::workload_policy_service_client::WorkloadPolicyServiceClient;
 use citadel_proto::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use citadel_proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use citadel_proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
@@ -43,6 +46,8 @@ pub struct Harness {
     pub bundle_tx: watch::Sender<Option<Arc<BundleState>>>,
     pub manager: CertManager,
     pub metrics: AgentMetrics,
+    /// The policy set the agent serves, as the CA's policy stream would set it.
+    pub policies_tx: watch::Sender<Option<Arc<PolicyState>>>,
     entries_tx: watch::Sender<Arc<WorkloadEntries>>,
     epoch_tx: watch::Sender<u64>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -106,10 +111,13 @@ impl Harness {
             },
             metrics.clone(),
         );
+        let (policies_tx, policies_rx) = watch::channel(None);
         let state = Arc::new(AgentState {
             attestor: Arc::new(EntriesAttestor::new(entries_rx)),
             manager: manager.clone(),
             bundle: bundle_rx,
+            policies: policies_rx,
+            mesh: citadel_policy::MeshConfig::default(),
             metrics: metrics.clone(),
             fetch_timeout: Duration::from_secs(2),
             attestation_changed: epoch_rx,
@@ -132,6 +140,7 @@ impl Harness {
             bundle_tx,
             manager,
             metrics,
+            policies_tx,
             entries_tx,
             epoch_tx,
             shutdown: Some(stop_tx),
@@ -155,6 +164,16 @@ impl Harness {
     pub fn set_bundle(&self, bundle: TrustBundle, sequence: u64) {
         self.bundle_tx
             .send_replace(Some(Arc::new(BundleState::new(bundle, sequence))));
+    }
+
+    /// Applies `set` as the agent's policy set, as the CA's policy stream does.
+    pub fn set_policies(&self, set: &PolicySet) {
+        let state = parse_set(set, &citadel_policy::MeshConfig::default()).unwrap();
+        self.policies_tx.send_replace(Some(Arc::new(state)));
+    }
+
+    pub async fn policies(&self) -> WorkloadPolicyServiceClient<Channel> {
+        WorkloadPolicyServiceClient::new(self.channel().await)
     }
 
     /// Replaces the workload entries, as a reload of the file does.
