@@ -1,0 +1,274 @@
+//! The pure core of the proxy: what the first bytes of a connection are, whether a
+//! connection is admitted on a port (PeerAuthentication, then AuthorizationPolicy),
+//! and which open connections a new policy version no longer allows.
+
+use std::net::IpAddr;
+
+use citadel_policy::{Destination, Mode, Peer, PolicySet, Reason, Request, Verdict, Workload};
+
+/// The policies in force for this workload, and who this workload is.
+#[derive(Debug, Clone)]
+pub struct PolicyState {
+    /// The CA's version of the set.
+    pub version: String,
+    /// This workload's SPIFFE ID, as the agent attested it.
+    pub spiffe_id: String,
+    /// This workload's namespace.
+    pub namespace: String,
+    /// This workload's labels (each key once).
+    pub labels: Vec<(String, String)>,
+    /// The compiled policies that apply to it.
+    pub set: PolicySet,
+}
+
+/// What the first bytes of an inbound connection say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniffed {
+    /// A TLS handshake record (`0x16 0x03`).
+    Tls,
+    /// Anything else.
+    Plaintext,
+    /// Too few bytes to tell.
+    NeedMore,
+}
+
+/// Tells a TLS ClientHello from plaintext by its first two bytes (a handshake
+/// record, major version 3), without consuming anything.
+pub fn sniff(first: &[u8]) -> Sniffed {
+    match first {
+        [] | [0x16] => Sniffed::NeedMore,
+        [0x16, 0x03, ..] => Sniffed::Tls,
+        _ => Sniffed::Plaintext,
+    }
+}
+
+/// The facts of one inbound connection, kept while it is open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnFacts {
+    /// Whether the peer came over mutual TLS.
+    pub tls: bool,
+    /// The peer's SPIFFE ID (mTLS only).
+    pub peer_id: Option<String>,
+    /// The peer's principal `<td>/ns/<ns>/sa/<sa>` (mTLS only).
+    pub principal: Option<String>,
+    /// The peer's IP.
+    pub source_ip: Option<IpAddr>,
+    /// The application port the connection is for.
+    pub app_port: u16,
+}
+
+/// Whether the transport a peer chose is acceptable in a mode.
+pub fn transport_allowed(mode: Mode, tls: bool) -> bool {
+    match mode {
+        Mode::Strict => tls,
+        Mode::Disable => !tls,
+        Mode::Permissive => true,
+    }
+}
+
+/// The outcome of [`admit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// Allow or deny.
+    pub verdict: Verdict,
+    /// Why, for the log: the transport rule, the deciding policy and rule, or
+    /// "no ALLOW policy matched".
+    pub reason: String,
+}
+
+impl Admission {
+    /// Whether the connection may proceed.
+    pub fn allowed(&self) -> bool {
+        self.verdict == Verdict::Allow
+    }
+}
+
+/// Decides a connection: the effective mTLS mode of the port must accept its
+/// transport, then the AuthorizationPolicies for (source, this workload, port) decide.
+pub fn admit(state: &PolicyState, facts: &ConnFacts) -> Admission {
+    let labels: Vec<(&str, &str)> = state
+        .labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let workload = Workload {
+        namespace: &state.namespace,
+        labels: &labels,
+    };
+    let mode = state.set.effective_mtls(&workload, facts.app_port);
+    if !transport_allowed(mode, facts.tls) {
+        let what = if facts.tls { "mTLS" } else { "plaintext" };
+        return Admission {
+            verdict: Verdict::Deny,
+            reason: format!(
+                "{what} refused: PeerAuthentication mode {mode} on port {}",
+                facts.app_port
+            ),
+        };
+    }
+    let request = Request {
+        source: Peer {
+            principal: facts.principal.as_deref(),
+            ip: facts.source_ip,
+            remote_ip: None,
+        },
+        destination: Destination {
+            workload,
+            ip: None,
+            port: facts.app_port,
+        },
+        sni: None,
+        http: None,
+    };
+    let decision = state.set.decide(&request);
+    let reason = match decision.reason {
+        Reason::NoAllowMatched => "no ALLOW policy matched".to_owned(),
+        other => other.to_string(),
+    };
+    Admission {
+        verdict: decision.verdict,
+        reason,
+    }
+}
+
+/// The open connections (by key) that `state` no longer admits.
+pub fn to_close<'a, K: Copy + 'a>(
+    state: &PolicyState,
+    open: impl IntoIterator<Item = (K, &'a ConnFacts)>,
+) -> Vec<(K, Admission)> {
+    open.into_iter()
+        .filter_map(|(k, facts)| {
+            let a = admit(state, facts);
+            (!a.allowed()).then_some((k, a))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use citadel_policy::{MeshConfig, load_str};
+
+    fn state(yaml: &str) -> PolicyState {
+        PolicyState {
+            version: "v1".into(),
+            spiffe_id: "spiffe://cluster.local/ns/shop/sa/api".into(),
+            namespace: "shop".into(),
+            labels: vec![("app".into(), "api".into())],
+            set: load_str("test.yaml", yaml, &MeshConfig::default()).unwrap(),
+        }
+    }
+
+    fn mtls_from(sa: &str, port: u16) -> ConnFacts {
+        ConnFacts {
+            tls: true,
+            peer_id: Some(format!("spiffe://cluster.local/ns/shop/sa/{sa}")),
+            principal: Some(format!("cluster.local/ns/shop/sa/{sa}")),
+            source_ip: Some([127, 0, 0, 1].into()),
+            app_port: port,
+        }
+    }
+
+    fn plaintext(port: u16) -> ConnFacts {
+        ConnFacts {
+            tls: false,
+            peer_id: None,
+            principal: None,
+            source_ip: Some([127, 0, 0, 1].into()),
+            app_port: port,
+        }
+    }
+
+    const ONLY_WEB: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/shop/sa/web"]}}]
+"#;
+
+    const STRICT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+"#;
+
+    #[test]
+    fn a_client_hello_is_told_from_plaintext_by_two_bytes() {
+        assert_eq!(sniff(&[0x16, 0x03, 0x01, 0x02]), Sniffed::Tls);
+        assert_eq!(sniff(&[0x16, 0x03]), Sniffed::Tls);
+        assert_eq!(sniff(b"GET / HTTP/1.1"), Sniffed::Plaintext);
+        assert_eq!(sniff(&[0x16, 0x01]), Sniffed::Plaintext);
+        assert_eq!(sniff(&[0x16]), Sniffed::NeedMore);
+        assert_eq!(sniff(&[]), Sniffed::NeedMore);
+    }
+
+    #[test]
+    fn modes_accept_their_transports_only() {
+        assert!(transport_allowed(Mode::Strict, true));
+        assert!(!transport_allowed(Mode::Strict, false));
+        assert!(transport_allowed(Mode::Permissive, true));
+        assert!(transport_allowed(Mode::Permissive, false));
+        assert!(!transport_allowed(Mode::Disable, true));
+        assert!(transport_allowed(Mode::Disable, false));
+    }
+
+    #[test]
+    fn strict_port_denies_plaintext_before_authorization() {
+        let s = state(STRICT);
+        let a = admit(&s, &plaintext(8080));
+        assert_eq!(a.verdict, Verdict::Deny);
+        assert!(a.reason.contains("STRICT"), "{}", a.reason);
+        assert!(admit(&s, &mtls_from("web", 8080)).allowed());
+    }
+
+    #[test]
+    fn allow_policy_admits_its_principal_and_names_the_rule() {
+        let s = state(ONLY_WEB);
+        let a = admit(&s, &mtls_from("web", 8080));
+        assert!(a.allowed());
+        assert!(a.reason.contains("shop/only-web rule 0"), "{}", a.reason);
+    }
+
+    #[test]
+    fn allow_policy_denies_other_principals_with_no_allow_matched() {
+        let s = state(ONLY_WEB);
+        let a = admit(&s, &mtls_from("other", 8080));
+        assert_eq!(a.verdict, Verdict::Deny);
+        assert_eq!(a.reason, "no ALLOW policy matched");
+        assert_eq!(admit(&s, &plaintext(8080)).verdict, Verdict::Deny);
+    }
+
+    #[test]
+    fn no_policies_allow_everything() {
+        let s = state("");
+        assert!(admit(&s, &plaintext(8080)).allowed());
+        assert!(admit(&s, &mtls_from("x", 8080)).allowed());
+    }
+
+    #[test]
+    fn a_new_policy_closes_exactly_the_connections_it_no_longer_allows() {
+        let open = [
+            (1u64, mtls_from("web", 8080)),
+            (2, mtls_from("other", 8080)),
+            (3, plaintext(8080)),
+        ];
+        let everything = state("");
+        assert!(to_close(&everything, open.iter().map(|(k, f)| (*k, f))).is_empty());
+        let only_web = state(ONLY_WEB);
+        let closed: Vec<u64> = to_close(&only_web, open.iter().map(|(k, f)| (*k, f)))
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(closed, vec![2, 3]);
+        let strict = state(STRICT);
+        let closed: Vec<u64> = to_close(&strict, open.iter().map(|(k, f)| (*k, f)))
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(closed, vec![3]);
+    }
+}
