@@ -1,0 +1,510 @@
+//! The proxy in-process over real TCP and TLS on 127.0.0.1: certificates from a
+//! test CA, policies fed directly (no agent), a small echo application.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use citadel_identity::SpiffeId;
+use citadel_policy::{MeshConfig, load_str};
+use citadel_proxy::app::{Inputs, RunningProxy, start_with};
+use citadel_proxy::config::{ProxyConfig, parse_inbound, parse_outbound};
+use citadel_proxy::decide::PolicyState;
+use citadel_tls::testing::TestCa;
+use citadel_tls::{CertResolver, ExpectedServer, SharedBundle, SpiffeServerVerifier, provider};
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+
+const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const OTHER: &str = "spiffe://cluster.local/ns/shop/sa/other";
+
+const STRICT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+"#;
+
+const DISABLE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: off, namespace: shop}
+spec: {mtls: {mode: DISABLE}}
+"#;
+
+const PERMISSIVE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: both, namespace: shop}
+spec: {mtls: {mode: PERMISSIVE}}
+"#;
+
+const ONLY_WEB: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/shop/sa/web"]}}]
+"#;
+
+const DENY_WEB: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-web, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/shop/sa/web"]}}]
+"#;
+
+fn state(id: &str, app: &str, version: &str, yaml: &str) -> Arc<PolicyState> {
+    Arc::new(PolicyState {
+        version: version.to_owned(),
+        spiffe_id: id.to_owned(),
+        namespace: "shop".to_owned(),
+        labels: vec![("app".to_owned(), app.to_owned())],
+        set: load_str("test.yaml", yaml, &MeshConfig::default()).unwrap(),
+    })
+}
+
+/// An application that echoes every byte; returns its port.
+async fn echo_app() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
+
+/// A port nothing listens on.
+async fn dead_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().port()
+}
+
+struct Proxy {
+    running: RunningProxy,
+    policy: watch::Sender<Option<Arc<PolicyState>>>,
+}
+
+impl Proxy {
+    fn inbound(&self) -> SocketAddr {
+        self.running.inbound[0].1
+    }
+}
+
+/// A proxy for `id` (labels app=`app`) holding a certificate from `ca`.
+async fn proxy(
+    ca: &TestCa,
+    id: &str,
+    app: &str,
+    yaml: &str,
+    inbound: &[String],
+    outbound: &[String],
+) -> Proxy {
+    let svid = ca.svid(id);
+    let certs = Arc::new(CertResolver::new(provider()));
+    certs.set(svid.chain, svid.key_pkcs8).unwrap();
+    let (tx, rx) = watch::channel(Some(state(id, app, "v1", yaml)));
+    let mut config = ProxyConfig::new("/nonexistent".into());
+    config.inbound_bind = [127, 0, 0, 1].into();
+    config.admin = "127.0.0.1:0".parse().unwrap();
+    config.handshake_timeout = Duration::from_secs(2);
+    config.inbound = inbound.iter().map(|s| parse_inbound(s).unwrap()).collect();
+    for spec in &mut config.inbound {
+        spec.port = 0;
+    }
+    config.outbound = outbound
+        .iter()
+        .map(|s| parse_outbound(s).unwrap())
+        .collect();
+    for spec in &mut config.outbound {
+        spec.local_port = 0;
+    }
+    let inputs = Inputs {
+        certs,
+        bundle: SharedBundle::new(ca.bundle()),
+        policy: rx,
+        not_after: Arc::new(AtomicI64::new(0)),
+    };
+    Proxy {
+        running: start_with(config, inputs).await.unwrap(),
+        policy: tx,
+    }
+}
+
+/// A mesh client for `id` with a certificate from `ca`, trusting `trust`'s roots and
+/// expecting the server to be API.
+fn client(ca: &TestCa, trust: &TestCa, id: &str) -> TlsConnector {
+    let svid = ca.svid(id);
+    let certs = Arc::new(CertResolver::new(provider()));
+    certs.set(svid.chain, svid.key_pkcs8).unwrap();
+    let verifier = SpiffeServerVerifier::new(
+        SharedBundle::new(trust.bundle()),
+        ExpectedServer::Exactly(SpiffeId::parse(API).unwrap()),
+        provider(),
+    );
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(certs);
+    TlsConnector::from(Arc::new(config))
+}
+
+/// Writes `ping` and expects it echoed.
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<(), String> {
+    s.write_all(b"ping").await.map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 4];
+    match tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut buf)).await {
+        Ok(Ok(_)) if &buf == b"ping" => Ok(()),
+        Ok(Ok(_)) => Err(format!("echoed {buf:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no echo within 3 s".to_owned()),
+    }
+}
+
+async fn mtls_conn(
+    addr: SocketAddr,
+    c: &TlsConnector,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    c.connect(ServerName::try_from("api").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn mtls_echo(addr: SocketAddr, c: &TlsConnector) -> Result<(), String> {
+    let mut s = mtls_conn(addr, c).await?;
+    echo(&mut s).await
+}
+
+async fn plain_echo(addr: SocketAddr) -> Result<(), String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    echo(&mut s).await
+}
+
+/// Whether the peer closes `s` (EOF or error) within 3 s; bytes before the end (a TLS
+/// alert) are read and ignored.
+async fn closed_by_peer<S: AsyncRead + Unpin>(s: &mut S) -> bool {
+    let mut buf = [0u8; 64];
+    let until_closed = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), until_closed)
+        .await
+        .is_ok()
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+fn inbound_to(app: u16) -> Vec<String> {
+    vec![format!("1:{app}")]
+}
+
+#[tokio::test]
+async fn strict_port_refuses_plaintext() {
+    let ca = TestCa::new("cluster.local", "root");
+    let app = echo_app().await;
+    let p = proxy(&ca, API, "api", STRICT, &inbound_to(app), &[]).await;
+    assert!(
+        plain_echo(p.inbound()).await.is_err(),
+        "plaintext got through"
+    );
+    mtls_echo(p.inbound(), &client(&ca, &ca, WEB))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn strict_port_refuses_a_client_without_a_certificate() {
+    let ca = TestCa::new("cluster.local", "root");
+    let app = echo_app().await;
+    let p = proxy(&ca, API, "api", STRICT, &inbound_to(app), &[]).await;
+    let verifier = SpiffeServerVerifier::new(
+        SharedBundle::new(ca.bundle()),
+        ExpectedServer::AnyInTrustDomain,
+        provider(),
+    );
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    let c = TlsConnector::from(Arc::new(config));
+    assert!(mtls_echo(p.inbound(), &c).await.is_err());
+}
+
+#[tokio::test]
+async fn permissive_port_accepts_mtls_and_plaintext() {
+    let ca = TestCa::new("cluster.local", "root");
+    let app = echo_app().await;
+    for yaml in [PERMISSIVE, ""] {
+        let p = proxy(&ca, API, "api", yaml, &inbound_to(app), &[]).await;
+        mtls_echo(p.inbound(), &client(&ca, &ca, WEB))
+            .await
+            .unwrap();
+        plain_echo(p.inbound()).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn disable_port_refuses_tls() {
+    let ca = TestCa::new("cluster.local", "root");
+    let app = echo_app().await;
+    let p = proxy(&ca, API, "api", DISABLE, &inbound_to(app), &[]).await;
+    assert!(
+        mtls_echo(p.inbound(), &client(&ca, &ca, WEB))
+            .await
+            .is_err()
+    );
+    plain_echo(p.inbound()).await.unwrap();
+}
+
+#[tokio::test]
+async fn port_level_mtls_sets_the_mode_of_that_app_port_only() {
+    let ca = TestCa::new("cluster.local", "root");
+    let (a, b) = (echo_app().await, echo_app().await);
+    let yaml = format!(
+        r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: api, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: api}}}}
+  mtls: {{mode: STRICT}}
+  portLevelMtls:
+    {b}: {{mode: PERMISSIVE}}
+"#
+    );
+    let p = proxy(
+        &ca,
+        API,
+        "api",
+        &yaml,
+        &[format!("1:{a}"), format!("2:{b}")],
+        &[],
+    )
+    .await;
+    assert!(plain_echo(p.running.inbound[0].1).await.is_err());
+    plain_echo(p.running.inbound[1].1).await.unwrap();
+}
+
+#[tokio::test]
+async fn allow_and_deny_at_l4_by_source_principal() {
+    let ca = TestCa::new("cluster.local", "root");
+    let app = echo_app().await;
+    let p = proxy(&ca, API, "api", ONLY_WEB, &inbound_to(app), &[]).await;
+    mtls_echo(p.inbound(), &client(&ca, &ca, WEB))
+        .await
+        .unwrap();
+    assert!(
+        mtls_echo(p.inbound(), &client(&ca, &ca, OTHER))
+            .await
+            .is_err()
+    );
+    assert!(
+        plain_echo(p.inbound()).await.is_err(),
+        "plaintext has no principal"
+    );
+    let m = p.running.metrics.encode();
+    assert!(
+        m.contains(r#"source_principal="cluster.local/ns/shop/sa/other",destination_port=""#)
+            && m.contains(r#"decision="deny""#),
+        "{m}"
+    );
+    assert!(m.contains(r#"decision="allow""#), "{m}");
+}
+
+#[tokio::test]
+async fn deny_policy_refuses_its_principal_and_allows_the_rest() {
+    let ca = TestCa::new("cluster.local", "root");
+    let app = echo_app().await;
+    let p = proxy(&ca, API, "api", DENY_WEB, &inbound_to(app), &[]).await;
+    assert!(
+        mtls_echo(p.inbound(), &client(&ca, &ca, WEB))
+            .await
+            .is_err()
+    );
+    mtls_echo(p.inbound(), &client(&ca, &ca, OTHER))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn outbound_refuses_a_server_with_another_spiffe_id() {
+    let ca = TestCa::new("cluster.local", "root");
+    let app = echo_app().await;
+    let api = proxy(&ca, API, "api", STRICT, &inbound_to(app), &[]).await;
+    let upstream = api.inbound();
+    let web = proxy(
+        &ca,
+        WEB,
+        "web",
+        "",
+        &[],
+        &[
+            format!("1=127.0.0.1:{},{API}", upstream.port()),
+            format!(
+                "2=127.0.0.1:{},spiffe://cluster.local/ns/shop/sa/db",
+                upstream.port()
+            ),
+        ],
+    )
+    .await;
+    // The right identity: plain bytes in, mTLS across, echoed back.
+    plain_echo(web.running.outbound[0].1).await.unwrap();
+    // The upstream is api, not db: refused.
+    assert!(plain_echo(web.running.outbound[1].1).await.is_err());
+}
+
+#[tokio::test]
+async fn client_with_a_foreign_root_is_refused() {
+    let ca = TestCa::new("cluster.local", "root");
+    let foreign = TestCa::new("cluster.local", "foreign root");
+    let app = echo_app().await;
+    let p = proxy(&ca, API, "api", STRICT, &inbound_to(app), &[]).await;
+    assert!(
+        mtls_echo(p.inbound(), &client(&foreign, &ca, WEB))
+            .await
+            .is_err()
+    );
+    mtls_echo(p.inbound(), &client(&ca, &ca, WEB))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn client_of_another_trust_domain_is_refused() {
+    let ca = TestCa::new("cluster.local", "root");
+    let app = echo_app().await;
+    let p = proxy(&ca, API, "api", STRICT, &inbound_to(app), &[]).await;
+    let other_td = TestCa::new("example.org", "root");
+    assert!(
+        mtls_echo(
+            p.inbound(),
+            &client(&other_td, &ca, "spiffe://example.org/ns/shop/sa/web")
+        )
+        .await
+        .is_err()
+    );
+}
+
+#[tokio::test]
+async fn garbage_instead_of_a_client_hello_is_closed_and_others_still_served() {
+    let ca = TestCa::new("cluster.local", "root");
+    let app = echo_app().await;
+    let p = proxy(&ca, API, "api", STRICT, &inbound_to(app), &[]).await;
+    for garbage in [
+        &[0x16u8, 0x03, 0xff, 0xff, 0xff, 0x00, 0x01, 0x02][..],
+        b"\x00\x00\x00\x00\x00\x00\x00\x00",
+        b"GET / HTTP/1.1\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(p.inbound()).await.unwrap();
+        s.write_all(garbage).await.unwrap();
+        assert!(closed_by_peer(&mut s).await, "{garbage:?} was not closed");
+    }
+    // A half ClientHello header that never completes: closed by the handshake timeout.
+    let mut s = TcpStream::connect(p.inbound()).await.unwrap();
+    s.write_all(&[0x16]).await.unwrap();
+    mtls_echo(p.inbound(), &client(&ca, &ca, WEB))
+        .await
+        .unwrap();
+    assert!(closed_by_peer(&mut s).await);
+    mtls_echo(p.inbound(), &client(&ca, &ca, WEB))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn policy_change_closes_a_now_denied_open_connection() {
+    let ca = TestCa::new("cluster.local", "root");
+    let app = echo_app().await;
+    let p = proxy(&ca, API, "api", "", &inbound_to(app), &[]).await;
+    let mut web = mtls_conn(p.inbound(), &client(&ca, &ca, WEB))
+        .await
+        .unwrap();
+    echo(&mut web).await.unwrap();
+    let mut other = mtls_conn(p.inbound(), &client(&ca, &ca, OTHER))
+        .await
+        .unwrap();
+    echo(&mut other).await.unwrap();
+    assert_eq!(p.running.registry.len(), 2);
+
+    p.policy
+        .send_replace(Some(state(API, "api", "v2", DENY_WEB)));
+    assert!(
+        closed_by_peer(&mut web).await,
+        "web's open connection stayed open"
+    );
+    echo(&mut other).await.unwrap();
+    assert_eq!(p.running.registry.len(), 1);
+    assert!(
+        mtls_echo(p.inbound(), &client(&ca, &ca, WEB))
+            .await
+            .is_err()
+    );
+    let m = p.running.metrics.encode();
+    assert!(m.contains(r#"decision="closed_by_policy""#), "{m}");
+    assert!(m.contains(r#"version="v2""#), "{m}");
+}
+
+#[tokio::test]
+async fn app_refusing_connections_closes_the_client_connection() {
+    let ca = TestCa::new("cluster.local", "root");
+    let app = dead_port().await;
+    let p = proxy(&ca, API, "api", "", &inbound_to(app), &[]).await;
+    let mut s = mtls_conn(p.inbound(), &client(&ca, &ca, WEB))
+        .await
+        .unwrap();
+    let _ = s.write_all(b"ping").await;
+    assert!(closed_by_peer(&mut s).await);
+    assert!(p.running.registry.is_empty());
+}
+
+#[tokio::test]
+async fn ready_once_certificate_bundle_and_policy_are_held() {
+    let ca = TestCa::new("cluster.local", "root");
+    let app = echo_app().await;
+    let p = proxy(&ca, API, "api", "", &inbound_to(app), &[]).await;
+    let r = http_get(p.running.admin, "/healthz/ready").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    p.policy.send_replace(None);
+    let r = http_get(p.running.admin, "/healthz/ready").await;
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+    assert!(r.contains("policy version"), "{r}");
+    let m = http_get(p.running.admin, "/metrics").await;
+    assert!(
+        m.contains("citadel_proxy_certificate_expiry_seconds"),
+        "{m}"
+    );
+}
