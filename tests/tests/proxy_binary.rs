@@ -1,0 +1,252 @@
+//! Two workloads through two real `citadel-proxy` processes over mutual TLS, with
+//! certificates and policies from the real agent and CA: `citadel serve --policies DIR`,
+//! a join token, `citadel-agent` mapping two uids to `shop/web` and `shop/api`, each
+//! proxy run as its uid, a TCP echo application behind api's inbound, and the client
+//! going through web's outbound. Needs root (to run the proxies as other uids).
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use citadel_e2e::mesh::{AgentOptions, AgentProcess, create_join_token};
+use citadel_e2e::process::{CaProcess, binary, free_port, http_get};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+const WEB_UID: u32 = 61001;
+const API_UID: u32 = 61002;
+
+const ALLOW_WEB: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-allow-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+";
+
+const DENY_WEB: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-deny-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]
+";
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+struct ProxyProcess {
+    child: Child,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl ProxyProcess {
+    fn spawn(dir: &Path, name: &str, uid: u32, socket: &Path, listeners: &[String]) -> Self {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(binary("citadel-proxy"))
+            .arg("run")
+            .arg("--agent-socket")
+            .arg(socket)
+            .arg("--admin")
+            .arg(admin.to_string())
+            .args(listeners)
+            .env("RUST_LOG", "info")
+            .uid(uid)
+            .gid(uid)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        ProxyProcess { child, admin, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("citadel-proxy exited ({status}): {}", self.log());
+            }
+            if let Ok((200, _)) = http_get(self.admin, "/healthz/ready").await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "citadel-proxy not ready after 30 s: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+async fn echo_app() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
+
+async fn echo(s: &mut TcpStream) -> Result<(), String> {
+    s.write_all(b"ping").await.map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 4];
+    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await {
+        Ok(Ok(_)) if &buf == b"ping" => Ok(()),
+        Ok(Ok(_)) => Err(format!("echoed {buf:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no echo within 5 s".to_owned()),
+    }
+}
+
+async fn through(addr: SocketAddr) -> Result<TcpStream, String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    echo(&mut s).await?;
+    Ok(s)
+}
+
+async fn closed_by_peer(s: &mut TcpStream, secs: u64) -> bool {
+    let mut buf = [0u8; 64];
+    let until_closed = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(secs), until_closed)
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_allow_then_deny_web_to_api_over_mtls() {
+    if !is_root() {
+        eprintln!("skipped: running proxies as other uids needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // The proxies run as other uids: they must reach the agent socket's directory.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let policies = tmp.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("allow.yaml"), ALLOW_WEB).unwrap();
+    let policies_arg = policies.display().to_string();
+    let ca = CaProcess::start(
+        &tmp.path().join("ca"),
+        &[
+            "--policies",
+            &policies_arg,
+            "--policies-poll-interval",
+            "1s",
+        ],
+    )
+    .await
+    .unwrap();
+    let token = create_join_token(&ca.data_dir, "node-a", &[WEB, API], "10m").unwrap();
+    let entries = format!(
+        "entries:\n  - spiffe_id: {WEB}\n    uid: {WEB_UID}\n    labels: {{app: web}}\n  - spiffe_id: {API}\n    uid: {API_UID}\n    labels: {{app: api}}\n"
+    );
+    let dir = tmp.path().join("agent");
+    let agent = AgentProcess::start(&ca, &AgentOptions::new(&dir, &entries, Some(&token)))
+        .await
+        .unwrap();
+
+    let app = echo_app().await;
+    let api_in = free_port();
+    let web_out = free_port();
+    let mut api = ProxyProcess::spawn(
+        tmp.path(),
+        "api",
+        API_UID,
+        &agent.socket,
+        &["--inbound".to_owned(), format!("{api_in}:{app}")],
+    );
+    let mut web = ProxyProcess::spawn(
+        tmp.path(),
+        "web",
+        WEB_UID,
+        &agent.socket,
+        &[
+            "--outbound".to_owned(),
+            format!("{web_out}=127.0.0.1:{api_in},{API}"),
+        ],
+    );
+    api.wait_ready().await;
+    web.wait_ready().await;
+    let logs = || format!("api:\n{}\nweb:\n{}", api.log(), web.log());
+
+    // Allowed: web → (plain) web's outbound → mTLS → api's inbound → app, and back.
+    let web_out_addr: SocketAddr = format!("127.0.0.1:{web_out}").parse().unwrap();
+    let mut open = through(web_out_addr)
+        .await
+        .unwrap_or_else(|e| panic!("web → api refused: {e}\n{}", logs()));
+    // STRICT: plaintext straight to api's inbound is refused.
+    let api_in_addr: SocketAddr = format!("127.0.0.1:{api_in}").parse().unwrap();
+    assert!(through(api_in_addr).await.is_err(), "plaintext got through");
+
+    // A DENY policy in the CA's directory: the open connection is closed and new ones refused.
+    std::fs::write(policies.join("deny.yaml"), DENY_WEB).unwrap();
+    assert!(
+        closed_by_peer(&mut open, 20).await,
+        "the open connection was not closed\n{}",
+        logs()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while through(web_out_addr).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "web → api still allowed 20 s after the DENY policy\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let api_log = api.log();
+    assert!(
+        api_log.contains("connection denied") && api_log.contains("shop/api-deny-web"),
+        "{api_log}"
+    );
+    let (_, metrics) = http_get(api.admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains(r#"source_principal="cluster.local/ns/shop/sa/web""#)
+            && metrics.contains(r#"decision="deny""#),
+        "{metrics}"
+    );
+}
