@@ -74,6 +74,9 @@ pub struct Admission {
     /// Why, for the log: the transport rule, the deciding policy and rule, or
     /// "no ALLOW policy matched".
     pub reason: String,
+    /// When `istio.io/dry-run` policies apply: what they would have decided
+    /// (logged, never enforced).
+    pub dry_run: Option<String>,
 }
 
 impl Admission {
@@ -104,6 +107,7 @@ pub fn admit(state: &PolicyState, facts: &ConnFacts) -> Admission {
                 "{what} refused: PeerAuthentication mode {mode} on port {}",
                 facts.app_port
             ),
+            dry_run: None,
         };
     }
     let request = Request {
@@ -128,6 +132,9 @@ pub fn admit(state: &PolicyState, facts: &ConnFacts) -> Admission {
     Admission {
         verdict: decision.verdict,
         reason,
+        dry_run: decision
+            .dry_run
+            .map(|r| format!("{}: {r}", r.verdict().as_str())),
     }
 }
 
@@ -240,6 +247,24 @@ spec: {mtls: {mode: STRICT}}
         assert_eq!(a.verdict, Verdict::Deny);
         assert_eq!(a.reason, "no ALLOW policy matched");
         assert_eq!(admit(&s, &plaintext(8080)).verdict, Verdict::Deny);
+    }
+
+    #[test]
+    fn dry_run_policies_are_reported_but_not_enforced() {
+        let s = state(&ONLY_WEB.replace(
+            "metadata: {name: only-web, namespace: shop}",
+            "metadata: {name: only-web, namespace: shop, annotations: {istio.io/dry-run: \"true\"}}",
+        ));
+        let a = admit(&s, &mtls_from("other", 8080));
+        assert!(a.allowed(), "{a:?}");
+        let dry = a.dry_run.unwrap();
+        assert!(dry.starts_with("DENY"), "{dry}");
+        assert!(
+            admit(&s, &mtls_from("web", 8080))
+                .dry_run
+                .unwrap()
+                .starts_with("ALLOW")
+        );
     }
 
     #[test]

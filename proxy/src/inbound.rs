@@ -239,6 +239,15 @@ impl Inbound {
         };
         let admission = admit(&state, &facts);
         let source = facts.peer_id.as_deref().unwrap_or("plaintext");
+        if let Some(dry_run) = &admission.dry_run {
+            tracing::info!(
+                source,
+                destination = %state.spiffe_id,
+                port = facts.app_port,
+                dry_run = %dry_run,
+                "dry-run policies would decide"
+            );
+        }
         if !admission.allowed() {
             tracing::warn!(
                 source,

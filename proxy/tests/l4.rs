@@ -99,6 +99,8 @@ async fn dead_port() -> u16 {
 struct Proxy {
     running: RunningProxy,
     policy: watch::Sender<Option<Arc<PolicyState>>>,
+    certs: Arc<CertResolver>,
+    bundle: SharedBundle,
 }
 
 impl Proxy {
@@ -135,15 +137,18 @@ async fn proxy(
     for spec in &mut config.outbound {
         spec.local_port = 0;
     }
+    let bundle = SharedBundle::new(ca.bundle());
     let inputs = Inputs {
-        certs,
-        bundle: SharedBundle::new(ca.bundle()),
+        certs: certs.clone(),
+        bundle: bundle.clone(),
         policy: rx,
         not_after: Arc::new(AtomicI64::new(0)),
     };
     Proxy {
         running: start_with(config, inputs).await.unwrap(),
         policy: tx,
+        certs,
+        bundle,
     }
 }
 
@@ -507,4 +512,47 @@ async fn ready_once_certificate_bundle_and_policy_are_held() {
         m.contains("citadel_proxy_certificate_expiry_seconds"),
         "{m}"
     );
+}
+
+#[tokio::test]
+async fn rotation_applies_to_new_handshakes_without_dropping_open_connections() {
+    let ca = TestCa::new("cluster.local", "root");
+    let app = echo_app().await;
+    let p = proxy(&ca, API, "api", STRICT, &inbound_to(app), &[]).await;
+    let mut open = mtls_conn(p.inbound(), &client(&ca, &ca, WEB))
+        .await
+        .unwrap();
+    echo(&mut open).await.unwrap();
+
+    // A renewed certificate: served on the next handshake, the open connection untouched.
+    let renewed = ca.svid(API);
+    let renewed_leaf = renewed.chain[0].clone();
+    p.certs.set(renewed.chain, renewed.key_pkcs8).unwrap();
+    echo(&mut open).await.unwrap();
+    let fresh = mtls_conn(p.inbound(), &client(&ca, &ca, WEB))
+        .await
+        .unwrap();
+    assert_eq!(
+        fresh
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first()),
+        Some(&renewed_leaf)
+    );
+
+    // A new root: clients of the old one are refused from now on, the open one stays.
+    let next = TestCa::new("cluster.local", "next root");
+    let svid = next.svid(API);
+    p.certs.set(svid.chain, svid.key_pkcs8).unwrap();
+    p.bundle.set(next.bundle());
+    assert!(
+        mtls_echo(p.inbound(), &client(&ca, &next, WEB))
+            .await
+            .is_err()
+    );
+    mtls_echo(p.inbound(), &client(&next, &next, WEB))
+        .await
+        .unwrap();
+    echo(&mut open).await.unwrap();
 }
