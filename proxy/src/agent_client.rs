@@ -401,6 +401,64 @@ mod tests {
     use super::*;
     use citadel_proto::citadel::v1::PolicyObject;
 
+    fn sinks() -> IdentitySinks {
+        IdentitySinks::new(
+            Arc::new(CertResolver::new(citadel_tls::provider())),
+            SharedBundle::default(),
+        )
+    }
+
+    fn certificate(ca: &citadel_tls::testing::TestCa, not_after: i64) -> SecretUpdate {
+        let svid = ca.svid("spiffe://cluster.local/ns/shop/sa/api");
+        SecretUpdate::Certificate {
+            chain: svid.chain,
+            key_pkcs8: svid.key_pkcs8,
+            trust_domain: TrustDomain::new("cluster.local").unwrap(),
+            not_after,
+        }
+    }
+
+    #[test]
+    fn the_last_good_certificate_is_kept_until_it_expires() {
+        let ca = citadel_tls::testing::TestCa::new("cluster.local", "root");
+        let s = sinks();
+        s.apply(certificate(&ca, 1_000)).unwrap();
+        s.drop_if_expired(999);
+        assert!(s.certs.current().is_some(), "dropped before notAfter");
+        s.drop_if_expired(1_000);
+        assert!(s.certs.current().is_none(), "kept after notAfter");
+    }
+
+    #[test]
+    fn a_refused_certificate_leaves_the_current_one() {
+        let ca = citadel_tls::testing::TestCa::new("cluster.local", "root");
+        let s = sinks();
+        s.apply(certificate(&ca, 1_000)).unwrap();
+        let bad = SecretUpdate::Certificate {
+            chain: Vec::new(),
+            key_pkcs8: vec![1, 2, 3],
+            trust_domain: TrustDomain::new("cluster.local").unwrap(),
+            not_after: 2_000,
+        };
+        assert!(s.apply(bad).is_err());
+        assert!(s.certs.current().is_some());
+        assert_eq!(s.not_after.load(Ordering::Relaxed), 1_000);
+    }
+
+    #[test]
+    fn roots_before_the_certificate_wait_for_its_trust_domain() {
+        let ca = citadel_tls::testing::TestCa::new("cluster.local", "root");
+        let s = sinks();
+        s.apply(SecretUpdate::Roots(ca.bundle().to_pem())).unwrap();
+        assert!(
+            s.bundle.get().is_none(),
+            "bundle set without a trust domain"
+        );
+        s.apply(certificate(&ca, 1_000)).unwrap();
+        let b = s.bundle.get().unwrap();
+        assert_eq!(b.trust_domain().as_str(), "cluster.local");
+    }
+
     #[test]
     fn foreign_resource_types_are_refused() {
         assert!(matches!(
