@@ -237,8 +237,179 @@ pub struct EnvoyProcess {
     child: Child,
     /// Admin address.
     pub admin: SocketAddr,
-    /// The mTLS listener.
+    /// The first listener's address.
     pub listener: SocketAddr,
+    /// Its log (stderr).
+    pub log: PathBuf,
+}
+
+/// How to run an Envoy beyond its listeners and clusters.
+#[derive(Clone, Debug)]
+pub struct EnvoyOptions<'a> {
+    /// Names the config and log files (`<name>.json`, `<name>.log`) in the directory.
+    pub name: &'a str,
+    /// Run as this uid and gid (needs root); the agent attests the process by it.
+    pub uid: Option<u32>,
+    /// `--concurrency` (worker threads); Envoy's default otherwise.
+    pub concurrency: Option<u32>,
+    /// `-l` log level.
+    pub log_level: &'a str,
+}
+
+impl Default for EnvoyOptions<'_> {
+    fn default() -> Self {
+        EnvoyOptions {
+            name: "envoy",
+            uid: None,
+            concurrency: None,
+            log_level: "info",
+        }
+    }
+}
+
+/// An SDS secret config naming `name` (`default`, `ROOTCA`), fetched from the
+/// agent through the `sds-grpc` cluster every [`EnvoyProcess::start_with`] config has.
+pub fn envoy_sds_secret(name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "name": name,
+        "sds_config": {
+            "resource_api_version": "V3",
+            "initial_fetch_timeout": "20s",
+            "api_config_source": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{ "envoy_grpc": { "cluster_name": "sds-grpc" } }]
+            }
+        }
+    })
+}
+
+fn envoy_tls_context(validation: (&str, serde_json::Value)) -> serde_json::Value {
+    let mut ctx = serde_json::json!({
+        "tls_params": {
+            "tls_minimum_protocol_version": "TLSv1_3",
+            "tls_maximum_protocol_version": "TLSv1_3",
+        },
+        "tls_certificate_sds_secret_configs": [envoy_sds_secret("default")],
+    });
+    ctx[validation.0] = validation.1;
+    ctx
+}
+
+/// A listener transport socket: TLS 1.3 with `default` as the server
+/// certificate, client certificates required and verified against `ROOTCA`.
+pub fn envoy_downstream_mtls() -> serde_json::Value {
+    serde_json::json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": true,
+            "common_tls_context": envoy_tls_context(
+                ("validation_context_sds_secret_config", envoy_sds_secret("ROOTCA"))
+            ),
+        }
+    })
+}
+
+/// A cluster transport socket: TLS 1.3 with `default` as the client
+/// certificate, the server verified against `ROOTCA` and required to carry the
+/// URI SAN `expected_spiffe_id` (secure naming).
+pub fn envoy_upstream_mtls(expected_spiffe_id: &str) -> serde_json::Value {
+    let validation = serde_json::json!({
+        "default_validation_context": {
+            "match_typed_subject_alt_names": [
+                { "san_type": "URI", "matcher": { "exact": expected_spiffe_id } }
+            ]
+        },
+        "validation_context_sds_secret_config": envoy_sds_secret("ROOTCA"),
+    });
+    serde_json::json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": envoy_tls_context(("combined_validation_context", validation)),
+        }
+    })
+}
+
+/// A `tcp_proxy` network filter to `cluster`.
+pub fn envoy_tcp_proxy(cluster: &str) -> serde_json::Value {
+    serde_json::json!({
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": cluster,
+            "cluster": cluster,
+        }
+    })
+}
+
+/// An RBAC network filter that allows only connections whose verified peer
+/// certificate carries one of `principals` (SPIFFE IDs), one Envoy policy each,
+/// as Istio translates one ALLOW AuthorizationPolicy per principal.
+pub fn envoy_rbac_allow(principals: &[String]) -> serde_json::Value {
+    let policies: serde_json::Map<String, serde_json::Value> = principals
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (
+                format!("allow-{i}"),
+                serde_json::json!({
+                    "permissions": [{ "any": true }],
+                    "principals": [{ "authenticated": { "principal_name": { "exact": p } } }],
+                }),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "name": "envoy.filters.network.rbac",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
+            "stat_prefix": "rbac",
+            "rules": { "action": "ALLOW", "policies": policies },
+        }
+    })
+}
+
+/// A listener on `addr` with one filter chain.
+pub fn envoy_listener(
+    name: &str,
+    addr: SocketAddr,
+    transport_socket: Option<serde_json::Value>,
+    filters: Vec<serde_json::Value>,
+) -> serde_json::Value {
+    let mut chain = serde_json::json!({ "filters": filters });
+    if let Some(ts) = transport_socket {
+        chain["transport_socket"] = ts;
+    }
+    serde_json::json!({
+        "name": name,
+        "address": { "socket_address": { "address": addr.ip().to_string(), "port_value": addr.port() } },
+        "filter_chains": [chain],
+    })
+}
+
+/// A static cluster of one endpoint.
+pub fn envoy_cluster(
+    name: &str,
+    addr: SocketAddr,
+    transport_socket: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let mut c = serde_json::json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                "socket_address": { "address": addr.ip().to_string(), "port_value": addr.port() }
+            } } }] }]
+        }
+    });
+    if let Some(ts) = transport_socket {
+        c["transport_socket"] = ts;
+    }
+    c
 }
 
 impl EnvoyProcess {
@@ -246,97 +417,168 @@ impl EnvoyProcess {
     /// validation context (`ROOTCA`) come over SDS from the agent at
     /// `agent_socket`, answering 200 "ok" to every request.
     pub fn start(envoy: &Path, dir: &Path, agent_socket: &Path) -> anyhow::Result<EnvoyProcess> {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let listener: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let sds = |name: &str| {
-            format!(
-                r#"name: {name}
-              sds_config:
-                resource_api_version: V3
-                initial_fetch_timeout: 20s
-                api_config_source:
-                  api_type: GRPC
-                  transport_api_version: V3
-                  grpc_services:
-                  - envoy_grpc: {{ cluster_name: sds-grpc }}"#
-            )
-        };
-        let config = format!(
-            r#"node: {{ id: envoy-e2e, cluster: e2e }}
-admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
-static_resources:
-  clusters:
-  - name: sds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: sds-grpc
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ pipe: {{ path: {socket} }} }} }}
-  listeners:
-  - name: mtls
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listen_port} }} }}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            tls_certificate_sds_secret_configs:
-            - {default_sds}
-            validation_context_sds_secret_config:
-              {rootca_sds}
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          codec_type: AUTO
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                direct_response: {{ status: 200, body: {{ inline_string: "ok" }} }}
-"#,
-            admin_port = admin.port(),
-            listen_port = listener.port(),
-            socket = agent_socket.display(),
-            default_sds = sds("default"),
-            rootca_sds = sds("ROOTCA"),
+        let hcm = serde_json::json!({
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "ingress",
+                "codec_type": "AUTO",
+                "http_filters": [{
+                    "name": "envoy.filters.http.router",
+                    "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
+                }],
+                "route_config": {
+                    "name": "local",
+                    "virtual_hosts": [{
+                        "name": "all",
+                        "domains": ["*"],
+                        "routes": [{
+                            "match": { "prefix": "/" },
+                            "direct_response": { "status": 200, "body": { "inline_string": "ok" } }
+                        }]
+                    }]
+                }
+            }
+        });
+        let listeners = vec![envoy_listener(
+            "mtls",
+            listener,
+            Some(envoy_downstream_mtls()),
+            vec![hcm],
+        )];
+        Self::start_with(
+            envoy,
+            dir,
+            agent_socket,
+            listeners,
+            Vec::new(),
+            &EnvoyOptions::default(),
+        )
+    }
+
+    /// Starts Envoy with `listeners` and `clusters` (built with the `envoy_*`
+    /// helpers) plus the `sds-grpc` cluster to the agent at `agent_socket`, an
+    /// admin listener on a free loopback port, and hot restart disabled (so any
+    /// number of Envoys, under any uid, can run side by side). `listener` is the
+    /// first listener's address.
+    pub fn start_with(
+        envoy: &Path,
+        dir: &Path,
+        agent_socket: &Path,
+        listeners: Vec<serde_json::Value>,
+        mut clusters: Vec<serde_json::Value>,
+        opts: &EnvoyOptions<'_>,
+    ) -> anyhow::Result<EnvoyProcess> {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let first =
+            &listeners.first().context("an Envoy needs a listener")?["address"]["socket_address"];
+        let listener = SocketAddr::new(
+            first["address"]
+                .as_str()
+                .context("listener address")?
+                .parse()?,
+            u16::try_from(first["port_value"].as_u64().context("listener port")?)?,
         );
-        let path = dir.join("envoy.yaml");
-        std::fs::write(&path, config)?;
-        let log = std::fs::File::create(dir.join("envoy.log"))?;
-        let child = Command::new(envoy)
-            .arg("-c")
+        clusters.push(serde_json::json!({
+            "name": "sds-grpc",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": { "http2_protocol_options": {} }
+                }
+            },
+            "load_assignment": {
+                "cluster_name": "sds-grpc",
+                "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                    "pipe": { "path": agent_socket.display().to_string() }
+                } } }] }]
+            }
+        }));
+        let config = serde_json::json!({
+            "node": { "id": opts.name, "cluster": "e2e" },
+            "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": admin.port() } } },
+            "static_resources": { "listeners": listeners, "clusters": clusters },
+        });
+        let path = dir.join(format!("{}.json", opts.name));
+        std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+        let log = dir.join(format!("{}.log", opts.name));
+        let mut cmd = Command::new(envoy);
+        cmd.arg("-c")
             .arg(&path)
-            .arg("--use-dynamic-base-id")
+            .arg("--disable-hot-restart")
             .arg("-l")
-            .arg("info")
+            .arg(opts.log_level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawning envoy")?;
+            .stderr(std::fs::File::create(&log)?);
+        if let Some(n) = opts.concurrency {
+            cmd.arg("--concurrency").arg(n.to_string());
+        }
+        if let Some(uid) = opts.uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
+        }
+        let child = cmd.spawn().context("spawning envoy")?;
         Ok(EnvoyProcess {
             child,
             admin,
             listener,
+            log,
         })
+    }
+
+    /// Waits (up to `secs`) until Envoy is live with every listener and
+    /// cluster warmed, that is, until it holds its SDS secrets.
+    pub async fn wait_ready(&mut self, secs: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("envoy exited ({status}): {}", self.log_text());
+            }
+            if let Ok((200, _)) = self.admin_get("/ready").await
+                && self.stat("listener_manager.total_listeners_warming").await == Some(0)
+                && self.stat("cluster_manager.warming_clusters").await == Some(0)
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "envoy not ready after {secs} s: {}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `GET path` on the admin listener: (status, body). Envoy's admin speaks
+    /// HTTP/1.1 only (it refuses HTTP/1.0), so a real client asks.
+    pub async fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let resp = reqwest::get(format!("http://{}{path}", self.admin)).await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await?))
+    }
+
+    /// One counter or gauge from `/stats` (`None` when Envoy does not report it).
+    pub async fn stat(&self, name: &str) -> Option<u64> {
+        let (_, text) = self
+            .admin_get(&format!("/stats?filter=^{name}$"))
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
     }
 
     /// `GET /certs` from the admin endpoint, parsed.
@@ -377,5 +619,101 @@ impl Drop for EnvoyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A `citadel-proxy run` child process.
+pub struct CitadelProxyProcess {
+    child: Child,
+    /// Its admin address.
+    pub admin: SocketAddr,
+    /// Its log (stderr).
+    pub log: PathBuf,
+}
+
+impl CitadelProxyProcess {
+    /// Spawns `citadel-proxy run --agent-socket SOCKET --admin <free port> LISTENERS…`
+    /// (the binary next to this executable), as
+    /// `uid` when given, logging at `info` to `<dir>/<name>.log`, with `env` added.
+    pub fn spawn(
+        dir: &Path,
+        name: &str,
+        uid: Option<u32>,
+        agent_socket: &Path,
+        listeners: &[String],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<CitadelProxyProcess> {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let log = dir.join(format!("{name}.log"));
+        let mut cmd = Command::new(binary("citadel-proxy"));
+        cmd.arg("run")
+            .arg("--agent-socket")
+            .arg(agent_socket)
+            .arg("--admin")
+            .arg(admin.to_string())
+            .args(listeners)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
+        }
+        let child = cmd.spawn().context("spawning citadel-proxy")?;
+        Ok(CitadelProxyProcess { child, admin, log })
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (up to `secs`) for `/healthz/ready` to answer 200.
+    pub async fn wait_ready(&mut self, secs: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("citadel-proxy exited ({status}): {}", self.log_text());
+            }
+            if let Ok((200, _)) = http_get(self.admin, "/healthz/ready").await {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "citadel-proxy not ready after {secs} s: {}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `GET /metrics`.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(http_get(self.admin, "/metrics").await?.1)
+    }
+
+    /// The policy version in force (from `/metrics`), if any.
+    pub async fn policy_version(&self) -> Option<String> {
+        let metrics = self.metrics().await.ok()?;
+        metrics.lines().filter(|l| l.ends_with(" 1")).find_map(|l| {
+            let rest = l.strip_prefix("citadel_proxy_policy_version_info{version=\"")?;
+            Some(rest.split('"').next()?.to_owned())
+        })
+    }
+}
+
+impl Drop for CitadelProxyProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
