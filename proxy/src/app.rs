@@ -26,6 +26,7 @@ use crate::agent_client::{self, IdentitySinks};
 use crate::config::{ConfigError, InboundSpec, OutboundSpec, ProxyConfig};
 use crate::decide::PolicyState;
 use crate::inbound::{self, Inbound, Registry};
+use crate::l7::{HttpLimits, HttpServing};
 use crate::metrics::ProxyMetrics;
 use crate::outbound::{self, Outbound};
 use crate::unix_now;
@@ -137,16 +138,18 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     Ok(running)
 }
 
-fn server_config(inputs: &Inputs) -> Result<ServerConfig, StartError> {
+fn server_config(inputs: &Inputs, alpn: &[&[u8]]) -> Result<ServerConfig, StartError> {
     let verifier = Arc::new(SpiffeClientVerifier::new(
         inputs.bundle.clone(),
         true,
         provider(),
     ));
-    Ok(ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(inputs.certs.clone()))
+        .with_cert_resolver(inputs.certs.clone());
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
 }
 
 fn client_config(inputs: &Inputs, expected: &SpiffeId) -> Result<ClientConfig, StartError> {
@@ -182,7 +185,13 @@ pub async fn start_with(config: ProxyConfig, inputs: Inputs) -> Result<RunningPr
     let mut tasks = Vec::new();
 
     let inbound_shared = Arc::new(Inbound {
-        acceptor: TlsAcceptor::from(Arc::new(server_config(&inputs)?)),
+        acceptor: TlsAcceptor::from(Arc::new(server_config(&inputs, &[])?)),
+        http_acceptor: TlsAcceptor::from(Arc::new(server_config(&inputs, &[b"h2", b"http/1.1"])?)),
+        http: HttpServing::new(HttpLimits {
+            header_read_timeout: config.header_read_timeout,
+            max_header_bytes: config.max_header_bytes,
+            connect_timeout: config.connect_timeout,
+        }),
         policy: inputs.policy.clone(),
         registry: registry.clone(),
         metrics: metrics.clone(),
@@ -200,6 +209,7 @@ pub async fn start_with(config: ProxyConfig, inputs: Inputs) -> Result<RunningPr
         tasks.push(tokio::spawn(inbound::serve(
             l,
             spec.app_port,
+            spec.protocol,
             inbound_shared.clone(),
         )));
     }

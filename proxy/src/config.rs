@@ -13,7 +13,7 @@ use citadel_policy::MeshConfig;
 pub enum Protocol {
     /// Opaque TCP: one authorization decision per connection.
     Tcp,
-    /// HTTP: accepted in the syntax, not served yet.
+    /// HTTP/1.1 and HTTP/2: one authorization decision per request.
     Http,
 }
 
@@ -176,6 +176,10 @@ pub struct ProxyConfig {
     pub handshake_timeout: Duration,
     /// How long connecting to the application or an upstream may take.
     pub connect_timeout: Duration,
+    /// How long an HTTP client has to send a whole request head.
+    pub header_read_timeout: Duration,
+    /// The largest HTTP request head accepted, in bytes (431 beyond).
+    pub max_header_bytes: usize,
     /// Reconnection backoff towards the agent.
     pub backoff: Backoff,
     /// Mesh settings (the root namespace).
@@ -193,6 +197,8 @@ impl ProxyConfig {
             inbound_bind: std::net::IpAddr::from([0, 0, 0, 0]),
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
             backoff: Backoff::default(),
             mesh: MeshConfig::default(),
         }
@@ -200,12 +206,6 @@ impl ProxyConfig {
 
     /// Checks what can be checked before binding.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(spec) = self.inbound.iter().find(|s| s.protocol == Protocol::Http) {
-            return Err(ConfigError::HttpNotYet {
-                port: spec.port,
-                app_port: spec.app_port,
-            });
-        }
         let mut seen = std::collections::BTreeSet::new();
         for p in self
             .inbound
@@ -221,7 +221,10 @@ impl ProxyConfig {
         if self.inbound.is_empty() && self.outbound.is_empty() {
             return Err(ConfigError::NoListener);
         }
-        if self.handshake_timeout.is_zero() || self.connect_timeout.is_zero() {
+        if self.handshake_timeout.is_zero()
+            || self.connect_timeout.is_zero()
+            || self.header_read_timeout.is_zero()
+        {
             return Err(ConfigError::ZeroTimeout);
         }
         Ok(())
@@ -231,16 +234,6 @@ impl ProxyConfig {
 /// A configuration the proxy refuses to start with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    /// `:http` ports are not served yet.
-    #[error(
-        "--inbound {port}:{app_port}:http: HTTP ports are not supported yet (they come in a later change); use :tcp"
-    )]
-    HttpNotYet {
-        /// The listening port.
-        port: u16,
-        /// The app port.
-        app_port: u16,
-    },
     /// Two listeners on one port.
     #[error("port {0} is given to more than one --inbound/--outbound listener")]
     DuplicatePort(u16),
@@ -321,12 +314,12 @@ mod tests {
     }
 
     #[test]
-    fn http_ports_are_refused_at_start_up_not_served_as_tcp() {
+    fn http_ports_are_accepted_at_start_up() {
         let mut c = ProxyConfig::new("/s".into());
         c.inbound.push(parse_inbound("15006:8080:http").unwrap());
-        let e = c.validate().unwrap_err();
-        assert!(matches!(e, ConfigError::HttpNotYet { .. }));
-        assert!(e.to_string().contains("later change"), "{e}");
+        assert_eq!(c.validate(), Ok(()));
+        c.header_read_timeout = Duration::ZERO;
+        assert_eq!(c.validate(), Err(ConfigError::ZeroTimeout));
     }
 
     #[test]

@@ -4,7 +4,10 @@
 
 use std::net::IpAddr;
 
-use citadel_policy::{Destination, Mode, Peer, PolicySet, Reason, Request, Verdict, Workload};
+use citadel_policy::{
+    Destination, Http, Mode, Peer, PolicySet, Reason, Request, Verdict, Workload,
+    join_repeated_headers,
+};
 
 /// The policies in force for this workload, and who this workload is.
 #[derive(Debug, Clone)]
@@ -89,6 +92,57 @@ impl Admission {
 /// Decides a connection: the effective mTLS mode of the port must accept its
 /// transport, then the AuthorizationPolicies for (source, this workload, port) decide.
 pub fn admit(state: &PolicyState, facts: &ConnFacts) -> Admission {
+    admit_request(state, facts, None)
+}
+
+/// The HTTP attributes of one request that AuthorizationPolicy can test.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAttrs {
+    /// The method.
+    pub method: String,
+    /// The path with its query (path matching ignores the query).
+    pub path: String,
+    /// The `Host` header, else the URI's authority (`:authority` on HTTP/2).
+    pub host: String,
+    /// Every header, repeated names joined with `,`.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Reads the attributes of a request: method, path, host (the `Host` header or
+/// `:authority`) and headers. Header values that are not UTF-8 are read lossily.
+pub fn http_attributes(
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+) -> HttpAttrs {
+    let text = |v: &http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+    let host = headers
+        .get(http::header::HOST)
+        .map(text)
+        .or_else(|| uri.authority().map(|a| a.as_str().to_owned()))
+        .unwrap_or_default();
+    let path = uri
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
+    let headers = headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), text(v)))
+        .collect();
+    HttpAttrs {
+        method: method.as_str().to_owned(),
+        path,
+        host,
+        headers: join_repeated_headers(headers),
+    }
+}
+
+/// Decides a connection (`http: None`) or one HTTP request on it: the transport
+/// rule of the port, then the AuthorizationPolicies with the HTTP attributes.
+pub fn admit_request(
+    state: &PolicyState,
+    facts: &ConnFacts,
+    http: Option<&HttpAttrs>,
+) -> Admission {
     let labels: Vec<(&str, &str)> = state
         .labels
         .iter()
@@ -110,6 +164,14 @@ pub fn admit(state: &PolicyState, facts: &ConnFacts) -> Admission {
             dry_run: None,
         };
     }
+    let headers: Vec<(&str, &str)> = http
+        .map(|h| {
+            h.headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
     let request = Request {
         source: Peer {
             principal: facts.principal.as_deref(),
@@ -122,7 +184,13 @@ pub fn admit(state: &PolicyState, facts: &ConnFacts) -> Admission {
             port: facts.app_port,
         },
         sni: None,
-        http: None,
+        http: http.map(|h| Http {
+            method: &h.method,
+            path: &h.path,
+            host: &h.host,
+            headers: &headers,
+            jwt: None,
+        }),
     };
     let decision = state.set.decide(&request);
     let reason = match decision.reason {
@@ -295,5 +363,97 @@ spec: {mtls: {mode: STRICT}}
             .map(|(k, _)| k)
             .collect();
         assert_eq!(closed, vec![3]);
+    }
+
+    /// The Istio docs' example shape: ALLOW GET on `/info*` from one principal.
+    const GET_INFO_FROM_WEB: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: get-info, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/shop/sa/web"]}}]
+    to: [{operation: {methods: ["GET"], paths: ["/info*"]}}]
+    when: [{key: "request.headers[x-team]", notValues: ["blocked"]}]
+"#;
+
+    fn attrs(method: &str, uri: &str, headers: &[(&str, &str)]) -> HttpAttrs {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        http_attributes(
+            &method.parse().unwrap(),
+            &uri.parse::<http::Uri>().unwrap(),
+            &map,
+        )
+    }
+
+    #[test]
+    fn http_attributes_take_host_from_the_host_header_else_the_authority() {
+        let a = attrs(
+            "GET",
+            "/info?x=1",
+            &[("host", "api.shop"), ("x-a", "1"), ("X-A", "2")],
+        );
+        assert_eq!(a.method, "GET");
+        assert_eq!(a.path, "/info?x=1");
+        assert_eq!(a.host, "api.shop");
+        assert!(
+            a.headers.contains(&("x-a".to_owned(), "1,2".to_owned())),
+            "{a:?}"
+        );
+        // HTTP/2: no Host header, the :authority is in the URI.
+        let a = attrs("POST", "https://api.shop:8080/v1", &[]);
+        assert_eq!(a.host, "api.shop:8080");
+        assert_eq!(a.path, "/v1");
+        let a = attrs("OPTIONS", "*", &[]);
+        assert_eq!(a.path, "*");
+    }
+
+    #[test]
+    fn istio_docs_example_allows_get_on_info_from_web_only() {
+        let s = state(GET_INFO_FROM_WEB);
+        let web = mtls_from("web", 8080);
+        let a = admit_request(&s, &web, Some(&attrs("GET", "/info/v1", &[])));
+        assert!(a.allowed(), "{a:?}");
+        assert!(a.reason.contains("shop/get-info rule 0"), "{}", a.reason);
+        for (method, path, headers, from) in [
+            ("POST", "/info", &[][..], "web"),
+            ("GET", "/admin", &[][..], "web"),
+            ("GET", "/info", &[][..], "other"),
+            ("GET", "/info", &[("x-team", "blocked")][..], "web"),
+        ] {
+            let a = admit_request(
+                &s,
+                &mtls_from(from, 8080),
+                Some(&attrs(method, path, headers)),
+            );
+            assert_eq!(
+                a.verdict,
+                Verdict::Deny,
+                "{method} {path} {headers:?} from {from}"
+            );
+            assert_eq!(a.reason, "no ALLOW policy matched");
+        }
+    }
+
+    #[test]
+    fn http_rules_cannot_allow_a_connection_without_http_attributes() {
+        let s = state(GET_INFO_FROM_WEB);
+        assert_eq!(admit(&s, &mtls_from("web", 8080)).verdict, Verdict::Deny);
+    }
+
+    #[test]
+    fn the_transport_rule_applies_to_each_request_too() {
+        let s = state(STRICT);
+        let a = admit_request(&s, &plaintext(8080), Some(&attrs("GET", "/", &[])));
+        assert_eq!(a.verdict, Verdict::Deny);
+        assert!(a.reason.contains("STRICT"), "{}", a.reason);
     }
 }

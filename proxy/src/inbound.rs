@@ -16,7 +16,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::Protocol;
 use crate::decide::{ConnFacts, PolicyState, Sniffed, admit, sniff, to_close, transport_allowed};
+use crate::l7::{self, HttpServing};
 use crate::metrics::ProxyMetrics;
 
 /// Open inbound connections and how to close each.
@@ -100,6 +102,10 @@ impl Registry {
 pub struct Inbound {
     /// TLS server side (client certificate required and verified as an SVID).
     pub acceptor: TlsAcceptor,
+    /// The same for HTTP ports, offering ALPN `h2` and `http/1.1`.
+    pub http_acceptor: TlsAcceptor,
+    /// HTTP serving and the pooled client to the application.
+    pub http: HttpServing,
     /// The policies of the moment.
     pub policy: watch::Receiver<Option<Arc<PolicyState>>>,
     /// Open connections.
@@ -113,12 +119,17 @@ pub struct Inbound {
 }
 
 /// Accepts connections on `listener` for `app_port` until the task is aborted.
-pub async fn serve(listener: TcpListener, app_port: u16, inbound: Arc<Inbound>) {
+pub async fn serve(
+    listener: TcpListener,
+    app_port: u16,
+    protocol: Protocol,
+    inbound: Arc<Inbound>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let inbound = inbound.clone();
-                tokio::spawn(async move { inbound.handle(stream, peer, app_port).await });
+                tokio::spawn(async move { inbound.handle(stream, peer, app_port, protocol).await });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "inbound accept failed");
@@ -149,7 +160,13 @@ fn current(policy: &watch::Receiver<Option<Arc<PolicyState>>>) -> Option<Arc<Pol
 }
 
 impl Inbound {
-    async fn handle(&self, stream: TcpStream, peer: SocketAddr, app_port: u16) {
+    async fn handle(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        app_port: u16,
+        protocol: Protocol,
+    ) {
         let Some(state) = current(&self.policy) else {
             tracing::debug!(%peer, "connection refused: no policy version yet");
             return;
@@ -189,8 +206,12 @@ impl Inbound {
             self.metrics.connection(Some("unknown"), app_port, "deny");
             return;
         }
+        let acceptor = match protocol {
+            Protocol::Tcp => &self.acceptor,
+            Protocol::Http => &self.http_acceptor,
+        };
         if tls {
-            match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(stream)).await {
+            match tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(conn)) => {
                     let id = peer_spiffe_id(conn.get_ref().1.peer_certificates());
                     let Some(id) = id else {
@@ -205,7 +226,12 @@ impl Inbound {
                         source_ip: Some(peer.ip()),
                         app_port,
                     };
-                    self.decide_and_forward(conn, facts, peer).await;
+                    match protocol {
+                        Protocol::Tcp => self.decide_and_forward(conn, facts, peer).await,
+                        Protocol::Http => {
+                            l7::serve_connection(self.clone(), conn, facts, peer).await;
+                        }
+                    }
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(%peer, port = app_port, error = %e, "TLS handshake refused");
@@ -223,7 +249,10 @@ impl Inbound {
                 source_ip: Some(peer.ip()),
                 app_port,
             };
-            self.decide_and_forward(stream, facts, peer).await;
+            match protocol {
+                Protocol::Tcp => self.decide_and_forward(stream, facts, peer).await,
+                Protocol::Http => l7::serve_connection(self.clone(), stream, facts, peer).await,
+            }
         }
     }
 

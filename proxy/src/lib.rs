@@ -1,13 +1,14 @@
 //! `citadel-proxy`: the data plane. Mutual TLS 1.3 between workloads with
 //! certificates from the node agent over SDS, Istio PeerAuthentication and
-//! AuthorizationPolicy enforced once per inbound TCP connection, secure naming
+//! AuthorizationPolicy enforced once per inbound TCP connection or per HTTP request, secure naming
 //! on outbound connections.
 //!
 //! - [`config`]: listener specs and the one config struct, validated once;
 //! - [`decide`]: the pure core (sniffing, admission, which open connections a
 //!   new policy closes);
 //! - [`agent_client`]: SDS and policy streams from the agent;
-//! - [`inbound`], [`outbound`]: the listeners;
+//! - [`inbound`], [`outbound`]: the listeners; [`l7`]: HTTP inbound ports, with
+//!   [`framing`] (request smuggling checks);
 //! - [`app`]: [`app::start`] and the admin endpoint.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -16,7 +17,9 @@ pub mod agent_client;
 pub mod app;
 pub mod config;
 pub mod decide;
+pub mod framing;
 pub mod inbound;
+pub mod l7;
 pub mod metrics;
 pub mod outbound;
 

@@ -36,7 +36,7 @@ struct RunArgs {
     #[arg(long, env = "CITADEL_AGENT_SOCKET")]
     agent_socket: PathBuf,
     /// An inbound listener: PORT:APP_PORT[:tcp|:http] listens on 0.0.0.0:PORT and
-    /// forwards to 127.0.0.1:APP_PORT (tcp by default; http is not supported yet).
+    /// forwards to 127.0.0.1:APP_PORT (tcp by default; http decides each request).
     #[arg(long, value_parser = parse_inbound)]
     inbound: Vec<InboundSpec>,
     /// An outbound listener: LOCAL_PORT=HOST:PORT,SPIFFE_ID listens on
@@ -52,6 +52,9 @@ struct RunArgs {
     /// Time to connect to the application or an upstream, in seconds.
     #[arg(long, default_value_t = 5)]
     connect_timeout_secs: u64,
+    /// Time an HTTP client has to send a whole request head, in seconds.
+    #[arg(long, default_value_t = 10)]
+    header_read_timeout_secs: u64,
     /// The mesh's root namespace (its namespace-wide policies apply everywhere).
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
@@ -100,6 +103,7 @@ async fn main() -> ExitCode {
     config.admin = args.admin;
     config.handshake_timeout = Duration::from_secs(args.handshake_timeout_secs);
     config.connect_timeout = Duration::from_secs(args.connect_timeout_secs);
+    config.header_read_timeout = Duration::from_secs(args.header_read_timeout_secs);
     config.mesh.root_namespace = args.root_namespace;
     match app::start(config).await {
         Ok(running) => {

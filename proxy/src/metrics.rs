@@ -33,6 +33,7 @@ pub struct VersionLabel {
 pub struct ProxyMetrics {
     registry: Arc<Registry>,
     connections: Family<ConnectionLabel, Counter>,
+    requests: Family<ConnectionLabel, Counter>,
     policy_version: Family<VersionLabel, Gauge>,
     expiry_seconds: Gauge<f64, AtomicU64>,
 }
@@ -53,6 +54,12 @@ impl ProxyMetrics {
             "Inbound connections by source principal, destination port and decision",
             connections.clone(),
         );
+        let requests = Family::default();
+        registry.register(
+            "inbound_requests",
+            "Inbound HTTP requests by source principal, destination port and decision",
+            requests.clone(),
+        );
         let policy_version = Family::default();
         registry.register(
             "policy_version_info",
@@ -68,6 +75,7 @@ impl ProxyMetrics {
         Self {
             registry: Arc::new(registry),
             connections,
+            requests,
             policy_version,
             expiry_seconds,
         }
@@ -85,6 +93,17 @@ impl ProxyMetrics {
     /// Counts one connection decision.
     pub fn connection(&self, source_principal: Option<&str>, port: u16, decision: &str) {
         self.connections
+            .get_or_create(&ConnectionLabel {
+                source_principal: source_principal.unwrap_or("plaintext").to_owned(),
+                destination_port: port,
+                decision: decision.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one HTTP request decision (`allow`, `deny`, `bad_request`).
+    pub fn request(&self, source_principal: Option<&str>, port: u16, decision: &str) {
+        self.requests
             .get_or_create(&ConnectionLabel {
                 source_principal: source_principal.unwrap_or("plaintext").to_owned(),
                 destination_port: port,

@@ -252,28 +252,6 @@ async fn two_proxies_allow_then_deny_web_to_api_over_mtls() {
 }
 
 #[test]
-fn http_inbound_ports_are_refused_at_start_up() {
-    let out = Command::new(binary("citadel-proxy"))
-        .args([
-            "run",
-            "--agent-socket",
-            "/nonexistent/agent.sock",
-            "--inbound",
-            "15006:8080:http",
-            "--admin",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("HTTP ports are not supported yet") && stderr.contains("later change"),
-        "{stderr}"
-    );
-}
-
-#[test]
 fn malformed_listener_flags_are_refused_with_the_expected_form() {
     let out = Command::new(binary("citadel-proxy"))
         .args([
