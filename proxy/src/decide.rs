@@ -45,6 +45,31 @@ pub fn sniff(first: &[u8]) -> Sniffed {
     }
 }
 
+/// The HTTP version a plaintext connection speaks, told by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    /// HTTP/1.x.
+    Http1,
+    /// HTTP/2 with prior knowledge (the connection preface).
+    Http2,
+    /// Too few bytes to tell.
+    NeedMore,
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// HTTP/2 when the bytes are the whole connection preface, HTTP/1 as soon as
+/// they differ from it.
+pub fn http_version(first: &[u8]) -> HttpVersion {
+    let n = first.len().min(H2_PREFACE.len());
+    match (first.get(..n), H2_PREFACE.get(..n)) {
+        (Some(a), Some(b)) if a != b => HttpVersion::Http1,
+        _ if first.len() >= H2_PREFACE.len() => HttpVersion::Http2,
+        _ => HttpVersion::NeedMore,
+    }
+}
+
 /// The facts of one inbound connection, kept while it is open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnFacts {
@@ -279,6 +304,17 @@ spec: {mtls: {mode: STRICT}}
         assert_eq!(sniff(&[0x16, 0x01]), Sniffed::Plaintext);
         assert_eq!(sniff(&[0x16]), Sniffed::NeedMore);
         assert_eq!(sniff(&[]), Sniffed::NeedMore);
+    }
+
+    #[test]
+    fn http2_prior_knowledge_is_told_by_the_whole_preface() {
+        assert_eq!(http_version(H2_PREFACE), HttpVersion::Http2);
+        assert_eq!(http_version(&H2_PREFACE[..10]), HttpVersion::NeedMore);
+        assert_eq!(http_version(b""), HttpVersion::NeedMore);
+        assert_eq!(http_version(b"GET / HTTP/1.1\r\n"), HttpVersion::Http1);
+        assert_eq!(http_version(b"PRI * HTTP/1.1\r\n"), HttpVersion::Http1);
+        assert_eq!(http_version(b"P"), HttpVersion::NeedMore);
+        assert_eq!(http_version(b"POST"), HttpVersion::Http1);
     }
 
     #[test]

@@ -17,7 +17,10 @@ use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Protocol;
-use crate::decide::{ConnFacts, PolicyState, Sniffed, admit, sniff, to_close, transport_allowed};
+use crate::decide::{
+    ConnFacts, HttpVersion, PolicyState, Sniffed, admit, http_version, sniff, to_close,
+    transport_allowed,
+};
 use crate::l7::{self, HttpServing};
 use crate::metrics::ProxyMetrics;
 
@@ -155,6 +158,21 @@ async fn peek_kind(stream: &TcpStream) -> std::io::Result<Sniffed> {
     }
 }
 
+/// Peeks until the first bytes tell HTTP/2 prior knowledge from HTTP/1.
+async fn peek_http_version(stream: &TcpStream) -> std::io::Result<HttpVersion> {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        match http_version(buf.get(..n).unwrap_or_default()) {
+            HttpVersion::NeedMore => tokio::time::sleep(Duration::from_millis(5)).await,
+            v => return Ok(v),
+        }
+    }
+}
+
 fn current(policy: &watch::Receiver<Option<Arc<PolicyState>>>) -> Option<Arc<PolicyState>> {
     policy.borrow().clone()
 }
@@ -229,7 +247,8 @@ impl Inbound {
                     match protocol {
                         Protocol::Tcp => self.decide_and_forward(conn, facts, peer).await,
                         Protocol::Http => {
-                            l7::serve_connection(self.clone(), conn, facts, peer).await;
+                            let h2 = conn.get_ref().1.alpn_protocol() == Some(b"h2");
+                            l7::serve_connection(self.clone(), conn, facts, peer, h2).await;
                         }
                     }
                 }
@@ -251,7 +270,17 @@ impl Inbound {
             };
             match protocol {
                 Protocol::Tcp => self.decide_and_forward(stream, facts, peer).await,
-                Protocol::Http => l7::serve_connection(self.clone(), stream, facts, peer).await,
+                Protocol::Http => {
+                    let version =
+                        tokio::time::timeout(self.handshake_timeout, peek_http_version(&stream))
+                            .await;
+                    let Ok(Ok(version)) = version else {
+                        tracing::debug!(%peer, "HTTP connection closed before its first request line");
+                        return;
+                    };
+                    let h2 = version == HttpVersion::Http2;
+                    l7::serve_connection(self.clone(), stream, facts, peer, h2).await;
+                }
             }
         }
     }

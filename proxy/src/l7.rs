@@ -20,7 +20,6 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::decide::{ConnFacts, admit_request, http_attributes};
@@ -49,7 +48,8 @@ pub struct HttpLimits {
 
 /// The server and client halves shared by every HTTP connection.
 pub struct HttpServing {
-    server: auto::Builder<TokioExecutor>,
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     client: Client<HttpConnector, Incoming>,
     limits: HttpLimits,
 }
@@ -57,15 +57,13 @@ pub struct HttpServing {
 impl HttpServing {
     /// Builds the server (with its header limits and timeout) and the pooled client.
     pub fn new(limits: HttpLimits) -> Self {
-        let mut server = auto::Builder::new(TokioExecutor::new());
-        server
-            .http1()
-            .timer(TokioTimer::new())
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
-            .max_buf_size(limits.max_header_bytes.max(8192));
-        server
-            .http2()
-            .timer(TokioTimer::new())
+            .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
+            .max_header_size(limits.max_header_bytes);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(limits.connect_timeout));
@@ -74,7 +72,8 @@ impl HttpServing {
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
         Self {
-            server,
+            h1,
+            h2,
             client,
             limits,
         }
@@ -175,9 +174,15 @@ pub fn xfcc(this_workload: &str, peer_id: &str) -> String {
     format!("By={this_workload};URI={peer_id}")
 }
 
-/// Serves one HTTP connection until it ends.
-pub async fn serve_connection<S>(inbound: Arc<Inbound>, io: S, facts: ConnFacts, peer: SocketAddr)
-where
+/// Serves one HTTP connection until it ends: HTTP/2 when `h2` (ALPN `h2`, or the
+/// preface on plaintext), else HTTP/1.1.
+pub async fn serve_connection<S>(
+    inbound: Arc<Inbound>,
+    io: S,
+    facts: ConnFacts,
+    peer: SocketAddr,
+    h2: bool,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let tracker = Arc::new(Mutex::new(Tracker::new(
@@ -193,12 +198,13 @@ where
         let (inbound, facts, tracker) = (shared.clone(), facts.clone(), tracker.clone());
         async move { Ok::<_, Infallible>(handle(&inbound, req, &facts, &tracker).await) }
     });
-    if let Err(e) = inbound
-        .http
-        .server
-        .serve_connection(TokioIo::new(io), service)
-        .await
-    {
+    let io = TokioIo::new(io);
+    let served = if h2 {
+        inbound.http.h2.serve_connection(io, service).await
+    } else {
+        inbound.http.h1.serve_connection(io, service).await
+    };
+    if let Err(e) = served {
         tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
     }
 }
