@@ -55,6 +55,10 @@ struct Args {
     /// --concurrency for Envoy.
     #[arg(long, default_value_t = 2)]
     workers: u32,
+    /// Total request rate of the paced latency cases (requests/s spread evenly
+    /// over the connections, each on a fixed schedule; latency from each send).
+    #[arg(long, default_value_t = 2000)]
+    rate: u32,
     /// AuthorizationPolicy counts to run with (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,1000")]
     policies: Vec<usize>,
@@ -74,6 +78,44 @@ impl Load {
         match self {
             Load::Http => "http",
             Load::Echo => "tcp-echo",
+        }
+    }
+}
+
+/// A load at full speed (each connection sends its next request as soon as
+/// the last is answered) or paced at a fixed total rate.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Case {
+    load: Load,
+    rate: Option<u32>,
+}
+
+impl Case {
+    fn all(rate: u32) -> [Case; 4] {
+        [
+            Case {
+                load: Load::Http,
+                rate: None,
+            },
+            Case {
+                load: Load::Http,
+                rate: Some(rate),
+            },
+            Case {
+                load: Load::Echo,
+                rate: None,
+            },
+            Case {
+                load: Load::Echo,
+                rate: Some(rate),
+            },
+        ]
+    }
+
+    fn name(self) -> String {
+        match self.rate {
+            None => format!("{} max", self.load.name()),
+            Some(r) => format!("{} @{r}/s", self.load.name()),
         }
     }
 }
@@ -183,7 +225,7 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let duration = Duration::from_secs(args.duration_secs);
-    let mut rows: Vec<(usize, Load, &str, Figures)> = Vec::new();
+    let mut rows: Vec<(usize, Case, &str, Figures)> = Vec::new();
     for (i, &n) in args.policies.iter().enumerate() {
         let before = api.policy_version().await;
         if i > 0 {
@@ -274,15 +316,16 @@ async fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("Envoy chain: {}", envoy_api.log_text()))?;
 
-        for load in [Load::Http, Load::Echo] {
+        for case in Case::all(args.rate) {
             for (name, entry) in [("citadel", &citadel), ("envoy", &envoys)] {
-                let figures = measure(entry, load, args.connections, duration).await?;
+                let figures = measure(entry, case, args.connections, duration).await?;
                 eprintln!(
-                    "{n:>5} policies {:<8} {name:<8} {:>10.0} req/s",
-                    load.name(),
-                    figures.req_per_sec
+                    "{n:>5} policies {:<16} {name:<8} {:>10.0} req/s, p99 {:.3} ms",
+                    case.name(),
+                    figures.req_per_sec,
+                    figures.p99_ms
                 );
-                rows.push((n, load, name, figures));
+                rows.push((n, case, name, figures));
             }
         }
     }
@@ -424,10 +467,15 @@ fn rss_mib(pid: u32) -> anyhow::Result<f64> {
 
 async fn measure(
     entry: &Entry,
-    load: Load,
+    case: Case,
     connections: usize,
     duration: Duration,
 ) -> anyhow::Result<Figures> {
+    let load = case.load;
+    // Each connection's gap between scheduled requests, when paced.
+    let gap = case
+        .rate
+        .map(|r| Duration::from_secs_f64(connections as f64 / f64::from(r.max(1))));
     let addr = match load {
         Load::Http => entry.http,
         Load::Echo => entry.echo,
@@ -449,13 +497,26 @@ async fn measure(
     let end = start + duration;
     let tasks: Vec<_> = streams
         .into_iter()
-        .map(|mut s| {
+        .enumerate()
+        .map(|(i, mut s)| {
+            // Paced connections start staggered across one gap.
+            let first = gap.map(|g| start + g.mul_f64(i as f64 / connections as f64));
             tokio::spawn(async move {
                 let mut latencies_us: Vec<u32> = Vec::with_capacity(1 << 16);
                 let mut errors = 0u64;
                 let mut buf = Vec::with_capacity(256);
+                let mut scheduled = first;
                 while Instant::now() < end {
+                    if let (Some(at), Some(g)) = (scheduled, gap) {
+                        tokio::time::sleep_until(at.into()).await;
+                        scheduled = Some(at + g);
+                    }
+                    // From the send: the timer's millisecond granularity would
+                    // otherwise dominate at these latencies.
                     let t = Instant::now();
+                    if t >= end {
+                        break;
+                    }
                     if round_trip(&mut s, load, &mut buf).await.is_err() {
                         errors += 1;
                         break;
@@ -508,14 +569,18 @@ async fn measure(
     })
 }
 
-fn print_report(args: &Args, rows: &[(usize, Load, &str, Figures)]) {
+fn print_report(args: &Args, rows: &[(usize, Case, &str, Figures)]) {
     println!(
         "citadel-proxy vs Envoy: {} connections, {} s per case, {} worker threads per proxy; \
          RSS and CPU are the sums over both proxies of a pair",
         args.connections, args.duration_secs, args.workers
     );
     println!(
-        "{:>8} {:<8} {:<8} {:>10} {:>8} {:>9} {:>9} {:>8} {:>12} {:>7}",
+        "\"max\": every connection sends as soon as it is answered; \"@R/s\": paced at R requests/s in total \
+         (fixed schedule per connection, latency from each send)"
+    );
+    println!(
+        "{:>8} {:<16} {:<8} {:>10} {:>8} {:>9} {:>9} {:>9} {:>10} {:>7}",
         "policies",
         "load",
         "proxy",
@@ -527,11 +592,11 @@ fn print_report(args: &Args, rows: &[(usize, Load, &str, Figures)]) {
         "requests",
         "errors"
     );
-    for (n, load, name, f) in rows {
+    for (n, case, name, f) in rows {
         println!(
-            "{:>8} {:<8} {:<8} {:>10.0} {:>8.3} {:>9.3} {:>9.1} {:>8.3} {:>12} {:>7}",
+            "{:>8} {:<16} {:<8} {:>10.0} {:>8.3} {:>9.3} {:>9.1} {:>9.3} {:>10} {:>7}",
             n,
-            load.name(),
+            case.name(),
             name,
             f.req_per_sec,
             f.p50_ms,
@@ -545,21 +610,21 @@ fn print_report(args: &Args, rows: &[(usize, Load, &str, Figures)]) {
     println!();
     println!("ratios citadel/envoy (req/s: higher is better; p99, RSS, CPU: lower is better)");
     println!(
-        "{:>8} {:<8} {:>8} {:>8} {:>8} {:>8}",
+        "{:>8} {:<16} {:>8} {:>8} {:>8} {:>8}",
         "policies", "load", "req/s", "p99", "RSS", "CPU"
     );
-    let find = |n: usize, load: Load, name: &str| {
+    let find = |n: usize, case: Case, name: &str| {
         rows.iter()
-            .find(|(rn, rl, rname, _)| *rn == n && *rl == load && *rname == name)
+            .find(|(rn, rc, rname, _)| *rn == n && *rc == case && *rname == name)
             .map(|r| &r.3)
     };
     for &n in &args.policies {
-        for load in [Load::Http, Load::Echo] {
-            if let (Some(c), Some(e)) = (find(n, load, "citadel"), find(n, load, "envoy")) {
+        for case in Case::all(args.rate) {
+            if let (Some(c), Some(e)) = (find(n, case, "citadel"), find(n, case, "envoy")) {
                 println!(
-                    "{:>8} {:<8} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+                    "{:>8} {:<16} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
                     n,
-                    load.name(),
+                    case.name(),
                     c.req_per_sec / e.req_per_sec,
                     c.p99_ms / e.p99_ms,
                     c.rss_mib / e.rss_mib,
@@ -573,13 +638,13 @@ fn print_report(args: &Args, rows: &[(usize, Load, &str, Figures)]) {
     {
         println!();
         println!("citadel-proxy with {last} policies relative to {first} (change in %)");
-        for load in [Load::Http, Load::Echo] {
-            if let (Some(a), Some(b)) = (find(first, load, "citadel"), find(last, load, "citadel"))
+        for case in Case::all(args.rate) {
+            if let (Some(a), Some(b)) = (find(first, case, "citadel"), find(last, case, "citadel"))
             {
                 let change = |x: f64, y: f64| (y / x - 1.0) * 100.0;
                 println!(
-                    "{:<8} req/s {:+.1}%  p99 {:+.1}%  CPU/10k {:+.1}%",
-                    load.name(),
+                    "{:<16} req/s {:+.1}%  p99 {:+.1}%  CPU/10k {:+.1}%",
+                    case.name(),
                     change(a.req_per_sec, b.req_per_sec),
                     change(a.p99_ms, b.p99_ms),
                     change(a.cpu_s_per_10k, b.cpu_s_per_10k)
