@@ -45,6 +45,28 @@ spec:
   - from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]
 ";
 
+/// The Istio docs' example: ALLOW GET on `/info*` from one principal, on an HTTP port.
+const GET_INFO_FROM_WEB: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-get-info, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: [cluster.local/ns/shop/sa/web]
+    to:
+    - operation:
+        methods: [GET]
+        paths: [/info*]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+";
+
 fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
@@ -247,6 +269,188 @@ async fn two_proxies_allow_then_deny_web_to_api_over_mtls() {
     assert!(
         metrics.contains(r#"source_principal="cluster.local/ns/shop/sa/web""#)
             && metrics.contains(r#"decision="deny""#),
+        "{metrics}"
+    );
+}
+
+/// A keep-alive HTTP/1.1 application answering every request head with 200 and the
+/// request line and XFCC it got.
+async fn http_app() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let line = head.lines().next().unwrap_or("").to_owned();
+                        let xfcc = head
+                            .lines()
+                            .find(|l| {
+                                l.to_ascii_lowercase()
+                                    .starts_with("x-forwarded-client-cert:")
+                            })
+                            .unwrap_or("")
+                            .to_owned();
+                        let body = format!("{line}\n{xfcc}\n");
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Sends `GET path` on `s` and reads one answer: status and body.
+async fn get(s: &mut TcpStream, path: &str) -> Result<(u16, String), String> {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: api.shop\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                let status: u16 = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .ok_or_else(|| format!("bad status line: {head}"))?;
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())
+                            .flatten()
+                    })
+                    .unwrap_or(0);
+                while buf.len() < end + 4 + len {
+                    let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        return Err("closed mid-body".to_owned());
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                return Ok((status, body));
+            }
+            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed before an answer".to_owned());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| "no answer within 5 s".to_owned())?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_serve_http_200_when_allowed_and_403_rbac_access_denied_otherwise() {
+    if !is_root() {
+        eprintln!("skipped: running proxies as other uids needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let policies = tmp.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("get-info.yaml"), GET_INFO_FROM_WEB).unwrap();
+    let policies_arg = policies.display().to_string();
+    let ca = CaProcess::start(&tmp.path().join("ca"), &["--policies", &policies_arg])
+        .await
+        .unwrap();
+    let token = create_join_token(&ca.data_dir, "node-a", &[WEB, API], "10m").unwrap();
+    let entries = format!(
+        "entries:\n  - spiffe_id: {WEB}\n    uid: {WEB_UID}\n    labels: {{app: web}}\n  - spiffe_id: {API}\n    uid: {API_UID}\n    labels: {{app: api}}\n"
+    );
+    let dir = tmp.path().join("agent");
+    let agent = AgentProcess::start(&ca, &AgentOptions::new(&dir, &entries, Some(&token)))
+        .await
+        .unwrap();
+
+    let app = http_app().await;
+    let api_in = free_port();
+    let web_out = free_port();
+    let mut api = ProxyProcess::spawn(
+        tmp.path(),
+        "api",
+        API_UID,
+        &agent.socket,
+        &["--inbound".to_owned(), format!("{api_in}:{app}:http")],
+    );
+    let mut web = ProxyProcess::spawn(
+        tmp.path(),
+        "web",
+        WEB_UID,
+        &agent.socket,
+        &[
+            "--outbound".to_owned(),
+            format!("{web_out}=127.0.0.1:{api_in},{API}"),
+        ],
+    );
+    api.wait_ready().await;
+    web.wait_ready().await;
+    let logs = || format!("api:\n{}\nweb:\n{}", api.log(), web.log());
+
+    // web → web's outbound → mTLS → api's HTTP inbound → app, several requests on
+    // one kept-alive connection, each decided on its own.
+    let mut s = TcpStream::connect(("127.0.0.1", web_out)).await.unwrap();
+    let (status, body) = get(&mut s, "/info/v1")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert_eq!(status, 200, "{body}\n{}", logs());
+    assert!(body.starts_with("GET /info/v1 HTTP/1.1\n"), "{body}");
+    assert!(
+        body.contains(&format!("By={API};URI={WEB}")),
+        "XFCC: {body}"
+    );
+    let (status, body) = get(&mut s, "/admin").await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (403, "RBAC: access denied"),
+        "{}",
+        logs()
+    );
+    assert_eq!(get(&mut s, "/info").await.unwrap().0, 200);
+
+    // STRICT: plaintext straight to the HTTP port is refused before any HTTP.
+    let mut plain = TcpStream::connect(("127.0.0.1", api_in)).await.unwrap();
+    assert!(
+        get(&mut plain, "/info").await.is_err(),
+        "plaintext got an answer"
+    );
+
+    let api_log = api.log();
+    assert!(
+        api_log.contains("request denied")
+            && api_log.contains("path=/admin")
+            && api_log.contains("no ALLOW policy matched"),
+        "{api_log}"
+    );
+    let (_, metrics) = http_get(api.admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("citadel_proxy_inbound_requests_total")
+            && metrics.contains(r#"decision="deny""#)
+            && metrics.contains(r#"decision="allow""#),
         "{metrics}"
     );
 }
