@@ -413,6 +413,12 @@ async fn http2_request_is_authorized_per_request() {
     assert_eq!(status("/info/2").await.0, 200);
     assert_eq!(seen.requests.load(Ordering::SeqCst), 2);
 
+    // ALPN http/1.1 over mTLS: HTTP/1.1, decided the same way.
+    let mut h1 = mtls(p.inbound(), &client(&ca, WEB, &[b"http/1.1"])).await;
+    assert_eq!(h1.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(ask(&mut h1, "GET", "/info").await.status, 200);
+    assert_eq!(ask(&mut h1, "GET", "/admin").await.status, 403);
+
     // HTTP/2 with prior knowledge over plaintext: parsed, and denied (no principal).
     let tcp = TcpStream::connect(p.inbound()).await.unwrap();
     let (mut send, conn) =
