@@ -125,7 +125,15 @@ impl Tracker {
     fn line<'a>(&mut self, data: &'a [u8], end: &[u8], limit: usize) -> Option<&'a [u8]> {
         let keep = self.buf.len();
         self.buf.extend_from_slice(data);
-        match find(&self.buf, end) {
+        // Only where the marker could newly end: bytes already searched are not
+        // searched again, so a head dribbled a byte at a time costs linear time.
+        let from = keep.saturating_sub(end.len() - 1);
+        let found = self
+            .buf
+            .get(from..)
+            .and_then(|tail| find(tail, end))
+            .map(|at| at + from);
+        match found {
             Some(at) => {
                 let used = (at + end.len()).saturating_sub(keep);
                 self.buf.truncate(at);
@@ -292,6 +300,26 @@ POST /d HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
             format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
         stream.extend_from_slice(body);
         assert_eq!(verdicts(&[&stream]), vec![HeadVerdict::Clean]);
+    }
+
+    #[test]
+    fn a_head_dribbled_a_byte_at_a_time_is_searched_in_linear_time() {
+        let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+        head.extend(std::iter::repeat_n(b"X-A: b\r\n".iter().copied(), 7000).flatten());
+        head.extend_from_slice(b"\r\n");
+        let mut t = Tracker::new(64 * 1024);
+        let started = std::time::Instant::now();
+        for b in head.chunks(1) {
+            t.feed(b);
+        }
+        assert_eq!(t.next_verdict(), HeadVerdict::Untracked, "over 128 headers");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        let mut t = Tracker::new(64 * 1024);
+        for b in b"GET / HTTP/1.1\r\nA: b\r\n\r\nGET /2 HTTP/1.1\r\n\r\n".chunks(1) {
+            t.feed(b);
+        }
+        assert_eq!(t.next_verdict(), HeadVerdict::Clean);
+        assert_eq!(t.next_verdict(), HeadVerdict::Clean);
     }
 
     #[test]
