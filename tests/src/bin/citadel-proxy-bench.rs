@@ -59,6 +59,10 @@ struct Args {
     /// over the connections, each on a fixed schedule; latency from each send).
     #[arg(long, default_value_t = 2000)]
     rate: u32,
+    /// Total rate of the new-connection-per-request echo case (connections/s;
+    /// each request opens three loopback connections along the chain).
+    #[arg(long, default_value_t = 500)]
+    connection_rate: u32,
     /// AuthorizationPolicy counts to run with (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,1000")]
     policies: Vec<usize>,
@@ -71,6 +75,9 @@ struct Args {
 enum Load {
     Http,
     Echo,
+    /// One echo round trip on a new connection each time: the mTLS handshake
+    /// and the per-connection policy decision are in every request.
+    EchoNewConnection,
 }
 
 impl Load {
@@ -78,6 +85,7 @@ impl Load {
         match self {
             Load::Http => "http",
             Load::Echo => "tcp-echo",
+            Load::EchoNewConnection => "tcp-echo new-conn",
         }
     }
 }
@@ -91,7 +99,7 @@ struct Case {
 }
 
 impl Case {
-    fn all(rate: u32) -> [Case; 4] {
+    fn all(rate: u32, connection_rate: u32) -> [Case; 5] {
         [
             Case {
                 load: Load::Http,
@@ -108,6 +116,10 @@ impl Case {
             Case {
                 load: Load::Echo,
                 rate: Some(rate),
+            },
+            Case {
+                load: Load::EchoNewConnection,
+                rate: Some(connection_rate),
             },
         ]
     }
@@ -316,11 +328,11 @@ async fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("Envoy chain: {}", envoy_api.log_text()))?;
 
-        for case in Case::all(args.rate) {
+        for case in Case::all(args.rate, args.connection_rate) {
             for (name, entry) in [("citadel", &citadel), ("envoy", &envoys)] {
                 let figures = measure(entry, case, args.connections, duration).await?;
                 eprintln!(
-                    "{n:>5} policies {:<16} {name:<8} {:>10.0} req/s, p99 {:.3} ms",
+                    "{n:>5} policies {:<24} {name:<8} {:>10.0} req/s, p99 {:.3} ms",
                     case.name(),
                     figures.req_per_sec,
                     figures.p99_ms
@@ -415,7 +427,7 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 async fn round_trip(s: &mut TcpStream, load: Load, buf: &mut Vec<u8>) -> anyhow::Result<()> {
     let (request, expected): (&[u8], &[u8]) = match load {
         Load::Http => (HTTP_REQUEST, HTTP_RESPONSE),
-        Load::Echo => (&[0x5a; ECHO_BYTES], &[0x5a; ECHO_BYTES]),
+        Load::Echo | Load::EchoNewConnection => (&[0x5a; ECHO_BYTES], &[0x5a; ECHO_BYTES]),
     };
     s.write_all(request).await?;
     buf.clear();
@@ -478,15 +490,19 @@ async fn measure(
         .map(|r| Duration::from_secs_f64(connections as f64 / f64::from(r.max(1))));
     let addr = match load {
         Load::Http => entry.http,
-        Load::Echo => entry.echo,
+        Load::Echo | Load::EchoNewConnection => entry.echo,
     };
-    // Open (and handshake) every connection before the clock starts.
+    // Open (and handshake) every kept-alive connection before the clock starts.
     let mut streams = Vec::with_capacity(connections);
     for _ in 0..connections {
+        if load == Load::EchoNewConnection {
+            streams.push(None);
+            continue;
+        }
         let mut s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         round_trip(&mut s, load, &mut Vec::new()).await?;
-        streams.push(s);
+        streams.push(Some(s));
     }
     let cpu_before: f64 = entry
         .pids
@@ -517,7 +533,18 @@ async fn measure(
                     if t >= end {
                         break;
                     }
-                    if round_trip(&mut s, load, &mut buf).await.is_err() {
+                    let done = match s.as_mut() {
+                        Some(s) => round_trip(s, load, &mut buf).await,
+                        None => {
+                            async {
+                                let mut fresh = TcpStream::connect(addr).await?;
+                                fresh.set_nodelay(true)?;
+                                round_trip(&mut fresh, load, &mut buf).await
+                            }
+                            .await
+                        }
+                    };
+                    if done.is_err() {
                         errors += 1;
                         break;
                     }
@@ -580,7 +607,7 @@ fn print_report(args: &Args, rows: &[(usize, Case, &str, Figures)]) {
          (fixed schedule per connection, latency from each send)"
     );
     println!(
-        "{:>8} {:<16} {:<8} {:>10} {:>8} {:>9} {:>9} {:>9} {:>10} {:>7}",
+        "{:>8} {:<24} {:<8} {:>10} {:>8} {:>9} {:>9} {:>9} {:>10} {:>7}",
         "policies",
         "load",
         "proxy",
@@ -594,7 +621,7 @@ fn print_report(args: &Args, rows: &[(usize, Case, &str, Figures)]) {
     );
     for (n, case, name, f) in rows {
         println!(
-            "{:>8} {:<16} {:<8} {:>10.0} {:>8.3} {:>9.3} {:>9.1} {:>9.3} {:>10} {:>7}",
+            "{:>8} {:<24} {:<8} {:>10.0} {:>8.3} {:>9.3} {:>9.1} {:>9.3} {:>10} {:>7}",
             n,
             case.name(),
             name,
@@ -610,7 +637,7 @@ fn print_report(args: &Args, rows: &[(usize, Case, &str, Figures)]) {
     println!();
     println!("ratios citadel/envoy (req/s: higher is better; p99, RSS, CPU: lower is better)");
     println!(
-        "{:>8} {:<16} {:>8} {:>8} {:>8} {:>8}",
+        "{:>8} {:<24} {:>8} {:>8} {:>8} {:>8}",
         "policies", "load", "req/s", "p99", "RSS", "CPU"
     );
     let find = |n: usize, case: Case, name: &str| {
@@ -619,10 +646,10 @@ fn print_report(args: &Args, rows: &[(usize, Case, &str, Figures)]) {
             .map(|r| &r.3)
     };
     for &n in &args.policies {
-        for case in Case::all(args.rate) {
+        for case in Case::all(args.rate, args.connection_rate) {
             if let (Some(c), Some(e)) = (find(n, case, "citadel"), find(n, case, "envoy")) {
                 println!(
-                    "{:>8} {:<16} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+                    "{:>8} {:<24} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
                     n,
                     case.name(),
                     c.req_per_sec / e.req_per_sec,
@@ -638,12 +665,12 @@ fn print_report(args: &Args, rows: &[(usize, Case, &str, Figures)]) {
     {
         println!();
         println!("citadel-proxy with {last} policies relative to {first} (change in %)");
-        for case in Case::all(args.rate) {
+        for case in Case::all(args.rate, args.connection_rate) {
             if let (Some(a), Some(b)) = (find(first, case, "citadel"), find(last, case, "citadel"))
             {
                 let change = |x: f64, y: f64| (y / x - 1.0) * 100.0;
                 println!(
-                    "{:<16} req/s {:+.1}%  p99 {:+.1}%  CPU/10k {:+.1}%",
+                    "{:<24} req/s {:+.1}%  p99 {:+.1}%  CPU/10k {:+.1}%",
                     case.name(),
                     change(a.req_per_sec, b.req_per_sec),
                     change(a.p99_ms, b.p99_ms),
