@@ -131,6 +131,9 @@ pub async fn serve(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Small handshake and request writes must not wait for
+                // Nagle's algorithm and the peer's delayed ACK (~40 ms).
+                let _ = stream.set_nodelay(true);
                 let inbound = inbound.clone();
                 tokio::spawn(async move { inbound.handle(stream, peer, app_port, protocol).await });
             }

@@ -29,6 +29,9 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Small handshake and request writes must not wait for
+                // Nagle's algorithm and the peer's delayed ACK (~40 ms).
+                let _ = stream.set_nodelay(true);
                 let outbound = outbound.clone();
                 tokio::spawn(async move { outbound.handle(stream, peer).await });
             }
