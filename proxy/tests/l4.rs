@@ -1,28 +1,24 @@
 //! The proxy in-process over real TCP and TLS on 127.0.0.1: certificates from a
 //! test CA, policies fed directly (no agent), a small echo application.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
-use citadel_identity::SpiffeId;
-use citadel_policy::{MeshConfig, load_str};
-use citadel_proxy::app::{Inputs, RunningProxy, start_with};
-use citadel_proxy::config::{ProxyConfig, parse_inbound, parse_outbound};
-use citadel_proxy::decide::PolicyState;
+use citadel_proxy::config::{parse_inbound, parse_outbound};
 use citadel_tls::testing::TestCa;
-use citadel_tls::{CertResolver, ExpectedServer, SharedBundle, SpiffeServerVerifier, provider};
+use citadel_tls::{ExpectedServer, SharedBundle, SpiffeServerVerifier, provider};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
+use support::{
+    API, OTHER, Proxy, WEB, client_with, closed_by_peer, dead_port, echo_app, http_get,
+    local_config, start_proxy, state,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-
-const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
-const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-const OTHER: &str = "spiffe://cluster.local/ns/shop/sa/other";
 
 const STRICT: &str = r#"
 apiVersion: security.istio.io/v1
@@ -65,50 +61,6 @@ spec:
   - from: [{source: {principals: ["cluster.local/ns/shop/sa/web"]}}]
 "#;
 
-fn state(id: &str, app: &str, version: &str, yaml: &str) -> Arc<PolicyState> {
-    Arc::new(PolicyState {
-        version: version.to_owned(),
-        spiffe_id: id.to_owned(),
-        namespace: "shop".to_owned(),
-        labels: vec![("app".to_owned(), app.to_owned())],
-        set: load_str("test.yaml", yaml, &MeshConfig::default()).unwrap(),
-    })
-}
-
-/// An application that echoes every byte; returns its port.
-async fn echo_app() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    port
-}
-
-/// A port nothing listens on.
-async fn dead_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().port()
-}
-
-struct Proxy {
-    running: RunningProxy,
-    policy: watch::Sender<Option<Arc<PolicyState>>>,
-    certs: Arc<CertResolver>,
-    bundle: SharedBundle,
-}
-
-impl Proxy {
-    fn inbound(&self) -> SocketAddr {
-        self.running.inbound[0].1
-    }
-}
-
 /// A proxy for `id` (labels app=`app`) holding a certificate from `ca`.
 async fn proxy(
     ca: &TestCa,
@@ -118,13 +70,7 @@ async fn proxy(
     inbound: &[String],
     outbound: &[String],
 ) -> Proxy {
-    let svid = ca.svid(id);
-    let certs = Arc::new(CertResolver::new(provider()));
-    certs.set(svid.chain, svid.key_pkcs8).unwrap();
-    let (tx, rx) = watch::channel(Some(state(id, app, "v1", yaml)));
-    let mut config = ProxyConfig::new("/nonexistent".into());
-    config.inbound_bind = [127, 0, 0, 1].into();
-    config.admin = "127.0.0.1:0".parse().unwrap();
+    let mut config = local_config("/nonexistent".into());
     config.handshake_timeout = Duration::from_secs(2);
     config.inbound = inbound.iter().map(|s| parse_inbound(s).unwrap()).collect();
     for spec in &mut config.inbound {
@@ -137,39 +83,20 @@ async fn proxy(
     for spec in &mut config.outbound {
         spec.local_port = 0;
     }
-    let bundle = SharedBundle::new(ca.bundle());
-    let inputs = Inputs {
-        certs: certs.clone(),
-        bundle: bundle.clone(),
-        policy: rx,
-        not_after: Arc::new(AtomicI64::new(0)),
-    };
-    Proxy {
-        running: start_with(config, inputs).await.unwrap(),
-        policy: tx,
-        certs,
-        bundle,
-    }
+    start_proxy(ca, id, app, yaml, config).await
+}
+
+/// The api workload's proxy (labels app=api) with `yaml`, one inbound port in front
+/// of a new echo application; its certificate from `ca`.
+async fn api_proxy(ca: &TestCa, yaml: &str) -> Proxy {
+    let app = echo_app().await;
+    proxy(ca, API, "api", yaml, &inbound_to(app), &[]).await
 }
 
 /// A mesh client for `id` with a certificate from `ca`, trusting `trust`'s roots and
 /// expecting the server to be API.
 fn client(ca: &TestCa, trust: &TestCa, id: &str) -> TlsConnector {
-    let svid = ca.svid(id);
-    let certs = Arc::new(CertResolver::new(provider()));
-    certs.set(svid.chain, svid.key_pkcs8).unwrap();
-    let verifier = SpiffeServerVerifier::new(
-        SharedBundle::new(trust.bundle()),
-        ExpectedServer::Exactly(SpiffeId::parse(API).unwrap()),
-        provider(),
-    );
-    let config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(certs);
-    TlsConnector::from(Arc::new(config))
+    client_with(ca, trust, id, &[])
 }
 
 /// Writes `ping` and expects it echoed.
@@ -204,33 +131,6 @@ async fn plain_echo(addr: SocketAddr) -> Result<(), String> {
     echo(&mut s).await
 }
 
-/// Whether the peer closes `s` (EOF or error) within 3 s; bytes before the end (a TLS
-/// alert) are read and ignored.
-async fn closed_by_peer<S: AsyncRead + Unpin>(s: &mut S) -> bool {
-    let mut buf = [0u8; 64];
-    let until_closed = async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(3), until_closed)
-        .await
-        .is_ok()
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 fn inbound_to(app: u16) -> Vec<String> {
     vec![format!("1:{app}")]
 }
@@ -238,8 +138,7 @@ fn inbound_to(app: u16) -> Vec<String> {
 #[tokio::test]
 async fn strict_port_refuses_plaintext() {
     let ca = TestCa::new("cluster.local", "root");
-    let app = echo_app().await;
-    let p = proxy(&ca, API, "api", STRICT, &inbound_to(app), &[]).await;
+    let p = api_proxy(&ca, STRICT).await;
     assert!(
         plain_echo(p.inbound()).await.is_err(),
         "plaintext got through"
@@ -252,8 +151,7 @@ async fn strict_port_refuses_plaintext() {
 #[tokio::test]
 async fn strict_port_refuses_a_client_without_a_certificate() {
     let ca = TestCa::new("cluster.local", "root");
-    let app = echo_app().await;
-    let p = proxy(&ca, API, "api", STRICT, &inbound_to(app), &[]).await;
+    let p = api_proxy(&ca, STRICT).await;
     let verifier = SpiffeServerVerifier::new(
         SharedBundle::new(ca.bundle()),
         ExpectedServer::AnyInTrustDomain,
@@ -285,8 +183,7 @@ async fn permissive_port_accepts_mtls_and_plaintext() {
 #[tokio::test]
 async fn disable_port_refuses_tls() {
     let ca = TestCa::new("cluster.local", "root");
-    let app = echo_app().await;
-    let p = proxy(&ca, API, "api", DISABLE, &inbound_to(app), &[]).await;
+    let p = api_proxy(&ca, DISABLE).await;
     assert!(
         mtls_echo(p.inbound(), &client(&ca, &ca, WEB))
             .await
@@ -327,8 +224,7 @@ spec:
 #[tokio::test]
 async fn allow_and_deny_at_l4_by_source_principal() {
     let ca = TestCa::new("cluster.local", "root");
-    let app = echo_app().await;
-    let p = proxy(&ca, API, "api", ONLY_WEB, &inbound_to(app), &[]).await;
+    let p = api_proxy(&ca, ONLY_WEB).await;
     mtls_echo(p.inbound(), &client(&ca, &ca, WEB))
         .await
         .unwrap();
@@ -353,8 +249,7 @@ async fn allow_and_deny_at_l4_by_source_principal() {
 #[tokio::test]
 async fn deny_policy_refuses_its_principal_and_allows_the_rest() {
     let ca = TestCa::new("cluster.local", "root");
-    let app = echo_app().await;
-    let p = proxy(&ca, API, "api", DENY_WEB, &inbound_to(app), &[]).await;
+    let p = api_proxy(&ca, DENY_WEB).await;
     assert!(
         mtls_echo(p.inbound(), &client(&ca, &ca, WEB))
             .await
@@ -368,8 +263,7 @@ async fn deny_policy_refuses_its_principal_and_allows_the_rest() {
 #[tokio::test]
 async fn outbound_refuses_a_server_with_another_spiffe_id() {
     let ca = TestCa::new("cluster.local", "root");
-    let app = echo_app().await;
-    let api = proxy(&ca, API, "api", STRICT, &inbound_to(app), &[]).await;
+    let api = api_proxy(&ca, STRICT).await;
     let upstream = api.inbound();
     let web = proxy(
         &ca,
@@ -396,8 +290,7 @@ async fn outbound_refuses_a_server_with_another_spiffe_id() {
 async fn client_with_a_foreign_root_is_refused() {
     let ca = TestCa::new("cluster.local", "root");
     let foreign = TestCa::new("cluster.local", "foreign root");
-    let app = echo_app().await;
-    let p = proxy(&ca, API, "api", STRICT, &inbound_to(app), &[]).await;
+    let p = api_proxy(&ca, STRICT).await;
     assert!(
         mtls_echo(p.inbound(), &client(&foreign, &ca, WEB))
             .await
@@ -411,8 +304,7 @@ async fn client_with_a_foreign_root_is_refused() {
 #[tokio::test]
 async fn client_of_another_trust_domain_is_refused() {
     let ca = TestCa::new("cluster.local", "root");
-    let app = echo_app().await;
-    let p = proxy(&ca, API, "api", STRICT, &inbound_to(app), &[]).await;
+    let p = api_proxy(&ca, STRICT).await;
     let other_td = TestCa::new("example.org", "root");
     assert!(
         mtls_echo(
@@ -427,8 +319,7 @@ async fn client_of_another_trust_domain_is_refused() {
 #[tokio::test]
 async fn garbage_instead_of_a_client_hello_is_closed_and_others_still_served() {
     let ca = TestCa::new("cluster.local", "root");
-    let app = echo_app().await;
-    let p = proxy(&ca, API, "api", STRICT, &inbound_to(app), &[]).await;
+    let p = api_proxy(&ca, STRICT).await;
     for garbage in [
         &[0x16u8, 0x03, 0xff, 0xff, 0xff, 0x00, 0x01, 0x02][..],
         b"\x00\x00\x00\x00\x00\x00\x00\x00",
@@ -436,7 +327,10 @@ async fn garbage_instead_of_a_client_hello_is_closed_and_others_still_served() {
     ] {
         let mut s = TcpStream::connect(p.inbound()).await.unwrap();
         s.write_all(garbage).await.unwrap();
-        assert!(closed_by_peer(&mut s).await, "{garbage:?} was not closed");
+        assert!(
+            closed_by_peer(&mut s, 3).await,
+            "{garbage:?} was not closed"
+        );
     }
     // A half ClientHello header that never completes: closed by the handshake timeout.
     let mut s = TcpStream::connect(p.inbound()).await.unwrap();
@@ -444,7 +338,7 @@ async fn garbage_instead_of_a_client_hello_is_closed_and_others_still_served() {
     mtls_echo(p.inbound(), &client(&ca, &ca, WEB))
         .await
         .unwrap();
-    assert!(closed_by_peer(&mut s).await);
+    assert!(closed_by_peer(&mut s, 3).await);
     mtls_echo(p.inbound(), &client(&ca, &ca, WEB))
         .await
         .unwrap();
@@ -453,8 +347,7 @@ async fn garbage_instead_of_a_client_hello_is_closed_and_others_still_served() {
 #[tokio::test]
 async fn policy_change_closes_a_now_denied_open_connection() {
     let ca = TestCa::new("cluster.local", "root");
-    let app = echo_app().await;
-    let p = proxy(&ca, API, "api", "", &inbound_to(app), &[]).await;
+    let p = api_proxy(&ca, "").await;
     let mut web = mtls_conn(p.inbound(), &client(&ca, &ca, WEB))
         .await
         .unwrap();
@@ -468,7 +361,7 @@ async fn policy_change_closes_a_now_denied_open_connection() {
     p.policy
         .send_replace(Some(state(API, "api", "v2", DENY_WEB)));
     assert!(
-        closed_by_peer(&mut web).await,
+        closed_by_peer(&mut web, 3).await,
         "web's open connection stayed open"
     );
     echo(&mut other).await.unwrap();
@@ -492,15 +385,14 @@ async fn app_refusing_connections_closes_the_client_connection() {
         .await
         .unwrap();
     let _ = s.write_all(b"ping").await;
-    assert!(closed_by_peer(&mut s).await);
+    assert!(closed_by_peer(&mut s, 3).await);
     assert!(p.running.registry.is_empty());
 }
 
 #[tokio::test]
 async fn ready_once_certificate_bundle_and_policy_are_held() {
     let ca = TestCa::new("cluster.local", "root");
-    let app = echo_app().await;
-    let p = proxy(&ca, API, "api", "", &inbound_to(app), &[]).await;
+    let p = api_proxy(&ca, "").await;
     let r = http_get(p.running.admin, "/healthz/ready").await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     p.policy.send_replace(None);
@@ -517,8 +409,7 @@ async fn ready_once_certificate_bundle_and_policy_are_held() {
 #[tokio::test]
 async fn rotation_applies_to_new_handshakes_without_dropping_open_connections() {
     let ca = TestCa::new("cluster.local", "root");
-    let app = echo_app().await;
-    let p = proxy(&ca, API, "api", STRICT, &inbound_to(app), &[]).await;
+    let p = api_proxy(&ca, STRICT).await;
     let mut open = mtls_conn(p.inbound(), &client(&ca, &ca, WEB))
         .await
         .unwrap();

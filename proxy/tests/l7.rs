@@ -2,33 +2,28 @@
 //! from a test CA, policies fed directly (no agent), a small HTTP application that
 //! answers with the request it saw and counts requests and connections.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use citadel_identity::SpiffeId;
-use citadel_policy::{MeshConfig, load_str};
-use citadel_proxy::app::{Inputs, RunningProxy, start_with};
-use citadel_proxy::config::{ProxyConfig, parse_inbound};
+use citadel_proxy::config::parse_inbound;
 use citadel_proxy::decide::PolicyState;
 use citadel_tls::testing::TestCa;
-use citadel_tls::{CertResolver, ExpectedServer, SharedBundle, SpiffeServerVerifier, provider};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
+use support::{
+    API, OTHER, Proxy, WEB, client_with, closed_by_peer, dead_port, local_config, start_proxy,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
-
-const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
-const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-const OTHER: &str = "spiffe://cluster.local/ns/shop/sa/other";
 
 /// The Istio docs' AuthorizationPolicy example (ALLOW GET on `/info*` from one
 /// principal), for the `api` workload and the `web` principal.
@@ -60,13 +55,7 @@ spec:
 "#;
 
 fn state(version: &str, yaml: &str) -> Arc<PolicyState> {
-    Arc::new(PolicyState {
-        version: version.to_owned(),
-        spiffe_id: API.to_owned(),
-        namespace: "shop".to_owned(),
-        labels: vec![("app".to_owned(), "api".to_owned())],
-        set: load_str("test.yaml", yaml, &MeshConfig::default()).unwrap(),
-    })
+    support::state(API, "api", version, yaml)
 }
 
 /// What the application saw.
@@ -115,67 +104,20 @@ async fn http_app() -> (u16, Arc<AppSeen>) {
     (port, seen)
 }
 
-/// A port nothing listens on.
-async fn dead_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().port()
-}
-
-struct Proxy {
-    running: RunningProxy,
-    policy: watch::Sender<Option<Arc<PolicyState>>>,
-}
-
-impl Proxy {
-    fn inbound(&self) -> SocketAddr {
-        self.running.inbound[0].1
-    }
-}
-
 /// The api workload's proxy with one HTTP inbound port in front of `app`.
 async fn proxy(ca: &TestCa, yaml: &str, app: u16) -> Proxy {
-    let svid = ca.svid(API);
-    let certs = Arc::new(CertResolver::new(provider()));
-    certs.set(svid.chain, svid.key_pkcs8).unwrap();
-    let (tx, rx) = watch::channel(Some(state("v1", yaml)));
-    let mut config = ProxyConfig::new("/nonexistent".into());
-    config.inbound_bind = [127, 0, 0, 1].into();
-    config.admin = "127.0.0.1:0".parse().unwrap();
+    let mut config = local_config("/nonexistent".into());
     config.handshake_timeout = Duration::from_secs(2);
     config.header_read_timeout = Duration::from_secs(1);
     let mut spec = parse_inbound(&format!("1:{app}:http")).unwrap();
     spec.port = 0;
     config.inbound = vec![spec];
-    let inputs = Inputs {
-        certs,
-        bundle: SharedBundle::new(ca.bundle()),
-        policy: rx,
-        not_after: Arc::new(AtomicI64::new(0)),
-    };
-    Proxy {
-        running: start_with(config, inputs).await.unwrap(),
-        policy: tx,
-    }
+    start_proxy(ca, API, "api", yaml, config).await
 }
 
 /// A mesh client for `id`, expecting the server to be API, offering `alpn`.
 fn client(ca: &TestCa, id: &str, alpn: &[&[u8]]) -> TlsConnector {
-    let svid = ca.svid(id);
-    let certs = Arc::new(CertResolver::new(provider()));
-    certs.set(svid.chain, svid.key_pkcs8).unwrap();
-    let verifier = SpiffeServerVerifier::new(
-        SharedBundle::new(ca.bundle()),
-        ExpectedServer::Exactly(SpiffeId::parse(API).unwrap()),
-        provider(),
-    );
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(certs);
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    TlsConnector::from(Arc::new(config))
+    client_with(ca, ca, id, alpn)
 }
 
 async fn mtls(addr: SocketAddr, c: &TlsConnector) -> tokio_rustls::client::TlsStream<TcpStream> {
@@ -283,22 +225,6 @@ async fn raw(addr: SocketAddr, bytes: &[u8]) -> Option<Answer> {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let _ = s.write_all(bytes).await;
     read_answer(&mut s).await
-}
-
-/// Whether the peer closes `s` within `secs` (bytes before the end are ignored).
-async fn closed_by_peer<S: AsyncRead + Unpin>(s: &mut S, secs: u64) -> bool {
-    let mut buf = [0u8; 1024];
-    let until_closed = async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(secs), until_closed)
-        .await
-        .is_ok()
 }
 
 async fn plain_get_ok(addr: SocketAddr) {

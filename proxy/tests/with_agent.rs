@@ -3,6 +3,8 @@
 //! the agent's in-memory fake). The proxy's own outbound dials its own inbound, so
 //! both ends use the certificate and bundle it got over SDS.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,12 +23,11 @@ use citadel_identity::{Backoff, TrustDomain};
 use citadel_policy::MeshConfig;
 use citadel_proto::citadel::v1::{PolicyObject, PolicySet};
 use citadel_proxy::app::{RunningProxy, start};
-use citadel_proxy::config::{ProxyConfig, parse_inbound, parse_outbound};
+use citadel_proxy::config::{parse_inbound, parse_outbound};
+use support::{API, echo_app, http_get, local_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
-
-const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
 
 fn my_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
@@ -131,20 +132,6 @@ impl Agent {
     }
 }
 
-async fn echo_app() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    port
-}
-
 /// A proxy for the test's uid: inbound to an echo app, outbound to that inbound.
 async fn proxy(socket: PathBuf) -> RunningProxy {
     let app = echo_app().await;
@@ -152,25 +139,13 @@ async fn proxy(socket: PathBuf) -> RunningProxy {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut config = ProxyConfig::new(socket);
-    config.inbound_bind = [127, 0, 0, 1].into();
-    config.admin = "127.0.0.1:0".parse().unwrap();
+    let mut config = local_config(socket);
     config.backoff = fast();
     config.inbound = vec![parse_inbound(&format!("{inbound_port}:{app}")).unwrap()];
     let mut out = parse_outbound(&format!("1=127.0.0.1:{inbound_port},{API}")).unwrap();
     out.local_port = 0;
     config.outbound = vec![out];
     start(config).await.unwrap()
-}
-
-async fn http_status(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 async fn wait_for(secs: u64, what: &str, mut check: impl AsyncFnMut() -> bool) {
@@ -185,7 +160,7 @@ async fn wait_for(secs: u64, what: &str, mut check: impl AsyncFnMut() -> bool) {
 }
 
 async fn ready(p: &RunningProxy) -> bool {
-    http_status(p.admin, "/healthz/ready")
+    http_get(p.admin, "/healthz/ready")
         .await
         .starts_with("HTTP/1.1 200")
 }
@@ -252,7 +227,7 @@ async fn proxy_started_before_its_agent_becomes_ready_when_it_comes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.sock");
     let p = proxy(path.clone()).await;
-    let r = http_status(p.admin, "/healthz/ready").await;
+    let r = http_get(p.admin, "/healthz/ready").await;
     assert!(r.starts_with("HTTP/1.1 503"), "{r}");
     assert!(!echo_through(p.outbound[0].1).await);
     let ca = Arc::new(FakeCa::new(TrustDomain::new("cluster.local").unwrap()));

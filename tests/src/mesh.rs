@@ -717,3 +717,72 @@ impl Drop for CitadelProxyProcess {
         }
     }
 }
+
+/// Istio YAML for namespace `shop`: an AuthorizationPolicy `api-allow-SA` on
+/// app=api allowing principal `cluster.local/ns/shop/sa/SA`, and STRICT mTLS.
+pub fn allow_sa_to_api_strict(sa: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: api-allow-{sa}, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: api}}}}
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/shop/sa/{sa}]}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: strict, namespace: shop}}
+spec: {{mtls: {{mode: STRICT}}}}
+"
+    )
+}
+
+/// Istio YAML for namespace `shop`: an AuthorizationPolicy `api-deny-SA` on app=api
+/// denying principal `cluster.local/ns/shop/sa/SA`.
+pub fn deny_sa_to_api(sa: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: api-deny-{sa}, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: api}}}}
+  action: DENY
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/shop/sa/{sa}]}}}}]
+"
+    )
+}
+
+/// Writes `yaml` as `<dir>/policies/<file>` and starts the CA on `<dir>/ca` with
+/// `--policies <dir>/policies` and `extra`; the CA and the policies directory.
+pub async fn start_ca_with_policies(
+    dir: &Path,
+    file: &str,
+    yaml: &str,
+    extra: &[&str],
+) -> anyhow::Result<(CaProcess, PathBuf)> {
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(policies.join(file), yaml)?;
+    let policies_arg = policies.display().to_string();
+    let mut args = vec!["--policies", policies_arg.as_str()];
+    args.extend_from_slice(extra);
+    let ca = CaProcess::start(&dir.join("ca"), &args).await?;
+    Ok((ca, policies))
+}
+
+/// A TCP application on 127.0.0.1 that echoes every byte; its address.
+pub async fn echo_app() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}

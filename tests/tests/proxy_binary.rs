@@ -6,12 +6,14 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use citadel_e2e::mesh::{AgentOptions, AgentProcess, create_join_token};
+use citadel_e2e::mesh::{
+    AgentOptions, AgentProcess, CitadelProxyProcess, allow_sa_to_api_strict, create_join_token,
+    deny_sa_to_api, echo_app, start_ca_with_policies,
+};
 use citadel_e2e::process::{CaProcess, binary, free_port, http_get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -20,30 +22,6 @@ const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
 const WEB_UID: u32 = 61001;
 const API_UID: u32 = 61002;
-
-const ALLOW_WEB: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: api-allow-web, namespace: shop}
-spec:
-  selector: {matchLabels: {app: api}}
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: shop}
-spec: {mtls: {mode: STRICT}}
-";
-
-const DENY_WEB: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: api-deny-web, namespace: shop}
-spec:
-  selector: {matchLabels: {app: api}}
-  action: DENY
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]
-";
 
 /// The Istio docs' example: ALLOW GET on `/info*` from one principal, on an HTTP port.
 const GET_INFO_FROM_WEB: &str = "apiVersion: security.istio.io/v1
@@ -72,78 +50,89 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-struct ProxyProcess {
-    child: Child,
-    admin: SocketAddr,
-    log: PathBuf,
+/// The CA (with `policy_yaml` as `policy_file` in its `--policies` directory, and
+/// `ca_extra` flags), a join token for web and api, the agent mapping WEB_UID to
+/// `shop/web` and API_UID to `shop/api`, and a proxy run as each uid: api's inbound
+/// `<api_in>:<api_inbound>` and web's outbound `<web_out>` to it, expecting API;
+/// both ready.
+struct TwoProxies {
+    web: CitadelProxyProcess,
+    api: CitadelProxyProcess,
+    api_in: u16,
+    web_out: u16,
+    policies: PathBuf,
+    _agent: AgentProcess,
+    _ca: CaProcess,
+    _tmp: tempfile::TempDir,
 }
 
-impl ProxyProcess {
-    fn spawn(dir: &Path, name: &str, uid: u32, socket: &Path, listeners: &[String]) -> Self {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(binary("citadel-proxy"))
-            .arg("run")
-            .arg("--agent-socket")
-            .arg(socket)
-            .arg("--admin")
-            .arg(admin.to_string())
-            .args(listeners)
-            .env("RUST_LOG", "info")
-            .uid(uid)
-            .gid(uid)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
+impl TwoProxies {
+    async fn start(
+        policy_file: &str,
+        policy_yaml: &str,
+        ca_extra: &[&str],
+        api_inbound: &str,
+    ) -> TwoProxies {
+        let tmp = tempfile::tempdir().unwrap();
+        // The proxies run as other uids: they must reach the agent socket's directory.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (ca, policies) = start_ca_with_policies(tmp.path(), policy_file, policy_yaml, ca_extra)
+            .await
             .unwrap();
-        ProxyProcess { child, admin, log }
-    }
+        let token = create_join_token(&ca.data_dir, "node-a", &[WEB, API], "10m").unwrap();
+        let entries = format!(
+            "entries:\n  - spiffe_id: {WEB}\n    uid: {WEB_UID}\n    labels: {{app: web}}\n  - spiffe_id: {API}\n    uid: {API_UID}\n    labels: {{app: api}}\n"
+        );
+        let dir = tmp.path().join("agent");
+        let agent = AgentProcess::start(&ca, &AgentOptions::new(&dir, &entries, Some(&token)))
+            .await
+            .unwrap();
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("citadel-proxy exited ({status}): {}", self.log());
-            }
-            if let Ok((200, _)) = http_get(self.admin, "/healthz/ready").await {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "citadel-proxy not ready after 30 s: {}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let api_in = free_port();
+        let web_out = free_port();
+        let mut api = CitadelProxyProcess::spawn(
+            tmp.path(),
+            "api",
+            Some(API_UID),
+            &agent.socket,
+            &["--inbound".to_owned(), format!("{api_in}:{api_inbound}")],
+            &[],
+        )
+        .unwrap();
+        let mut web = CitadelProxyProcess::spawn(
+            tmp.path(),
+            "web",
+            Some(WEB_UID),
+            &agent.socket,
+            &[
+                "--outbound".to_owned(),
+                format!("{web_out}=127.0.0.1:{api_in},{API}"),
+            ],
+            &[],
+        )
+        .unwrap();
+        api.wait_ready(30).await.unwrap();
+        web.wait_ready(30).await.unwrap();
+        TwoProxies {
+            web,
+            api,
+            api_in,
+            web_out,
+            policies,
+            _agent: agent,
+            _ca: ca,
+            _tmp: tmp,
         }
     }
-}
 
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    /// Both proxies' logs (for failure messages).
+    fn logs(&self) -> String {
+        format!(
+            "api:\n{}\nweb:\n{}",
+            self.api.log_text(),
+            self.web.log_text()
+        )
     }
-}
-
-async fn echo_app() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    port
 }
 
 async fn echo(s: &mut TcpStream) -> Result<(), String> {
@@ -184,56 +173,16 @@ async fn two_proxies_allow_then_deny_web_to_api_over_mtls() {
         eprintln!("skipped: running proxies as other uids needs root");
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    // The proxies run as other uids: they must reach the agent socket's directory.
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let policies = tmp.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(policies.join("allow.yaml"), ALLOW_WEB).unwrap();
-    let policies_arg = policies.display().to_string();
-    let ca = CaProcess::start(
-        &tmp.path().join("ca"),
-        &[
-            "--policies",
-            &policies_arg,
-            "--policies-poll-interval",
-            "1s",
-        ],
+    let app = echo_app().await.port();
+    let mesh = TwoProxies::start(
+        "allow.yaml",
+        &allow_sa_to_api_strict("web"),
+        &["--policies-poll-interval", "1s"],
+        &app.to_string(),
     )
-    .await
-    .unwrap();
-    let token = create_join_token(&ca.data_dir, "node-a", &[WEB, API], "10m").unwrap();
-    let entries = format!(
-        "entries:\n  - spiffe_id: {WEB}\n    uid: {WEB_UID}\n    labels: {{app: web}}\n  - spiffe_id: {API}\n    uid: {API_UID}\n    labels: {{app: api}}\n"
-    );
-    let dir = tmp.path().join("agent");
-    let agent = AgentProcess::start(&ca, &AgentOptions::new(&dir, &entries, Some(&token)))
-        .await
-        .unwrap();
-
-    let app = echo_app().await;
-    let api_in = free_port();
-    let web_out = free_port();
-    let mut api = ProxyProcess::spawn(
-        tmp.path(),
-        "api",
-        API_UID,
-        &agent.socket,
-        &["--inbound".to_owned(), format!("{api_in}:{app}")],
-    );
-    let mut web = ProxyProcess::spawn(
-        tmp.path(),
-        "web",
-        WEB_UID,
-        &agent.socket,
-        &[
-            "--outbound".to_owned(),
-            format!("{web_out}=127.0.0.1:{api_in},{API}"),
-        ],
-    );
-    api.wait_ready().await;
-    web.wait_ready().await;
-    let logs = || format!("api:\n{}\nweb:\n{}", api.log(), web.log());
+    .await;
+    let (api, api_in, web_out) = (&mesh.api, mesh.api_in, mesh.web_out);
+    let logs = || mesh.logs();
 
     // Allowed: web → (plain) web's outbound → mTLS → api's inbound → app, and back.
     let web_out_addr: SocketAddr = format!("127.0.0.1:{web_out}").parse().unwrap();
@@ -245,7 +194,7 @@ async fn two_proxies_allow_then_deny_web_to_api_over_mtls() {
     assert!(through(api_in_addr).await.is_err(), "plaintext got through");
 
     // A DENY policy in the CA's directory: the open connection is closed and new ones refused.
-    std::fs::write(policies.join("deny.yaml"), DENY_WEB).unwrap();
+    std::fs::write(mesh.policies.join("deny.yaml"), deny_sa_to_api("web")).unwrap();
     assert!(
         closed_by_peer(&mut open, 20).await,
         "the open connection was not closed\n{}",
@@ -260,7 +209,7 @@ async fn two_proxies_allow_then_deny_web_to_api_over_mtls() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let api_log = api.log();
+    let api_log = api.log_text();
     assert!(
         api_log.contains("connection denied") && api_log.contains("shop/api-deny-web"),
         "{api_log}"
@@ -369,47 +318,16 @@ async fn two_proxies_serve_http_200_when_allowed_and_403_rbac_access_denied_othe
         eprintln!("skipped: running proxies as other uids needs root");
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let policies = tmp.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(policies.join("get-info.yaml"), GET_INFO_FROM_WEB).unwrap();
-    let policies_arg = policies.display().to_string();
-    let ca = CaProcess::start(&tmp.path().join("ca"), &["--policies", &policies_arg])
-        .await
-        .unwrap();
-    let token = create_join_token(&ca.data_dir, "node-a", &[WEB, API], "10m").unwrap();
-    let entries = format!(
-        "entries:\n  - spiffe_id: {WEB}\n    uid: {WEB_UID}\n    labels: {{app: web}}\n  - spiffe_id: {API}\n    uid: {API_UID}\n    labels: {{app: api}}\n"
-    );
-    let dir = tmp.path().join("agent");
-    let agent = AgentProcess::start(&ca, &AgentOptions::new(&dir, &entries, Some(&token)))
-        .await
-        .unwrap();
-
     let app = http_app().await;
-    let api_in = free_port();
-    let web_out = free_port();
-    let mut api = ProxyProcess::spawn(
-        tmp.path(),
-        "api",
-        API_UID,
-        &agent.socket,
-        &["--inbound".to_owned(), format!("{api_in}:{app}:http")],
-    );
-    let mut web = ProxyProcess::spawn(
-        tmp.path(),
-        "web",
-        WEB_UID,
-        &agent.socket,
-        &[
-            "--outbound".to_owned(),
-            format!("{web_out}=127.0.0.1:{api_in},{API}"),
-        ],
-    );
-    api.wait_ready().await;
-    web.wait_ready().await;
-    let logs = || format!("api:\n{}\nweb:\n{}", api.log(), web.log());
+    let mesh = TwoProxies::start(
+        "get-info.yaml",
+        GET_INFO_FROM_WEB,
+        &[],
+        &format!("{app}:http"),
+    )
+    .await;
+    let (api, api_in, web_out) = (&mesh.api, mesh.api_in, mesh.web_out);
+    let logs = || mesh.logs();
 
     // web → web's outbound → mTLS → api's HTTP inbound → app, several requests on
     // one kept-alive connection, each decided on its own.
@@ -439,7 +357,7 @@ async fn two_proxies_serve_http_200_when_allowed_and_403_rbac_access_denied_othe
         "plaintext got an answer"
     );
 
-    let api_log = api.log();
+    let api_log = api.log_text();
     assert!(
         api_log.contains("request denied")
             && api_log.contains("path=/admin")

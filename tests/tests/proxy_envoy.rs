@@ -10,40 +10,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use citadel_e2e::mesh::{
-    AgentOptions, AgentProcess, CitadelProxyProcess, EnvoyOptions, EnvoyProcess, create_join_token,
-    envoy_binary, envoy_cluster, envoy_downstream_mtls, envoy_listener, envoy_rbac_allow,
-    envoy_tcp_proxy, envoy_upstream_mtls,
+    AgentOptions, AgentProcess, CitadelProxyProcess, EnvoyOptions, EnvoyProcess,
+    allow_sa_to_api_strict, create_join_token, deny_sa_to_api, echo_app, envoy_binary,
+    envoy_cluster, envoy_downstream_mtls, envoy_listener, envoy_rbac_allow, envoy_tcp_proxy,
+    envoy_upstream_mtls, start_ca_with_policies,
 };
 use citadel_e2e::process::{CaProcess, binary, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const ENVOY_ID: &str = "spiffe://cluster.local/ns/shop/sa/envoy";
 const PROXY_ID: &str = "spiffe://cluster.local/ns/shop/sa/api";
-
-const ALLOW_ENVOY: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: api-allow-envoy, namespace: shop}
-spec:
-  selector: {matchLabels: {app: api}}
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/shop/sa/envoy]}}]
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: shop}
-spec: {mtls: {mode: STRICT}}
-";
-
-const DENY_ENVOY: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: api-deny-envoy, namespace: shop}
-spec:
-  selector: {matchLabels: {app: api}}
-  action: DENY
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/shop/sa/envoy]}}]
-";
 
 fn envoy_or_skip() -> Option<PathBuf> {
     match envoy_binary() {
@@ -75,18 +52,11 @@ struct Mesh {
 }
 
 async fn start_mesh(dir: &Path, envoy: &Path, policies_yaml: &str) -> Mesh {
-    let policies = dir.join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(policies.join("base.yaml"), policies_yaml).unwrap();
-    let policies_arg = policies.display().to_string();
-    let ca = CaProcess::start(
-        &dir.join("ca"),
-        &[
-            "--policies",
-            &policies_arg,
-            "--policies-poll-interval",
-            "1s",
-        ],
+    let (ca, policies) = start_ca_with_policies(
+        dir,
+        "base.yaml",
+        policies_yaml,
+        &["--policies-poll-interval", "1s"],
     )
     .await
     .unwrap();
@@ -110,20 +80,6 @@ async fn start_mesh(dir: &Path, envoy: &Path, policies_yaml: &str) -> Mesh {
         agent,
         policies,
     }
-}
-
-async fn echo_app() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 /// Connects to `addr` and has `ping` echoed back through the chain behind it.
@@ -161,7 +117,7 @@ async fn envoy_as_mtls_client_into_citadel_proxy_inbound() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let mesh = start_mesh(tmp.path(), &envoy_bin, ALLOW_ENVOY).await;
+    let mesh = start_mesh(tmp.path(), &envoy_bin, &allow_sa_to_api_strict("envoy")).await;
     let app = echo_app().await;
 
     // api: citadel-proxy's STRICT inbound in front of the echo app.
@@ -214,7 +170,7 @@ async fn envoy_as_mtls_client_into_citadel_proxy_inbound() {
     );
 
     // A DENY policy for Envoy's principal: new connections are refused.
-    std::fs::write(mesh.policies.join("deny.yaml"), DENY_ENVOY).unwrap();
+    std::fs::write(mesh.policies.join("deny.yaml"), deny_sa_to_api("envoy")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while echo_through(plain).await.is_ok() {
         assert!(
@@ -247,7 +203,7 @@ async fn citadel_proxy_outbound_into_envoy_mtls_listener() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let mesh = start_mesh(tmp.path(), &envoy_bin, ALLOW_ENVOY).await;
+    let mesh = start_mesh(tmp.path(), &envoy_bin, &allow_sa_to_api_strict("envoy")).await;
     let app = echo_app().await;
 
     // Envoy: an mTLS listener requiring client certificates, admitting only the
