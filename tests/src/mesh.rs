@@ -786,3 +786,142 @@ pub async fn echo_app() -> SocketAddr {
     });
     addr
 }
+
+/// The SPIFFE ID [`TwoProxies`] gives the web workload.
+pub const MESH_WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+/// The SPIFFE ID [`TwoProxies`] gives the api workload.
+pub const MESH_API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+/// The uid [`TwoProxies`] runs web's proxy as.
+pub const MESH_WEB_UID: u32 = 61001;
+/// The uid [`TwoProxies`] runs api's proxy as.
+pub const MESH_API_UID: u32 = 61002;
+
+/// Whether this process runs as root (needed to run proxies as other uids).
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// The agent's entries YAML mapping [`MESH_WEB_UID`] to `shop/web` (app=web) and
+/// [`MESH_API_UID`] to `shop/api` (app=api).
+pub fn web_api_entries() -> String {
+    format!(
+        "entries:\n  - spiffe_id: {MESH_WEB}\n    uid: {MESH_WEB_UID}\n    labels: {{app: web}}\n  - spiffe_id: {MESH_API}\n    uid: {MESH_API_UID}\n    labels: {{app: api}}\n"
+    )
+}
+
+/// The CA (with `policy_yaml` as `policy_file` in its `--policies` directory, and
+/// `ca_extra` flags), a join token for web and api, the agent mapping
+/// [`MESH_WEB_UID`] to `shop/web` and [`MESH_API_UID`] to `shop/api`, and a proxy
+/// run as each uid: for each api inbound `PORT:APP_PORT[:PROTO]` spec, api's inbound
+/// on a free port and one outbound of web's to it expecting [`MESH_API`]; both ready.
+pub struct TwoProxies {
+    /// Web's proxy (outbounds only).
+    pub web: CitadelProxyProcess,
+    /// Api's proxy (inbounds only).
+    pub api: CitadelProxyProcess,
+    /// Api's first inbound port.
+    pub api_in: u16,
+    /// Web's first outbound port (to `api_in`).
+    pub web_out: u16,
+    /// Api's inbound ports, in the order of the specs.
+    pub api_ins: Vec<u16>,
+    /// Web's outbound ports, `web_outs[i]` to `api_ins[i]`.
+    pub web_outs: Vec<u16>,
+    /// The CA's policies directory.
+    pub policies: PathBuf,
+    /// The agent.
+    pub agent: AgentProcess,
+    /// The CA.
+    pub ca: CaProcess,
+    /// Holds every file.
+    pub tmp: tempfile::TempDir,
+}
+
+impl TwoProxies {
+    /// As [`Self::start_with`] with one api inbound `<free port>:<api_inbound>`.
+    pub async fn start(
+        policy_file: &str,
+        policy_yaml: &str,
+        ca_extra: &[&str],
+        api_inbound: &str,
+    ) -> TwoProxies {
+        Self::start_with(policy_file, policy_yaml, ca_extra, &[api_inbound]).await
+    }
+
+    /// Starts the CA, the agent and both proxies; api listens on a free port for
+    /// each `APP_PORT[:PROTO]` in `api_inbounds`. Panics on failure.
+    pub async fn start_with(
+        policy_file: &str,
+        policy_yaml: &str,
+        ca_extra: &[&str],
+        api_inbounds: &[&str],
+    ) -> TwoProxies {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        // The proxies run as other uids: they must reach the agent socket's directory.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (ca, policies) = start_ca_with_policies(tmp.path(), policy_file, policy_yaml, ca_extra)
+            .await
+            .unwrap();
+        let token =
+            create_join_token(&ca.data_dir, "node-a", &[MESH_WEB, MESH_API], "10m").unwrap();
+        let entries = web_api_entries();
+        let dir = tmp.path().join("agent");
+        let agent = AgentProcess::start(&ca, &AgentOptions::new(&dir, &entries, Some(&token)))
+            .await
+            .unwrap();
+
+        let api_ins: Vec<u16> = api_inbounds.iter().map(|_| free_port()).collect();
+        let web_outs: Vec<u16> = api_inbounds.iter().map(|_| free_port()).collect();
+        let mut api_flags = Vec::new();
+        let mut web_flags = Vec::new();
+        for ((spec, api_in), web_out) in api_inbounds.iter().zip(&api_ins).zip(&web_outs) {
+            api_flags.push("--inbound".to_owned());
+            api_flags.push(format!("{api_in}:{spec}"));
+            web_flags.push("--outbound".to_owned());
+            web_flags.push(format!("{web_out}=127.0.0.1:{api_in},{MESH_API}"));
+        }
+        let mut api = CitadelProxyProcess::spawn(
+            tmp.path(),
+            "api",
+            Some(MESH_API_UID),
+            &agent.socket,
+            &api_flags,
+            &[],
+        )
+        .unwrap();
+        let mut web = CitadelProxyProcess::spawn(
+            tmp.path(),
+            "web",
+            Some(MESH_WEB_UID),
+            &agent.socket,
+            &web_flags,
+            &[],
+        )
+        .unwrap();
+        api.wait_ready(30).await.unwrap();
+        web.wait_ready(30).await.unwrap();
+        TwoProxies {
+            web,
+            api,
+            api_in: api_ins[0],
+            web_out: web_outs[0],
+            api_ins,
+            web_outs,
+            policies,
+            agent,
+            ca,
+            tmp,
+        }
+    }
+
+    /// Both proxies' logs (for failure messages).
+    pub fn logs(&self) -> String {
+        format!(
+            "api:\n{}\nweb:\n{}",
+            self.api.log_text(),
+            self.web.log_text()
+        )
+    }
+}

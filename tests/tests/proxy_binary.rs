@@ -5,23 +5,18 @@
 //! going through web's outbound. Needs root (to run the proxies as other uids).
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use citadel_e2e::mesh::{
-    AgentOptions, AgentProcess, CitadelProxyProcess, allow_sa_to_api_strict, create_join_token,
-    deny_sa_to_api, echo_app, start_ca_with_policies,
+    MESH_API, MESH_WEB, TwoProxies, allow_sa_to_api_strict, deny_sa_to_api, echo_app, is_root,
 };
-use citadel_e2e::process::{CaProcess, binary, free_port, http_get};
+use citadel_e2e::process::{binary, http_get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
-const WEB_UID: u32 = 61001;
-const API_UID: u32 = 61002;
+const WEB: &str = MESH_WEB;
+const API: &str = MESH_API;
 
 /// The Istio docs' example: ALLOW GET on `/info*` from one principal, on an HTTP port.
 const GET_INFO_FROM_WEB: &str = "apiVersion: security.istio.io/v1
@@ -44,96 +39,6 @@ kind: PeerAuthentication
 metadata: {name: strict, namespace: shop}
 spec: {mtls: {mode: STRICT}}
 ";
-
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
-/// The CA (with `policy_yaml` as `policy_file` in its `--policies` directory, and
-/// `ca_extra` flags), a join token for web and api, the agent mapping WEB_UID to
-/// `shop/web` and API_UID to `shop/api`, and a proxy run as each uid: api's inbound
-/// `<api_in>:<api_inbound>` and web's outbound `<web_out>` to it, expecting API;
-/// both ready.
-struct TwoProxies {
-    web: CitadelProxyProcess,
-    api: CitadelProxyProcess,
-    api_in: u16,
-    web_out: u16,
-    policies: PathBuf,
-    _agent: AgentProcess,
-    _ca: CaProcess,
-    _tmp: tempfile::TempDir,
-}
-
-impl TwoProxies {
-    async fn start(
-        policy_file: &str,
-        policy_yaml: &str,
-        ca_extra: &[&str],
-        api_inbound: &str,
-    ) -> TwoProxies {
-        let tmp = tempfile::tempdir().unwrap();
-        // The proxies run as other uids: they must reach the agent socket's directory.
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let (ca, policies) = start_ca_with_policies(tmp.path(), policy_file, policy_yaml, ca_extra)
-            .await
-            .unwrap();
-        let token = create_join_token(&ca.data_dir, "node-a", &[WEB, API], "10m").unwrap();
-        let entries = format!(
-            "entries:\n  - spiffe_id: {WEB}\n    uid: {WEB_UID}\n    labels: {{app: web}}\n  - spiffe_id: {API}\n    uid: {API_UID}\n    labels: {{app: api}}\n"
-        );
-        let dir = tmp.path().join("agent");
-        let agent = AgentProcess::start(&ca, &AgentOptions::new(&dir, &entries, Some(&token)))
-            .await
-            .unwrap();
-
-        let api_in = free_port();
-        let web_out = free_port();
-        let mut api = CitadelProxyProcess::spawn(
-            tmp.path(),
-            "api",
-            Some(API_UID),
-            &agent.socket,
-            &["--inbound".to_owned(), format!("{api_in}:{api_inbound}")],
-            &[],
-        )
-        .unwrap();
-        let mut web = CitadelProxyProcess::spawn(
-            tmp.path(),
-            "web",
-            Some(WEB_UID),
-            &agent.socket,
-            &[
-                "--outbound".to_owned(),
-                format!("{web_out}=127.0.0.1:{api_in},{API}"),
-            ],
-            &[],
-        )
-        .unwrap();
-        api.wait_ready(30).await.unwrap();
-        web.wait_ready(30).await.unwrap();
-        TwoProxies {
-            web,
-            api,
-            api_in,
-            web_out,
-            policies,
-            _agent: agent,
-            _ca: ca,
-            _tmp: tmp,
-        }
-    }
-
-    /// Both proxies' logs (for failure messages).
-    fn logs(&self) -> String {
-        format!(
-            "api:\n{}\nweb:\n{}",
-            self.api.log_text(),
-            self.web.log_text()
-        )
-    }
-}
 
 async fn echo(s: &mut TcpStream) -> Result<(), String> {
     s.write_all(b"ping").await.map_err(|e| e.to_string())?;
