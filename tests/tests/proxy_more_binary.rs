@@ -6,9 +6,15 @@
 //! each test skips itself otherwise.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use citadel_e2e::mesh::{TwoProxies, echo_app, is_root};
+use citadel_e2e::mesh::{MESH_WEB, TwoProxies, allow_sa_to_api_strict, echo_app, is_root};
+use citadel_tls::testing::TestCa;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -90,5 +96,140 @@ spec:
     assert!(
         metrics.contains(r#"source_principal="cluster.local/ns/shop/sa/web""#),
         "{metrics}"
+    );
+}
+
+/// A server verifier that accepts any server (checking only the handshake
+/// signature) and records the leaf certificate it was shown.
+#[derive(Debug)]
+struct RecordServerLeaf {
+    provider: Arc<CryptoProvider>,
+    leaf: Mutex<Option<Vec<u8>>>,
+}
+
+impl ServerCertVerifier for RecordServerLeaf {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.leaf.lock().unwrap() = Some(end_entity.to_vec());
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// What a TLS 1.3 client presenting an SVID of a foreign root (for `spiffe_id`)
+/// got from 127.0.0.1:`port`: the leaf the server showed (if it got that far), and
+/// whether a `ping` was echoed after the handshake.
+async fn foreign_client(port: u16, spiffe_id: &str) -> (Option<Vec<u8>>, Result<(), String>) {
+    let foreign = TestCa::new("cluster.local", "foreign root").svid(spiffe_id);
+    let provider = citadel_tls::provider();
+    let recorder = Arc::new(RecordServerLeaf {
+        provider: provider.clone(),
+        leaf: Mutex::new(None),
+    });
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(foreign.key_pkcs8.clone()));
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(recorder.clone())
+        .with_client_auth_cert(foreign.chain.clone(), key)
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let result = async {
+        let tcp = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let connect = connector.connect(ServerName::try_from("api.shop").unwrap(), tcp);
+        let mut tls = tokio::time::timeout(Duration::from_secs(5), connect)
+            .await
+            .map_err(|_| "no handshake within 5 s".to_owned())?
+            .map_err(|e| format!("handshake: {e}"))?;
+        echo_on(&mut tls).await
+    }
+    .await;
+    let leaf = recorder.leaf.lock().unwrap().clone();
+    (leaf, result)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_with_a_foreign_root_is_refused_by_a_real_proxy() {
+    if !is_root() {
+        eprintln!("skipped: running proxies as other uids needs root");
+        return;
+    }
+    let app = echo_app().await.port();
+    let mesh = TwoProxies::start(
+        "allow.yaml",
+        &allow_sa_to_api_strict("web"),
+        &[],
+        &app.to_string(),
+    )
+    .await;
+    let logs = || mesh.logs();
+
+    // A client whose certificate names web but chains to another root: the server
+    // showed its certificate (the client got that far) and then refused it.
+    let (leaf, result) = foreign_client(mesh.api_in, MESH_WEB).await;
+    assert!(
+        leaf.is_some(),
+        "api's inbound never showed a certificate: {result:?}\n{}",
+        logs()
+    );
+    assert!(
+        result.is_err(),
+        "a foreign root's client got an echo\n{}",
+        logs()
+    );
+
+    // Web's outbound, with the real certificate, keeps working.
+    echoed_through(mesh.web_out).await.unwrap_or_else(|e| {
+        panic!(
+            "web → api refused after the foreign client: {e}\n{}",
+            logs()
+        )
+    });
+    let metrics = mesh.api.metrics().await.unwrap();
+    assert!(
+        metrics.contains(r#"source_principal="unknown""#),
+        "the refused handshake was not counted\n{metrics}"
     );
 }
