@@ -233,3 +233,61 @@ async fn client_with_a_foreign_root_is_refused_by_a_real_proxy() {
         "the refused handshake was not counted\n{metrics}"
     );
 }
+
+/// The serial (lowercase hex) of a DER certificate.
+fn serial_of(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("a certificate");
+    cert.raw_serial_as_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_under_an_open_connection_keeps_it_open_and_new_handshakes_use_the_new_certificate()
+ {
+    if !is_root() {
+        eprintln!("skipped: running proxies as other uids needs root");
+        return;
+    }
+    let app = echo_app().await.port();
+    let mesh = TwoProxies::start(
+        "allow.yaml",
+        &allow_sa_to_api_strict("web"),
+        &[],
+        &app.to_string(),
+    )
+    .await;
+    let logs = || mesh.logs();
+
+    // An open connection web → api, and the certificate api serves now.
+    let mut open = echoed_through(mesh.web_out)
+        .await
+        .unwrap_or_else(|e| panic!("web → api refused: {e}\n{}", logs()));
+    let (leaf, _) = foreign_client(mesh.api_in, MESH_WEB).await;
+    let before = serial_of(&leaf.expect("api showed no certificate"));
+
+    // SIGUSR1: the agent renews every certificate; api's next handshakes show a new one.
+    mesh.agent.signal("-USR1").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        if let (Some(leaf), _) = foreign_client(mesh.api_in, MESH_WEB).await {
+            let serial = serial_of(&leaf);
+            if serial != before {
+                break serial;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "api still serves serial {before} 20 s after SIGUSR1\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_ne!(before, after);
+
+    // The connection opened before the rotation still echoes, and a new one works.
+    echo_on(&mut open)
+        .await
+        .unwrap_or_else(|e| panic!("the open connection broke on rotation: {e}\n{}", logs()));
+    echoed_through(mesh.web_out)
+        .await
+        .unwrap_or_else(|e| panic!("web → api refused after rotation: {e}\n{}", logs()));
+}
