@@ -9,7 +9,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use citadel_e2e::mesh::{MESH_WEB, TwoProxies, allow_sa_to_api_strict, echo_app, is_root};
+use citadel_e2e::mesh::{
+    AgentOptions, AgentProcess, CitadelProxyProcess, MESH_API, MESH_API_UID, MESH_WEB,
+    MESH_WEB_UID, TwoProxies, allow_sa_to_api_strict, create_join_token, echo_app, is_root,
+    start_ca_with_policies, web_api_entries,
+};
+use citadel_e2e::process::{free_port, http_get};
 use citadel_tls::testing::TestCa;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -290,4 +295,83 @@ async fn rotation_under_an_open_connection_keeps_it_open_and_new_handshakes_use_
     echoed_through(mesh.web_out)
         .await
         .unwrap_or_else(|e| panic!("web → api refused after rotation: {e}\n{}", logs()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_started_before_its_agent_becomes_ready_when_the_agent_comes() {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        eprintln!("skipped: running proxies as other uids needs root");
+        return;
+    }
+    let app = echo_app().await.port();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ca, _policies) = start_ca_with_policies(
+        tmp.path(),
+        "allow.yaml",
+        &allow_sa_to_api_strict("web"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let agent_dir = tmp.path().join("agent");
+    let socket = agent_dir.join("agent.sock");
+    assert!(!socket.exists());
+
+    // api's proxy first, pointed at a socket where no agent listens yet.
+    let api_in = free_port();
+    let mut api = CitadelProxyProcess::spawn(
+        tmp.path(),
+        "api",
+        Some(MESH_API_UID),
+        &socket,
+        &["--inbound".to_owned(), format!("{api_in}:{app}")],
+        &[],
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Ok((status, _)) = http_get(api.admin, "/healthz/ready").await {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "api's admin never answered\n{}",
+            api.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, 503, "ready without an agent\n{}", api.log_text());
+
+    // The agent comes: api becomes ready and serves web through web's outbound.
+    let token = create_join_token(&ca.data_dir, "node-a", &[MESH_WEB, MESH_API], "10m").unwrap();
+    let entries = web_api_entries();
+    let _agent = AgentProcess::start(&ca, &AgentOptions::new(&agent_dir, &entries, Some(&token)))
+        .await
+        .unwrap();
+    api.wait_ready(60)
+        .await
+        .unwrap_or_else(|e| panic!("api not ready once the agent came: {e}"));
+    let web_out = free_port();
+    let mut web = CitadelProxyProcess::spawn(
+        tmp.path(),
+        "web",
+        Some(MESH_WEB_UID),
+        &socket,
+        &[
+            "--outbound".to_owned(),
+            format!("{web_out}=127.0.0.1:{api_in},{MESH_API}"),
+        ],
+        &[],
+    )
+    .unwrap();
+    web.wait_ready(30).await.unwrap();
+    echoed_through(web_out).await.unwrap_or_else(|e| {
+        panic!(
+            "web → api refused: {e}\napi:\n{}\nweb:\n{}",
+            api.log_text(),
+            web.log_text()
+        )
+    });
 }
