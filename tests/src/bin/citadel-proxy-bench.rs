@@ -3,11 +3,17 @@
 //! through two Envoys, in one run on one machine, with certificates for both
 //! from the real node agent over SDS and the real CA behind it.
 //!
-//! Both pairs are L4: `citadel-proxy` with `--outbound`/`--inbound … :tcp`,
-//! Envoy with `tcp_proxy` and, on the inbound side, an RBAC network filter
-//! allowing the same principals as the AuthorizationPolicies in force. Each
-//! case runs HTTP/1.1 keep-alive requests and raw TCP echo round trips, with a
-//! fixed number of connections for a fixed duration, with 1 and with 1,000
+//! The `http` and `tcp-echo` cases are L4 on both pairs: `citadel-proxy` with
+//! `--outbound`/`--inbound … :tcp`, Envoy with `tcp_proxy` and, on the inbound
+//! side, an RBAC network filter allowing the same principals as the
+//! AuthorizationPolicies in force. The `http-l7` cases keep both outbound sides
+//! L4 but make the inbound L7: `citadel-proxy --inbound PORT:APP_PORT:http`
+//! (one AuthorizationPolicy decision per request, pooled keep-alive to the
+//! app), and Envoy with an HTTP connection manager, the HTTP RBAC filter
+//! (`envoy.filters.http.rbac`, the same principals) and the router to the app
+//! cluster, setting `x-forwarded-client-cert` as citadel-proxy does. Each case
+//! runs HTTP/1.1 keep-alive requests or raw TCP echo round trips, with a fixed
+//! number of connections for a fixed duration, with 1 and with 1,000
 //! AuthorizationPolicies in force. The proxies run as two uids (the agent
 //! attests them by uid), so it must run as root. Everything is on loopback.
 //!
@@ -74,6 +80,9 @@ struct Args {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Load {
     Http,
+    /// HTTP/1.1 keep-alive requests through the L7 (`:http`) inbound: the
+    /// response is parsed (the proxies rewrite its head).
+    HttpL7,
     Echo,
     /// One echo round trip on a new connection each time: the mTLS handshake
     /// and the per-connection policy decision are in every request.
@@ -84,6 +93,7 @@ impl Load {
     fn name(self) -> &'static str {
         match self {
             Load::Http => "http",
+            Load::HttpL7 => "http-l7",
             Load::Echo => "tcp-echo",
             Load::EchoNewConnection => "tcp-echo new-conn",
         }
@@ -99,7 +109,7 @@ struct Case {
 }
 
 impl Case {
-    fn all(rate: u32, connection_rate: u32) -> [Case; 5] {
+    fn all(rate: u32, connection_rate: u32) -> [Case; 7] {
         [
             Case {
                 load: Load::Http,
@@ -107,6 +117,14 @@ impl Case {
             },
             Case {
                 load: Load::Http,
+                rate: Some(rate),
+            },
+            Case {
+                load: Load::HttpL7,
+                rate: None,
+            },
+            Case {
+                load: Load::HttpL7,
                 rate: Some(rate),
             },
             Case {
@@ -147,6 +165,7 @@ struct Figures {
 /// The chain's entry points for one proxy pair.
 struct Entry {
     http: SocketAddr,
+    http_l7: SocketAddr,
     echo: SocketAddr,
     pids: [u32; 2],
 }
@@ -200,7 +219,7 @@ async fn main() -> anyhow::Result<()> {
 
     // citadel-proxy pair, kept for every policy count (new versions are pushed to it).
     let workers_env = [("TOKIO_WORKER_THREADS", args.workers.to_string())];
-    let (api_http, api_echo) = (free_port(), free_port());
+    let (api_http, api_http_l7, api_echo) = (free_port(), free_port(), free_port());
     let mut api = CitadelProxyProcess::spawn(
         dir,
         "citadel-api",
@@ -210,11 +229,13 @@ async fn main() -> anyhow::Result<()> {
             "--inbound".to_owned(),
             format!("{api_http}:{}", http_app.port()),
             "--inbound".to_owned(),
+            format!("{api_http_l7}:{}:http", http_app.port()),
+            "--inbound".to_owned(),
             format!("{api_echo}:{}", echo_app.port()),
         ],
         &workers_env,
     )?;
-    let (web_http, web_echo) = (free_port(), free_port());
+    let (web_http, web_http_l7, web_echo) = (free_port(), free_port(), free_port());
     let mut web = CitadelProxyProcess::spawn(
         dir,
         "citadel-web",
@@ -224,6 +245,8 @@ async fn main() -> anyhow::Result<()> {
             "--outbound".to_owned(),
             format!("{web_http}=127.0.0.1:{api_http},{API}"),
             "--outbound".to_owned(),
+            format!("{web_http_l7}=127.0.0.1:{api_http_l7},{API}"),
+            "--outbound".to_owned(),
             format!("{web_echo}=127.0.0.1:{api_echo},{API}"),
         ],
         &workers_env,
@@ -232,6 +255,7 @@ async fn main() -> anyhow::Result<()> {
     web.wait_ready(30).await?;
     let citadel = Entry {
         http: loopback(web_http),
+        http_l7: loopback(web_http_l7),
         echo: loopback(web_echo),
         pids: [web.pid(), api.pid()],
     };
@@ -256,7 +280,11 @@ async fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("citadel-proxy chain: {}", api.log_text()))?;
 
-        let (envoy_api_http, envoy_api_echo) = (loopback(free_port()), loopback(free_port()));
+        let (envoy_api_http, envoy_api_http_l7, envoy_api_echo) = (
+            loopback(free_port()),
+            loopback(free_port()),
+            loopback(free_port()),
+        );
         let principals: Vec<String> = std::iter::once(WEB.to_owned())
             .chain((1..n).map(other_principal))
             .collect();
@@ -274,6 +302,12 @@ async fn main() -> anyhow::Result<()> {
             &agent.socket,
             vec![
                 inbound("http-in", envoy_api_http, "http-app"),
+                envoy_listener(
+                    "http-l7-in",
+                    envoy_api_http_l7,
+                    Some(envoy_downstream_mtls()),
+                    vec![envoy_http_rbac_router(&principals, "http-app")],
+                ),
                 inbound("echo-in", envoy_api_echo, "echo-app"),
             ],
             vec![
@@ -287,7 +321,11 @@ async fn main() -> anyhow::Result<()> {
                 log_level: "warn",
             },
         )?;
-        let (envoy_web_http, envoy_web_echo) = (loopback(free_port()), loopback(free_port()));
+        let (envoy_web_http, envoy_web_http_l7, envoy_web_echo) = (
+            loopback(free_port()),
+            loopback(free_port()),
+            loopback(free_port()),
+        );
         let mut envoy_web = EnvoyProcess::start_with(
             &envoy,
             dir,
@@ -300,6 +338,12 @@ async fn main() -> anyhow::Result<()> {
                     vec![envoy_tcp_proxy("api-http")],
                 ),
                 envoy_listener(
+                    "http-l7-out",
+                    envoy_web_http_l7,
+                    None,
+                    vec![envoy_tcp_proxy("api-http-l7")],
+                ),
+                envoy_listener(
                     "echo-out",
                     envoy_web_echo,
                     None,
@@ -308,6 +352,11 @@ async fn main() -> anyhow::Result<()> {
             ],
             vec![
                 envoy_cluster("api-http", envoy_api_http, Some(envoy_upstream_mtls(API))),
+                envoy_cluster(
+                    "api-http-l7",
+                    envoy_api_http_l7,
+                    Some(envoy_upstream_mtls(API)),
+                ),
                 envoy_cluster("api-echo", envoy_api_echo, Some(envoy_upstream_mtls(API))),
             ],
             &EnvoyOptions {
@@ -321,6 +370,7 @@ async fn main() -> anyhow::Result<()> {
         envoy_web.wait_ready(60).await?;
         let envoys = Entry {
             http: envoy_web_http,
+            http_l7: envoy_web_http_l7,
             echo: envoy_web_echo,
             pids: [envoy_web.pid(), envoy_api.pid()],
         };
@@ -378,6 +428,46 @@ fn policies_yaml(n: usize) -> String {
     out
 }
 
+/// Envoy's L7 inbound: an HTTP connection manager with the HTTP RBAC filter
+/// (the same ALLOW policies as [`envoy_rbac_allow`], one per principal, decided
+/// per request on the peer certificate's URI SAN) and the router to `cluster`.
+/// `x-forwarded-client-cert` is sanitized and set (`By`, `URI`) as Istio's
+/// sidecar and citadel-proxy's `:http` ports do.
+fn envoy_http_rbac_router(principals: &[String], cluster: &str) -> serde_json::Value {
+    let rules = envoy_rbac_allow(principals)["typed_config"]["rules"].clone();
+    serde_json::json!({
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "inbound_http",
+            "codec_type": "AUTO",
+            "forward_client_cert_details": "SANITIZE_SET",
+            "set_current_client_cert_details": { "uri": true },
+            "http_filters": [
+                {
+                    "name": "envoy.filters.http.rbac",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                        "rules": rules,
+                    }
+                },
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
+                }
+            ],
+            "route_config": {
+                "name": "inbound",
+                "virtual_hosts": [{
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{ "match": { "prefix": "/" }, "route": { "cluster": cluster } }]
+                }]
+            }
+        }
+    })
+}
+
 /// Accepts on a loopback port and runs `conn` on each connection.
 async fn serve<F, Fut>(conn: F) -> anyhow::Result<SocketAddr>
 where
@@ -426,6 +516,7 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 /// One request on a kept-alive connection; the response must be the app's.
 async fn round_trip(s: &mut TcpStream, load: Load, buf: &mut Vec<u8>) -> anyhow::Result<()> {
     let (request, expected): (&[u8], &[u8]) = match load {
+        Load::HttpL7 => return http_round_trip(s, buf).await,
         Load::Http => (HTTP_REQUEST, HTTP_RESPONSE),
         Load::Echo | Load::EchoNewConnection => (&[0x5a; ECHO_BYTES], &[0x5a; ECHO_BYTES]),
     };
@@ -441,14 +532,70 @@ async fn round_trip(s: &mut TcpStream, load: Load, buf: &mut Vec<u8>) -> anyhow:
     Ok(())
 }
 
+/// One request through an L7 proxy, whose response head differs from the
+/// app's (header case, `date`, `server`, …): it must be a 200 with the app's
+/// body, framed by `Content-Length` or chunked.
+async fn http_round_trip(s: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+    s.write_all(HTTP_REQUEST).await?;
+    buf.clear();
+    let mut chunk = [0u8; 4096];
+    let mut head: Option<(usize, Option<usize>)> = None;
+    loop {
+        if head.is_none()
+            && let Some(end) = find_head_end(buf)
+        {
+            let text = std::str::from_utf8(&buf[..end]).context("response head")?;
+            anyhow::ensure!(
+                text.starts_with("HTTP/1.1 200 "),
+                "unexpected response: {}",
+                text.lines().next().unwrap_or_default()
+            );
+            let length = text.lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                if name.eq_ignore_ascii_case("content-length") {
+                    value.trim().parse::<usize>().ok()
+                } else {
+                    None
+                }
+            });
+            head = Some((end, length));
+        }
+        match head {
+            Some((end, Some(length))) if buf.len() >= end + length => {
+                anyhow::ensure!(&buf[end..end + length] == b"ok", "unexpected body");
+                return Ok(());
+            }
+            Some((end, None)) if buf[end..].ends_with(b"0\r\n\r\n") => {
+                anyhow::ensure!(&buf[end..] == b"2\r\nok\r\n0\r\n\r\n", "unexpected body");
+                return Ok(());
+            }
+            _ => {}
+        }
+        let k = s.read(&mut chunk).await?;
+        anyhow::ensure!(k > 0, "closed after {} bytes", buf.len());
+        buf.extend_from_slice(&chunk[..k]);
+    }
+}
+
 async fn check_chain(entry: &Entry) -> anyhow::Result<()> {
-    for (addr, load) in [(entry.http, Load::Http), (entry.echo, Load::Echo)] {
+    for (addr, load) in [
+        (entry.http, Load::Http),
+        (entry.http_l7, Load::HttpL7),
+        (entry.echo, Load::Echo),
+    ] {
         let mut s = TcpStream::connect(addr).await?;
         let mut buf = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), round_trip(&mut s, load, &mut buf))
             .await
             .with_context(|| format!("{} through {addr}: no answer", load.name()))?
             .with_context(|| format!("{} through {addr}", load.name()))?;
+        // An L7 inbound writes its own response head (hyper's `date`, Envoy's
+        // `server`, …): the app's bytes unchanged would mean an L4 path.
+        anyhow::ensure!(
+            load != Load::HttpL7 || buf != HTTP_RESPONSE,
+            "{} through {addr}: the response head is the app's, unchanged: not an L7 inbound",
+            load.name()
+        );
     }
     Ok(())
 }
@@ -490,6 +637,7 @@ async fn measure(
         .map(|r| Duration::from_secs_f64(connections as f64 / f64::from(r.max(1))));
     let addr = match load {
         Load::Http => entry.http,
+        Load::HttpL7 => entry.http_l7,
         Load::Echo | Load::EchoNewConnection => entry.echo,
     };
     // Open (and handshake) every kept-alive connection before the clock starts.
