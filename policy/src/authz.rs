@@ -1,6 +1,7 @@
 //! AuthorizationPolicy decisions: compiled policies and the order in which their
 //! verdicts combine (DENY, then "no ALLOW policy", then ALLOW, else deny).
 
+use std::collections::HashMap;
 use std::fmt;
 
 use crate::compile::CompiledRule;
@@ -116,7 +117,6 @@ pub(crate) struct CompiledPolicy {
     pub(crate) name: Box<str>,
     pub(crate) action: Action,
     pub(crate) dry_run: bool,
-    pub(crate) selector: Selector,
     pub(crate) rules: Box<[CompiledRule]>,
 }
 
@@ -134,6 +134,71 @@ impl CompiledPolicy {
     }
 }
 
+/// The AuthorizationPolicies of one scope (namespace, or the root namespace) that
+/// share one selector: they apply to exactly the same workloads, so a decision
+/// checks the selector once for all of them.
+///
+/// Rules that only test the peer principal against exact values are filed in a map
+/// by principal. A request then looks up its own principal instead of evaluating
+/// each such rule: with many "allow client N" policies on one workload the cost no
+/// longer grows with their number. Everything else is evaluated as before.
+#[derive(Debug, Clone)]
+pub(crate) struct PolicyGroup {
+    pub(crate) selector: Selector,
+    /// Policies with a rule not in `by_principal`, ascending. They are evaluated in
+    /// full; finding one of their indexed rules again changes nothing, because the
+    /// tally keeps the lowest (policy, rule).
+    evaluated: Vec<u32>,
+    /// Exact principal -> (policy ordinal, rule index) of each rule it matches.
+    by_principal: HashMap<Box<str>, Vec<(u32, usize)>>,
+    /// An enforced ALLOW policy is in the group (it applies even when it matches nothing).
+    allow_enforced: bool,
+    /// Any ALLOW policy, dry-run included, is in the group.
+    allow_any: bool,
+    /// A dry-run policy is in the group.
+    pub(crate) dry_run: bool,
+}
+
+impl PolicyGroup {
+    pub(crate) fn new(selector: Selector) -> Self {
+        Self {
+            selector,
+            evaluated: Vec::new(),
+            by_principal: HashMap::new(),
+            allow_enforced: false,
+            allow_any: false,
+            dry_run: false,
+        }
+    }
+
+    /// Adds a policy; ordinals must come in ascending order.
+    pub(crate) fn push(&mut self, ordinal: u32, p: &CompiledPolicy) {
+        self.dry_run |= p.dry_run;
+        if p.action == Action::Allow {
+            self.allow_any = true;
+            self.allow_enforced |= !p.dry_run;
+        }
+        // CUSTOM never loads; should one get here, `Tally::add` keeps its meaning.
+        let mut all_indexed = p.action != Action::Custom;
+        for (rule, compiled) in p.rules.iter().enumerate() {
+            match compiled.exact_principals() {
+                Some(principals) if p.action != Action::Custom => {
+                    for principal in principals {
+                        let hits = self.by_principal.entry(principal.into()).or_default();
+                        if hits.last() != Some(&(ordinal, rule)) {
+                            hits.push((ordinal, rule));
+                        }
+                    }
+                }
+                _ => all_indexed = false,
+            }
+        }
+        if !all_indexed {
+            self.evaluated.push(ordinal);
+        }
+    }
+}
+
 /// What the applicable policies said, as (policy ordinal, rule) of the first match
 /// in policy order (namespace, name).
 #[derive(Debug, Default)]
@@ -145,16 +210,60 @@ pub(crate) struct Tally {
     skipped: u32,
 }
 
+/// Keeps the lowest (policy ordinal, rule): the first match in policy order, and
+/// within a policy the lowest rule index, whatever order the matches are found in.
 fn keep_first(slot: &mut Option<(u32, usize)>, ordinal: u32, rule: Option<usize>) {
     if let Some(rule) = rule
-        && slot.is_none_or(|(o, _)| ordinal < o)
+        && slot.is_none_or(|best| (ordinal, rule) < best)
     {
         *slot = Some((ordinal, rule));
     }
 }
 
 impl Tally {
-    pub(crate) fn add(&mut self, p: &CompiledPolicy, ordinal: u32, req: &Request<'_>, avail: u8) {
+    /// Adds the verdicts of a group of applicable policies; dry-run policies count
+    /// only when `with_dry_run`.
+    pub(crate) fn add_group(
+        &mut self,
+        g: &PolicyGroup,
+        policies: &[CompiledPolicy],
+        with_dry_run: bool,
+        req: &Request<'_>,
+        avail: u8,
+    ) {
+        let counts = |p: &CompiledPolicy| with_dry_run || !p.dry_run;
+        self.has_allow |= if with_dry_run {
+            g.allow_any
+        } else {
+            g.allow_enforced
+        };
+        for &o in &g.evaluated {
+            let p = &policies[o as usize];
+            if counts(p) {
+                self.add(p, o, req, avail);
+            }
+        }
+        if g.by_principal.is_empty() {
+            return; // nothing indexed: do not spend a hash of the principal
+        }
+        // Indexed rules test only the principal, which every request carries (or
+        // lacks) for judging: they are never dropped or widened, so a hit is a match.
+        let hits = req.source.principal.and_then(|pr| g.by_principal.get(pr));
+        for &(o, rule) in hits.into_iter().flatten() {
+            let p = &policies[o as usize];
+            let slot = match p.action {
+                Action::Deny => &mut self.deny,
+                Action::Audit => &mut self.audit,
+                Action::Allow => &mut self.allow,
+                Action::Custom => continue,
+            };
+            if counts(p) {
+                keep_first(slot, o, Some(rule));
+            }
+        }
+    }
+
+    fn add(&mut self, p: &CompiledPolicy, ordinal: u32, req: &Request<'_>, avail: u8) {
         match p.action {
             Action::Deny => keep_first(&mut self.deny, ordinal, p.first_match(req, avail, true)),
             Action::Audit => keep_first(&mut self.audit, ordinal, p.first_match(req, avail, true)),

@@ -196,6 +196,31 @@ impl CompiledRule {
         })
     }
 
+    /// The principals of a rule that tests nothing but the peer principal against
+    /// exact values (every `from` source is only `principals` without wildcards; no
+    /// `to`, no `when`). Such a rule matches exactly when the peer principal is one
+    /// of them, on any request (principals are always judged), so a decision can
+    /// find it by a map lookup instead of evaluating it. `None` for any other rule.
+    pub(crate) fn exact_principals(&self) -> Option<Vec<&str>> {
+        if self.from.is_empty() || !self.to.is_empty() || !self.when.is_empty() {
+            return None;
+        }
+        let mut out = Vec::new();
+        for source in self.from.iter() {
+            let [check] = &**source else { return None };
+            let (Attr::Principal, false, Matcher::Str(values)) =
+                (&check.attr, check.negate, &check.matcher)
+            else {
+                return None;
+            };
+            for v in values.iter() {
+                let StrMatch::Exact(e) = v else { return None };
+                out.push(&**e);
+            }
+        }
+        Some(out)
+    }
+
     /// True when the request lacks an attribute this rule tests.
     pub(crate) fn lacks_attributes(&self, avail: u8) -> bool {
         self.needs & !avail != 0

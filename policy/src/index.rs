@@ -10,7 +10,7 @@ use std::collections::HashMap;
 /// A selector as sorted `(key, value)` pairs; empty = every workload.
 pub(crate) type Selector = Box<[(Box<str>, Box<str>)]>;
 
-/// Index of policy ordinals in one scope.
+/// Index of policy ordinals (AuthorizationPolicies: policy group numbers) in one scope.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ScopeIndex {
     unselected: Vec<u32>,

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::authz::{CompiledPolicy, Decision, Tally};
+use crate::authz::{CompiledPolicy, Decision, PolicyGroup, Tally};
 use crate::compile::CompiledRule;
 use crate::diag::LoadError;
 use crate::index::{ScopeIndex, selector_matches, selector_of};
@@ -29,6 +29,9 @@ pub struct PolicySet {
     mesh: MeshConfig,
     /// AuthorizationPolicies sorted by (namespace, name): the ordinal is the index.
     authz: Vec<CompiledPolicy>,
+    /// AuthorizationPolicies grouped by (namespace, selector); the scope indexes
+    /// below hold group numbers.
+    authz_groups: Vec<PolicyGroup>,
     authz_root: ScopeIndex,
     authz_by_ns: HashMap<Box<str>, ScopeIndex>,
     /// PeerAuthentications sorted oldest first (creationTimestamp, then namespace,
@@ -45,6 +48,7 @@ impl PolicySet {
         Self {
             mesh,
             authz: Vec::new(),
+            authz_groups: Vec::new(),
             authz_root: ScopeIndex::default(),
             authz_by_ns: HashMap::new(),
             peers: Vec::new(),
@@ -80,6 +84,7 @@ impl PolicySet {
             (a.metadata.namespace(), a.metadata.name())
                 .cmp(&(b.metadata.namespace(), b.metadata.name()))
         });
+        let mut group_of: HashMap<(Box<str>, crate::index::Selector), u32> = HashMap::new();
         for ap in aps {
             if ap.spec.target_ref.is_some()
                 || ap.spec.target_refs.as_ref().is_some_and(|t| !t.is_empty())
@@ -104,22 +109,33 @@ impl PolicySet {
                 u32::try_from(set.authz.len()).map_err(|_| "too many policies".to_owned())?;
             let selector = selector_of(ap.spec.selector.as_ref());
             let ns = ap.metadata.namespace();
-            if ns == root {
-                set.authz_root.insert(ordinal, &selector);
-            } else {
-                set.authz_by_ns
-                    .entry(ns.into())
-                    .or_default()
-                    .insert(ordinal, &selector);
-            }
-            set.authz.push(CompiledPolicy {
+            let policy = CompiledPolicy {
                 namespace: ns.into(),
                 name: ap.metadata.name().into(),
                 action: ap.spec.action(),
                 dry_run: ap.metadata.annotation(DRY_RUN_ANNOTATION) == Some("true"),
-                selector,
                 rules,
-            });
+            };
+            let group = match group_of.get(&(ns.into(), selector.clone())) {
+                Some(&g) => g,
+                None => {
+                    let g = u32::try_from(set.authz_groups.len())
+                        .map_err(|_| "too many policies".to_owned())?;
+                    if ns == root {
+                        set.authz_root.insert(g, &selector);
+                    } else {
+                        set.authz_by_ns
+                            .entry(ns.into())
+                            .or_default()
+                            .insert(g, &selector);
+                    }
+                    group_of.insert((ns.into(), selector.clone()), g);
+                    set.authz_groups.push(PolicyGroup::new(selector));
+                    g
+                }
+            };
+            set.authz_groups[group as usize].push(ordinal, &policy);
+            set.authz.push(policy);
         }
 
         let mut pas: Vec<_> = objects
@@ -223,12 +239,12 @@ impl PolicySet {
         compose(mesh, namespace, best.map(|o| &self.peers[o as usize]), port)
     }
 
-    /// Calls `f` with every AuthorizationPolicy that applies to the workload.
-    fn for_each_policy(&self, workload: &Workload<'_>, mut f: impl FnMut(&CompiledPolicy, u32)) {
-        let mut visit = |o: u32| {
-            let p = &self.authz[o as usize];
-            if selector_matches(&p.selector, workload.labels) {
-                f(p, o);
+    /// Calls `f` with every group of AuthorizationPolicies that apply to the workload.
+    fn for_each_group(&self, workload: &Workload<'_>, mut f: impl FnMut(&PolicyGroup)) {
+        let mut visit = |g: u32| {
+            let g = &self.authz_groups[g as usize];
+            if selector_matches(&g.selector, workload.labels) {
+                f(g);
             }
         };
         self.authz_root
@@ -246,16 +262,13 @@ impl PolicySet {
         let wl = &req.destination.workload;
         let mut enforced = Tally::default();
         let mut any_dry_run = false;
-        self.for_each_policy(wl, |p, o| {
-            if p.dry_run {
-                any_dry_run = true;
-            } else {
-                enforced.add(p, o, req, avail);
-            }
+        self.for_each_group(wl, |g| {
+            any_dry_run |= g.dry_run;
+            enforced.add_group(g, &self.authz, false, req, avail);
         });
         let dry_run = any_dry_run.then(|| {
             let mut all = Tally::default();
-            self.for_each_policy(wl, |p, o| all.add(p, o, req, avail));
+            self.for_each_group(wl, |g| all.add_group(g, &self.authz, true, req, avail));
             all.reason(&self.authz)
         });
         let reason = enforced.reason(&self.authz);

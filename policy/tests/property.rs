@@ -480,6 +480,114 @@ fn dedup(objects: Vec<PolicyObject>) -> Vec<PolicyObject> {
         .collect()
 }
 
+/// Exact principals, most of them carried by generated requests.
+const EXACT_PRINCIPALS: &[&str] = &[
+    "cluster.local/ns/a/sa/x",
+    "cluster.local/ns/b/sa/y",
+    "td/ns/a/sa/y",
+    "weird-principal",
+    "cluster.local/ns/a/sa/z",
+];
+
+/// A rule that tests only exact peer principals (the shape the decision looks up by
+/// principal instead of evaluating).
+fn exact_principal_rule() -> impl Strategy<Value = Rule> {
+    vec(vec(select(EXACT_PRINCIPALS), 1..=3), 1..=2).prop_map(|sources| Rule {
+        from: Some(
+            sources
+                .into_iter()
+                .map(|ps| RuleFrom {
+                    source: Some(Source {
+                        principals: Some(ps.into_iter().map(String::from).collect()),
+                        ..Source::default()
+                    }),
+                })
+                .collect(),
+        ),
+        ..Rule::default()
+    })
+}
+
+/// Many policies on few workloads: mostly exact-principal rules, some wildcard or
+/// other rules mixed in (also within one policy), all actions, some dry-run.
+fn many_exact_principal_policies() -> impl Strategy<Value = Vec<PolicyObject>> {
+    let rules = prop_oneof![
+        1 => Just(None),
+        6 => vec(prop_oneof![4 => exact_principal_rule(), 1 => rule()], 1..=3).prop_map(Some),
+    ];
+    let ap = (
+        select(NAMESPACES),
+        prop_oneof![2 => Just(None), 2 => Just(Some(sel(&[("app", "web")]))), 1 => selector()],
+        prop_oneof![5 => Just(Action::Allow), 3 => Just(Action::Deny), 1 => Just(Action::Audit)],
+        rules,
+        prop_oneof![8 => Just(None), 1 => Just(Some("true"))],
+    );
+    (vec(ap, 10..=40), vec(authorization_policy(), 0..=4)).prop_map(|(exact, mixed)| {
+        exact
+            .into_iter()
+            .map(|(ns, s, a, r, d)| (ns.to_owned(), s, a, r, d))
+            .chain(mixed)
+            .enumerate()
+            .map(|(i, (ns, selector, action, rules, dry))| {
+                PolicyObject::AuthorizationPolicy(AuthorizationPolicy {
+                    api_version: ApiVersion::V1,
+                    // Shuffled names, so that policy order differs from generation order.
+                    metadata: meta(format!("p{:02}", (i * 37) % 100), &ns, None, dry),
+                    spec: AuthorizationPolicySpec {
+                        selector,
+                        rules,
+                        action: Some(action),
+                        ..AuthorizationPolicySpec::default()
+                    },
+                })
+            })
+            .collect()
+    })
+}
+
+/// Compares one decision of the compiled set with the reference evaluator.
+fn check_against_reference(
+    set: &PolicySet,
+    objects: &[PolicyObject],
+    mesh: &MeshConfig,
+    owned: &OwnedRequest,
+) -> Result<(), TestCaseError> {
+    let parts = owned.parts();
+    let req = parts.request();
+    let d = set.decide(&req);
+    let r = reference::decide(objects, mesh, &req);
+    let (kind, rule) = reason_parts(&d.reason);
+    prop_assert_eq!(kind, r.kind, "request {:?}", owned);
+    prop_assert_eq!(rule, r.rule.clone());
+    prop_assert_eq!(d.verdict == citadel_policy::Verdict::Allow, r.allow);
+    prop_assert_eq!(
+        d.audited_by
+            .map(|a| (a.namespace.to_owned(), a.name.to_owned(), a.rule)),
+        r.audit.clone()
+    );
+    prop_assert_eq!(d.dry_run.map(|x| reason_parts(&x)), r.dry_run.clone());
+    prop_assert_eq!(d.skipped_allow_rules, r.skipped);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    #[test]
+    fn exact_principal_index_agrees_with_reference(
+        objects in many_exact_principal_policies(),
+        reqs in vec(request(), 1..=8),
+    ) {
+        let objects = dedup(objects);
+        let mesh = MeshConfig::default();
+        let set = PolicySet::from_objects(objects.clone(), &mesh)
+            .unwrap_or_else(|e| panic!("generated policies must be valid: {:#?}", e.diagnostics));
+        for owned in &reqs {
+            check_against_reference(&set, &objects, &mesh, owned)?;
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
