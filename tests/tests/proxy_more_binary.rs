@@ -1,9 +1,9 @@
 //! More end-to-end tests of `citadel-proxy` with the real binaries (CA with
 //! `--policies`, join token, `citadel-agent`, proxies run as two uids so that they
 //! get `shop/web` and `shop/api`, a TCP echo application): PERMISSIVE and DISABLE
-//! ports, a client from a foreign root, a rotation under an open connection, and a
-//! proxy started before its agent. Needs root (to run the proxies as other uids);
-//! each test skips itself otherwise.
+//! ports, a client from a foreign root, a rotation under an open connection, a
+//! proxy started before its agent, and an agent that goes away and returns. Needs
+//! root (to run the proxies as other uids); each test skips itself otherwise.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use citadel_e2e::mesh::{
     AgentOptions, AgentProcess, CitadelProxyProcess, MESH_API, MESH_API_UID, MESH_WEB,
-    MESH_WEB_UID, TwoProxies, allow_sa_to_api_strict, create_join_token, echo_app, is_root,
-    start_ca_with_policies, web_api_entries,
+    MESH_WEB_UID, TwoProxies, allow_sa_to_api_strict, create_join_token, deny_sa_to_api, echo_app,
+    is_root, start_ca_with_policies, web_api_entries,
 };
 use citadel_e2e::process::{free_port, http_get};
 use citadel_tls::testing::TestCa;
@@ -374,4 +374,81 @@ async fn proxy_started_before_its_agent_becomes_ready_when_the_agent_comes() {
             web.log_text()
         )
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_going_away_keeps_proxies_serving_and_they_reconnect_when_it_returns() {
+    if !is_root() {
+        eprintln!("skipped: running proxies as other uids needs root");
+        return;
+    }
+    let app = echo_app().await.port();
+    let mut mesh = TwoProxies::start(
+        "allow.yaml",
+        &allow_sa_to_api_strict("web"),
+        &[],
+        &app.to_string(),
+    )
+    .await;
+    let agent_log = |m: &TwoProxies| std::fs::read_to_string(&m.agent.log).unwrap_or_default();
+    echoed_through(mesh.web_out)
+        .await
+        .unwrap_or_else(|e| panic!("web → api refused: {e}\n{}", mesh.logs()));
+
+    let version_before = mesh.api.policy_version().await;
+    assert!(
+        version_before.is_some(),
+        "api has no policy\n{}",
+        mesh.logs()
+    );
+
+    // The agent goes away (SIGTERM) and exits.
+    mesh.agent.signal("-TERM").unwrap();
+    mesh.agent
+        .wait_exit(20)
+        .await
+        .unwrap_or_else(|e| panic!("the agent did not exit on SIGTERM: {e}"));
+
+    // While it is gone, a new connection web → api still echoes: the proxies keep
+    // their certificates and policies.
+    echoed_through(mesh.web_out).await.unwrap_or_else(|e| {
+        panic!(
+            "web → api refused while the agent is gone: {e}\n{}",
+            mesh.logs()
+        )
+    });
+
+    // The agent returns on the same socket and data dir, without a join token (it
+    // reuses its saved node identity).
+    let entries = web_api_entries();
+    let dir = mesh.tmp.path().join("agent");
+    let agent = AgentProcess::start(&mesh.ca, &AgentOptions::new(&dir, &entries, None))
+        .await
+        .unwrap_or_else(|e| panic!("the agent did not come back without a token: {e}"));
+    assert_eq!(agent.socket, mesh.agent.socket);
+    mesh.agent = agent;
+
+    // A DENY for web reaches api only through the restarted agent's policy stream:
+    // new connections web → api end up refused.
+    std::fs::write(mesh.policies.join("deny.yaml"), deny_sa_to_api("web")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if echoed_through(mesh.web_out).await.is_err() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "web → api still echoes 60 s after the DENY was written\n{}\nagent:\n{}",
+            mesh.logs(),
+            agent_log(&mesh)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Refused because api took a new policy set, not because it broke.
+    let version_after = mesh.api.policy_version().await;
+    assert!(
+        version_after.is_some() && version_after != version_before,
+        "api's policy version {version_after:?} (was {version_before:?})\n{}",
+        mesh.logs()
+    );
 }
