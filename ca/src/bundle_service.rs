@@ -86,9 +86,26 @@ fn updates(
     snapshots: watch::Receiver<Arc<BundleSnapshot>>,
     shutdown: watch::Receiver<bool>,
 ) -> impl Stream<Item = Result<TrustBundleUpdate, Status>> + Send + 'static {
+    latest_until_shutdown(snapshots, shutdown, |s| Ok(s.to_update()))
+}
+
+/// What every full-state stream to node agents sends: `render` of the current value of
+/// `snapshots` at once, then of the latest after each change (changes in between are
+/// skipped: a slow agent gets the newest state, never a backlog), until `shutdown` turns
+/// true or the publisher is gone.
+pub fn latest_until_shutdown<S, U, F>(
+    snapshots: watch::Receiver<S>,
+    shutdown: watch::Receiver<bool>,
+    render: F,
+) -> impl Stream<Item = U> + Send + 'static
+where
+    S: Send + Sync + 'static,
+    U: Send + 'static,
+    F: FnMut(&S) -> U + Send + 'static,
+{
     futures::stream::unfold(
-        (snapshots, shutdown, true),
-        |(mut snapshots, mut shutdown, first)| async move {
+        (snapshots, shutdown, render, true),
+        |(mut snapshots, mut shutdown, mut render, first)| async move {
             if !first {
                 tokio::select! {
                     changed = snapshots.changed() => changed.ok()?,
@@ -98,8 +115,8 @@ fn updates(
             if *shutdown.borrow() {
                 return None;
             }
-            let update = snapshots.borrow_and_update().to_update();
-            Some((Ok(update), (snapshots, shutdown, false)))
+            let item = render(&snapshots.borrow_and_update());
+            Some((item, (snapshots, shutdown, render, false)))
         },
     )
 }

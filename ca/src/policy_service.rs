@@ -18,7 +18,7 @@ use futures::Stream;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::bundle_service::{AckDecision, authenticate_node_agent};
+use crate::bundle_service::{AckDecision, authenticate_node_agent, latest_until_shutdown};
 use crate::clock::unix_now;
 use crate::policy_set::PolicySnapshot;
 
@@ -98,23 +98,11 @@ fn updates(
     shutdown: watch::Receiver<bool>,
     sent: Arc<Sent>,
 ) -> impl Stream<Item = Result<PolicySet, Status>> + Send + 'static {
-    futures::stream::unfold(
-        (snapshots, shutdown, sent, true),
-        |(mut snapshots, mut shutdown, sent, first)| async move {
-            if !first {
-                tokio::select! {
-                    changed = snapshots.changed() => changed.ok()?,
-                    _ = shutdown.wait_for(|stop| *stop) => return None,
-                }
-            }
-            if *shutdown.borrow() {
-                return None;
-            }
-            let update = snapshots.borrow_and_update().to_update();
-            sent.push(&update.version);
-            Some((Ok(update), (snapshots, shutdown, sent, false)))
-        },
-    )
+    latest_until_shutdown(snapshots, shutdown, move |s| {
+        let update = s.to_update();
+        sent.push(&update.version);
+        Ok(update)
+    })
 }
 
 /// Records the acknowledgements of `agent` until the agent closes its side or the CA shuts
