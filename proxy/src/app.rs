@@ -11,7 +11,6 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use citadel_identity::SpiffeId;
 use citadel_tls::{
     CertResolver, ExpectedServer, SharedBundle, SpiffeClientVerifier, SpiffeServerVerifier,
     provider,
@@ -23,12 +22,14 @@ use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::agent_client::{self, IdentitySinks};
-use crate::config::{ConfigError, InboundSpec, OutboundSpec, ProxyConfig};
+use crate::config::{ConfigError, InboundSpec, OutboundSpec, ProxyConfig, TransparentConfig};
 use crate::decide::PolicyState;
-use crate::inbound::{self, Inbound, Registry};
+use crate::inbound::{self, AppSource, Inbound, Registry};
 use crate::l7::{HttpLimits, HttpServing};
 use crate::metrics::ProxyMetrics;
+use crate::original_dst::{OriginalDst, SystemOriginalDst};
 use crate::outbound::{self, Outbound};
+use crate::transparent::{self, Capture, Direction, OwnSockets};
 use crate::unix_now;
 
 /// Why the proxy did not start.
@@ -71,6 +72,9 @@ pub struct RunningProxy {
     pub inbound: Vec<(InboundSpec, SocketAddr)>,
     /// Each outbound listener and the address it is bound to.
     pub outbound: Vec<(OutboundSpec, SocketAddr)>,
+    /// The capture listeners (inbound, outbound) with `--transparent`: the IPv4
+    /// addresses they are bound to.
+    pub capture: Option<(SocketAddr, SocketAddr)>,
     /// `/healthz/ready` and `/metrics`.
     pub admin: SocketAddr,
     /// Open inbound connections.
@@ -152,17 +156,51 @@ fn server_config(inputs: &Inputs, alpn: &[&[u8]]) -> Result<ServerConfig, StartE
     Ok(config)
 }
 
-fn client_config(inputs: &Inputs, expected: &SpiffeId) -> Result<ClientConfig, StartError> {
+/// The mTLS client side: the server must be `expected`; the session offers our
+/// ALPN (then Istio's `istio`) so that the server knows its peer is a proxy.
+fn client_config(inputs: &Inputs, expected: ExpectedServer) -> Result<ClientConfig, StartError> {
     let verifier = Arc::new(SpiffeServerVerifier::new(
         inputs.bundle.clone(),
-        ExpectedServer::Exactly(expected.clone()),
+        expected,
         provider(),
     ));
-    Ok(ClientConfig::builder_with_provider(provider())
+    let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(inputs.certs.clone()))
+        .with_client_cert_resolver(inputs.certs.clone());
+    config.alpn_protocols = citadel_tls::alpn::CLIENT
+        .iter()
+        .map(|p| p.to_vec())
+        .collect();
+    Ok(config)
+}
+
+fn connector(inputs: &Inputs, expected: ExpectedServer) -> Result<TlsConnector, StartError> {
+    Ok(TlsConnector::from(Arc::new(client_config(
+        inputs, expected,
+    )?)))
+}
+
+/// Binds `[::]:port` for IPv6 only, beside the IPv4 listener; `None` (logged)
+/// where the host has no IPv6.
+fn bind_v6_only(port: u16) -> Option<TcpListener> {
+    let attempt = || -> std::io::Result<TcpListener> {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+        s.set_only_v6(true)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from(([0u16; 8], port)).into())?;
+        s.listen(1024)?;
+        s.set_nonblocking(true)?;
+        TcpListener::from_std(s.into())
+    };
+    match attempt() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(port, error = %e, "no IPv6 capture listener");
+            None
+        }
+    }
 }
 
 async fn bind(what: String, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
@@ -178,26 +216,46 @@ async fn bind(what: String, addr: SocketAddr) -> Result<(TcpListener, SocketAddr
 
 /// Starts the listeners and the admin endpoint over the given sources.
 pub async fn start_with(config: ProxyConfig, inputs: Inputs) -> Result<RunningProxy, StartError> {
+    start_with_original_dst(config, inputs, Arc::new(SystemOriginalDst)).await
+}
+
+/// As [`start_with`], captured connections' original destinations read by
+/// `original_dst` (tests pass a fake).
+pub async fn start_with_original_dst(
+    config: ProxyConfig,
+    inputs: Inputs,
+    original_dst: Arc<dyn OriginalDst>,
+) -> Result<RunningProxy, StartError> {
     config.validate()?;
     tracing::info!(?config, "starting the proxy");
     let metrics = ProxyMetrics::new();
     let registry = Arc::new(Registry::default());
     let mut tasks = Vec::new();
 
-    let inbound_shared = Arc::new(Inbound {
-        acceptor: TlsAcceptor::from(Arc::new(server_config(&inputs, &[])?)),
-        http_acceptor: TlsAcceptor::from(Arc::new(server_config(&inputs, &[b"h2", b"http/1.1"])?)),
-        http: HttpServing::new(HttpLimits {
-            header_read_timeout: config.header_read_timeout,
-            max_header_bytes: config.max_header_bytes,
-            connect_timeout: config.connect_timeout,
-        }),
-        policy: inputs.policy.clone(),
-        registry: registry.clone(),
-        metrics: metrics.clone(),
-        handshake_timeout: config.handshake_timeout,
+    let limits = HttpLimits {
+        header_read_timeout: config.header_read_timeout,
+        max_header_bytes: config.max_header_bytes,
         connect_timeout: config.connect_timeout,
-    });
+    };
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(&inputs, &[])?));
+    let alpn_acceptor = TlsAcceptor::from(Arc::new(server_config(
+        &inputs,
+        &citadel_tls::alpn::SERVER,
+    )?));
+    let inbound_with = |http: HttpServing, app_source: Option<AppSource>| {
+        Arc::new(Inbound {
+            acceptor: acceptor.clone(),
+            alpn_acceptor: alpn_acceptor.clone(),
+            http,
+            policy: inputs.policy.clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            handshake_timeout: config.handshake_timeout,
+            connect_timeout: config.connect_timeout,
+            app_source,
+        })
+    };
+    let inbound_shared = inbound_with(HttpServing::new(limits), None);
     let mut inbound_bound = Vec::new();
     for spec in &config.inbound {
         let (l, addr) = bind(
@@ -222,12 +280,61 @@ pub async fn start_with(config: ProxyConfig, inputs: Inputs) -> Result<RunningPr
         .await?;
         let shared = Arc::new(Outbound {
             spec: spec.clone(),
-            connector: TlsConnector::from(Arc::new(client_config(&inputs, &spec.spiffe_id)?)),
+            connector: connector(&inputs, ExpectedServer::Exactly(spec.spiffe_id.clone()))?,
             connect_timeout: config.connect_timeout,
             handshake_timeout: config.handshake_timeout,
         });
         outbound_bound.push((spec.clone(), addr));
         tasks.push(tokio::spawn(outbound::serve(l, shared)));
+    }
+
+    let mut capture = None;
+    if let Some(t) = &config.transparent {
+        let source = AppSource {
+            v4: t.app_source_v4,
+            v6: t.app_source_v6,
+        };
+        let inbound_t = inbound_with(
+            HttpServing::with_source(limits, Some((source.v4, source.v6))),
+            Some(source),
+        );
+        let (inbound_l, inbound_addr) = bind(
+            "--transparent inbound capture".to_owned(),
+            SocketAddr::new(config.inbound_bind, t.inbound_port),
+        )
+        .await?;
+        let (outbound_l, outbound_addr) = bind(
+            "--transparent outbound capture".to_owned(),
+            SocketAddr::new(config.inbound_bind, t.outbound_port),
+        )
+        .await?;
+        let shared = Arc::new(capture_of(
+            t,
+            &inputs,
+            inbound_t,
+            original_dst,
+            &metrics,
+            &config,
+            vec![inbound_addr.port(), outbound_addr.port()],
+        )?);
+        let mut listeners = vec![
+            (inbound_l, Direction::Inbound),
+            (outbound_l, Direction::Outbound),
+        ];
+        if config.inbound_bind.is_unspecified() {
+            for (port, direction) in [
+                (inbound_addr.port(), Direction::Inbound),
+                (outbound_addr.port(), Direction::Outbound),
+            ] {
+                if let Some(l) = bind_v6_only(port) {
+                    listeners.push((l, direction));
+                }
+            }
+        }
+        for (l, direction) in listeners {
+            tasks.push(tokio::spawn(transparent::serve(l, direction, shared.clone())));
+        }
+        capture = Some((inbound_addr, outbound_addr));
     }
 
     // Every policy version: the gauge, and open connections it no longer allows closed.
@@ -259,14 +366,48 @@ pub async fn start_with(config: ProxyConfig, inputs: Inputs) -> Result<RunningPr
             tracing::error!(error = %e, "admin endpoint failed");
         }
     }));
-    tracing::info!(%admin, inbound = ?inbound_bound, outbound = ?outbound_bound, "proxy listening");
+    tracing::info!(%admin, inbound = ?inbound_bound, outbound = ?outbound_bound, capture = ?capture, "proxy listening");
     Ok(RunningProxy {
         inbound: inbound_bound,
         outbound: outbound_bound,
+        capture,
         admin,
         registry,
         metrics,
         tasks,
+    })
+}
+
+fn capture_of(
+    t: &TransparentConfig,
+    inputs: &Inputs,
+    inbound: Arc<Inbound>,
+    original_dst: Arc<dyn OriginalDst>,
+    metrics: &ProxyMetrics,
+    config: &ProxyConfig,
+    capture_ports: Vec<u16>,
+) -> Result<Capture, StartError> {
+    let mut peer_connectors = std::collections::HashMap::new();
+    for (ip, id) in &t.peers {
+        peer_connectors.insert(*ip, connector(inputs, ExpectedServer::Exactly(id.clone()))?);
+    }
+    Ok(Capture {
+        app_source: inbound.app_source.unwrap_or(AppSource {
+            v4: t.app_source_v4,
+            v6: t.app_source_v6,
+        }),
+        inbound,
+        original_dst,
+        own: Arc::new(OwnSockets::default()),
+        capture_ports,
+        tcp_ports: t.tcp_ports.iter().copied().collect(),
+        mesh_cidrs: t.mesh_cidrs.clone(),
+        peers: t.peers.iter().cloned().collect(),
+        any_connector: connector(inputs, ExpectedServer::AnyInTrustDomain)?,
+        peer_connectors,
+        metrics: metrics.clone(),
+        connect_timeout: config.connect_timeout,
+        handshake_timeout: config.handshake_timeout,
     })
 }
 

@@ -1,12 +1,14 @@
 //! The proxy's configuration: one struct, its listener specs parsed from
 //! flags by pure functions, validated once before anything binds.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use citadel_identity::{Backoff, SpiffeId};
 use citadel_policy::MeshConfig;
+
+use crate::cidr::Cidr;
 
 /// The protocol of an inbound port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +17,10 @@ pub enum Protocol {
     Tcp,
     /// HTTP/1.1 and HTTP/2: one authorization decision per request.
     Http,
+    /// Told by the first bytes (transparent capture): an HTTP/1.1 request line or
+    /// the HTTP/2 preface is served as [`Protocol::Http`], anything else as
+    /// [`Protocol::Tcp`].
+    Detect,
 }
 
 /// `--inbound PORT:APP_PORT[:http|:tcp]`.
@@ -159,6 +165,76 @@ pub fn parse_outbound(s: &str) -> Result<OutboundSpec, SpecError> {
     })
 }
 
+/// `--transparent`: the capture listeners and where captured traffic goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransparentConfig {
+    /// Inbound capture port (iptables redirects inbound TCP here).
+    pub inbound_port: u16,
+    /// Outbound capture port (iptables redirects outbound TCP here).
+    pub outbound_port: u16,
+    /// Destinations inside these ranges are mesh peers (mTLS); others pass through.
+    pub mesh_cidrs: Vec<Cidr>,
+    /// Application ports served as opaque TCP without looking at their bytes.
+    pub tcp_ports: Vec<u16>,
+    /// Secure naming: the SPIFFE ID each of these addresses must present.
+    pub peers: Vec<(IpAddr, SpiffeId)>,
+    /// The loopback source of connections to the application, which the
+    /// iptables rules never capture (Istio's `127.0.0.6`).
+    pub app_source_v4: std::net::Ipv4Addr,
+    /// The same for IPv6 (`::6`).
+    pub app_source_v6: std::net::Ipv6Addr,
+}
+
+impl Default for TransparentConfig {
+    fn default() -> Self {
+        TransparentConfig {
+            inbound_port: 15006,
+            outbound_port: 15001,
+            mesh_cidrs: Vec::new(),
+            tcp_ports: Vec::new(),
+            peers: Vec::new(),
+            app_source_v4: std::net::Ipv4Addr::new(127, 0, 0, 6),
+            app_source_v6: std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6),
+        }
+    }
+}
+
+/// A `--peers` file that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--peers line {line}: {reason} (expected `IP SPIFFE_ID`)")]
+pub struct PeersError {
+    /// 1-based line number.
+    pub line: usize,
+    /// Why.
+    pub reason: String,
+}
+
+/// Parses a `--peers` file: one `IP SPIFFE_ID` per line; blank lines and `#`
+/// comments are skipped. An address given twice is refused.
+pub fn parse_peers(text: &str) -> Result<Vec<(IpAddr, SpiffeId)>, PeersError> {
+    let mut out: Vec<(IpAddr, SpiffeId)> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let err = |reason: String| PeersError { line: i + 1, reason };
+        let mut words = line.split_whitespace();
+        let (Some(ip), Some(id), None) = (words.next(), words.next(), words.next()) else {
+            return Err(err(format!("{line:?} is not two words")));
+        };
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| err(format!("{ip:?} is not an IP address")))?;
+        let id = SpiffeId::parse(id).map_err(|e| err(e.to_string()))?;
+        if out.iter().any(|(seen, _)| *seen == ip) {
+            return Err(err(format!("{ip} is given twice")));
+        }
+        out.push((ip, id));
+    }
+    Ok(out)
+}
+
 /// Everything the proxy needs to run.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -168,6 +244,8 @@ pub struct ProxyConfig {
     pub inbound: Vec<InboundSpec>,
     /// Outbound listeners.
     pub outbound: Vec<OutboundSpec>,
+    /// Transparent capture, when on.
+    pub transparent: Option<TransparentConfig>,
     /// `/healthz/ready` and `/metrics`.
     pub admin: SocketAddr,
     /// The address inbound listeners bind (0.0.0.0; tests use 127.0.0.1).
@@ -193,6 +271,7 @@ impl ProxyConfig {
             agent_socket,
             inbound: Vec::new(),
             outbound: Vec::new(),
+            transparent: None,
             admin: SocketAddr::from(([127, 0, 0, 1], 15021)),
             inbound_bind: std::net::IpAddr::from([0, 0, 0, 0]),
             handshake_timeout: Duration::from_secs(10),
@@ -212,13 +291,18 @@ impl ProxyConfig {
             .iter()
             .map(|s| s.port)
             .chain(self.outbound.iter().map(|s| s.local_port))
+            .chain(
+                self.transparent
+                    .iter()
+                    .flat_map(|t| [t.inbound_port, t.outbound_port]),
+            )
         {
             // Port 0 (tests: any free port) never collides.
             if p != 0 && !seen.insert(p) {
                 return Err(ConfigError::DuplicatePort(p));
             }
         }
-        if self.inbound.is_empty() && self.outbound.is_empty() {
+        if self.inbound.is_empty() && self.outbound.is_empty() && self.transparent.is_none() {
             return Err(ConfigError::NoListener);
         }
         if self.handshake_timeout.is_zero()
@@ -235,10 +319,10 @@ impl ProxyConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// Two listeners on one port.
-    #[error("port {0} is given to more than one --inbound/--outbound listener")]
+    #[error("port {0} is given to more than one --inbound/--outbound/capture listener")]
     DuplicatePort(u16),
     /// Nothing to do.
-    #[error("no --inbound or --outbound listener given")]
+    #[error("no --inbound or --outbound listener given, and not --transparent")]
     NoListener,
     /// A zero timeout.
     #[error("timeouts must be greater than zero")]
@@ -320,6 +404,40 @@ mod tests {
         assert_eq!(c.validate(), Ok(()));
         c.header_read_timeout = Duration::ZERO;
         assert_eq!(c.validate(), Err(ConfigError::ZeroTimeout));
+    }
+
+    #[test]
+    fn peers_file_maps_addresses_to_spiffe_ids() {
+        let p = parse_peers(
+            "# pods\n10.0.0.2 spiffe://cluster.local/ns/shop/sa/api\n\nfd00::2 spiffe://td/x # v6\n",
+        )
+        .unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].0, "10.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(p[1].1.as_str(), "spiffe://td/x");
+    }
+
+    #[test]
+    fn rejects_peers_lines_that_do_not_parse() {
+        for (bad, line) in [
+            ("10.0.0.2", 1),
+            ("\nx spiffe://td/a", 2),
+            ("10.0.0.2 http://x", 1),
+            ("10.0.0.2 spiffe://td/a extra", 1),
+            ("10.0.0.2 spiffe://td/a\n10.0.0.2 spiffe://td/b", 2),
+        ] {
+            let e = parse_peers(bad).unwrap_err();
+            assert_eq!(e.line, line, "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn transparent_alone_is_a_listener_and_its_ports_are_checked() {
+        let mut c = ProxyConfig::new("/s".into());
+        c.transparent = Some(TransparentConfig::default());
+        assert_eq!(c.validate(), Ok(()));
+        c.inbound.push(parse_inbound("15006:8080").unwrap());
+        assert_eq!(c.validate(), Err(ConfigError::DuplicatePort(15006)));
     }
 
     #[test]

@@ -57,6 +57,14 @@ pub struct HttpServing {
 impl HttpServing {
     /// Builds the server (with its header limits and timeout) and the pooled client.
     pub fn new(limits: HttpLimits) -> Self {
+        Self::with_source(limits, None)
+    }
+
+    /// As [`Self::new`], the client connecting from `source` (IPv4, IPv6) when given.
+    pub fn with_source(
+        limits: HttpLimits,
+        source: Option<(std::net::Ipv4Addr, std::net::Ipv6Addr)>,
+    ) -> Self {
         let mut h1 = hyper::server::conn::http1::Builder::new();
         h1.timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
@@ -68,6 +76,9 @@ impl HttpServing {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(limits.connect_timeout));
         connector.set_nodelay(true);
+        if let Some((v4, v6)) = source {
+            connector.set_local_addresses(v4, v6);
+        }
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
@@ -175,12 +186,13 @@ pub fn xfcc(this_workload: &str, peer_id: &str) -> String {
 }
 
 /// Serves one HTTP connection until it ends: HTTP/2 when `h2` (ALPN `h2`, or the
-/// preface on plaintext), else HTTP/1.1.
+/// preface), else HTTP/1.1. Allowed requests go to the application at `app`.
 pub async fn serve_connection<S>(
     inbound: Arc<Inbound>,
     io: S,
     facts: ConnFacts,
     peer: SocketAddr,
+    app: SocketAddr,
     h2: bool,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -196,7 +208,7 @@ pub async fn serve_connection<S>(
     let shared = inbound.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let (inbound, facts, tracker) = (shared.clone(), facts.clone(), tracker.clone());
-        async move { Ok::<_, Infallible>(handle(&inbound, req, &facts, &tracker).await) }
+        async move { Ok::<_, Infallible>(handle(&inbound, req, &facts, app, &tracker).await) }
     });
     let io = TokioIo::new(io);
     let served = if h2 {
@@ -213,6 +225,7 @@ async fn handle(
     inbound: &Inbound,
     req: Request<Incoming>,
     facts: &ConnFacts,
+    app: SocketAddr,
     tracker: &Mutex<Tracker>,
 ) -> Response<Body> {
     let mut close = false;
@@ -287,7 +300,7 @@ async fn handle(
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_owned();
-    parts.uri = match Uri::try_from(format!("http://127.0.0.1:{}{pq}", facts.app_port)) {
+    parts.uri = match Uri::try_from(format!("http://{app}{pq}")) {
         Ok(u) => u,
         Err(_) => return local_response(StatusCode::BAD_REQUEST, "Bad Request", true),
     };

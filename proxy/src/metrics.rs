@@ -21,6 +21,16 @@ pub struct ConnectionLabel {
     pub decision: String,
 }
 
+/// Label set of a captured connection (transparent mode).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaptureLabel {
+    /// `inbound` or `outbound`.
+    pub direction: String,
+    /// `mesh` (outbound mTLS), `passthrough` (outbound outside the mesh),
+    /// `inbound` (handed to the inbound path), `no_original_dst`, `loop`.
+    pub outcome: String,
+}
+
 /// Label: a policy-set version.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabel {
@@ -34,6 +44,7 @@ pub struct ProxyMetrics {
     registry: Arc<Registry>,
     connections: Family<ConnectionLabel, Counter>,
     requests: Family<ConnectionLabel, Counter>,
+    captured: Family<CaptureLabel, Counter>,
     policy_version: Family<VersionLabel, Gauge>,
     expiry_seconds: Gauge<f64, AtomicU64>,
 }
@@ -60,6 +71,12 @@ impl ProxyMetrics {
             "Inbound HTTP requests by source principal, destination port and decision",
             requests.clone(),
         );
+        let captured = Family::default();
+        registry.register(
+            "captured_connections",
+            "Connections taken by the capture listeners, by direction and outcome",
+            captured.clone(),
+        );
         let policy_version = Family::default();
         registry.register(
             "policy_version_info",
@@ -76,6 +93,7 @@ impl ProxyMetrics {
             registry: Arc::new(registry),
             connections,
             requests,
+            captured,
             policy_version,
             expiry_seconds,
         }
@@ -108,6 +126,16 @@ impl ProxyMetrics {
                 source_principal: source_principal.unwrap_or("plaintext").to_owned(),
                 destination_port: port,
                 decision: decision.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one captured connection.
+    pub fn captured(&self, direction: &str, outcome: &str) {
+        self.captured
+            .get_or_create(&CaptureLabel {
+                direction: direction.to_owned(),
+                outcome: outcome.to_owned(),
             })
             .inc();
     }

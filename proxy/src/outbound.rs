@@ -44,7 +44,7 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
 }
 
 impl Outbound {
-    async fn handle(&self, mut app: TcpStream, peer: SocketAddr) {
+    async fn handle(&self, app: TcpStream, peer: SocketAddr) {
         let spec = &self.spec;
         let target = format!("{}:{}", spec.host, spec.port);
         let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&target))
@@ -60,9 +60,35 @@ impl Outbound {
                 return;
             }
         };
+        let mtls = Mtls {
+            connector: &self.connector,
+            sni: &spec.host,
+            expected: spec.spiffe_id.as_str(),
+            handshake_timeout: self.handshake_timeout,
+        };
+        mtls.copy(app, tcp, peer, &target).await;
+    }
+}
+
+/// Originating mutual TLS on a connected upstream socket.
+pub struct Mtls<'a> {
+    /// TLS client side; its verifier judges the server's SPIFFE ID.
+    pub connector: &'a TlsConnector,
+    /// Sent as SNI when it is a valid name.
+    pub sni: &'a str,
+    /// What the server must be, for the logs.
+    pub expected: &'a str,
+    /// Time for the TLS handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Mtls<'_> {
+    /// Handshakes on `tcp`, then copies bytes both ways between `app` and the
+    /// TLS session until either side ends. A refused handshake closes `app`.
+    pub async fn copy(&self, mut app: TcpStream, tcp: TcpStream, peer: SocketAddr, target: &str) {
         let _ = tcp.set_nodelay(true);
         // The name is only sent as SNI; the verifier judges the SPIFFE ID alone.
-        let name = ServerName::try_from(spec.host.clone())
+        let name = ServerName::try_from(self.sni.to_owned())
             .or_else(|_| ServerName::try_from("citadel.invalid".to_owned()));
         let Ok(name) = name else {
             return;
@@ -78,7 +104,7 @@ impl Outbound {
                 tracing::warn!(
                     %peer,
                     upstream = %target,
-                    expected = %spec.spiffe_id,
+                    expected = %self.expected,
                     error = %e,
                     "upstream refused: TLS handshake failed (secure naming or trust)"
                 );

@@ -94,9 +94,9 @@ async fn api_proxy(ca: &TestCa, yaml: &str) -> Proxy {
 }
 
 /// A mesh client for `id` with a certificate from `ca`, trusting `trust`'s roots and
-/// expecting the server to be API.
+/// expecting the server to be API; it offers our ALPN, as a citadel-proxy does.
 fn client(ca: &TestCa, trust: &TestCa, id: &str) -> TlsConnector {
-    client_with(ca, trust, id, &[])
+    client_with(ca, trust, id, &citadel_tls::alpn::CLIENT)
 }
 
 /// Writes `ping` and expects it echoed.
@@ -178,6 +178,60 @@ async fn permissive_port_accepts_mtls_and_plaintext() {
             .unwrap();
         plain_echo(p.inbound()).await.unwrap();
     }
+}
+
+/// A ClientHello as a TLS client with no mesh ALPN sends it (no certificate needed
+/// to write one), offering `alpn`.
+fn plain_client_hello(alpn: &[&[u8]]) -> Vec<u8> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let mut c =
+        rustls::ClientConnection::new(Arc::new(config), "app.example".try_into().unwrap()).unwrap();
+    let mut hello = Vec::new();
+    c.write_tls(&mut hello).unwrap();
+    hello
+}
+
+/// Sends `bytes` and reads what comes back within 2 s.
+async fn send_and_read(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut back = vec![0u8; bytes.len()];
+    match tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut back)).await {
+        Ok(Ok(_)) => back,
+        _ => Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn permissive_port_passes_tls_without_a_mesh_alpn_through_to_the_app() {
+    let ca = TestCa::new("cluster.local", "root");
+    let p = api_proxy(&ca, PERMISSIVE).await;
+    // The echo application gets the ClientHello itself: the proxy did not
+    // terminate TLS that is not a mesh peer's.
+    for alpn in [&[][..], &[b"h2".as_slice(), b"http/1.1"][..]] {
+        let hello = plain_client_hello(alpn);
+        assert_eq!(send_and_read(p.inbound(), &hello).await, hello, "{alpn:?}");
+    }
+    // A mesh client is still terminated, and knows its peer is a proxy.
+    let s = mtls_conn(p.inbound(), &client(&ca, &ca, WEB)).await.unwrap();
+    assert_eq!(
+        s.get_ref().1.alpn_protocol(),
+        Some(citadel_tls::alpn::CITADEL)
+    );
+}
+
+#[tokio::test]
+async fn strict_port_terminates_tls_without_a_mesh_alpn_and_requires_a_certificate() {
+    let ca = TestCa::new("cluster.local", "root");
+    let p = api_proxy(&ca, STRICT).await;
+    let hello = plain_client_hello(&[]);
+    let back = send_and_read(p.inbound(), &hello).await;
+    assert_ne!(back, hello, "STRICT passed TLS through to the app");
 }
 
 #[tokio::test]

@@ -115,9 +115,12 @@ async fn proxy(ca: &TestCa, yaml: &str, app: u16) -> Proxy {
     start_proxy(ca, API, "api", yaml, config).await
 }
 
-/// A mesh client for `id`, expecting the server to be API, offering `alpn`.
+/// A mesh client for `id`, expecting the server to be API, offering `alpn` then
+/// Istio's `istio` (as Istio's sidecars do: a mesh client on a PERMISSIVE port).
 fn client(ca: &TestCa, id: &str, alpn: &[&[u8]]) -> TlsConnector {
-    client_with(ca, ca, id, alpn)
+    let mut offered = alpn.to_vec();
+    offered.push(citadel_tls::alpn::ISTIO);
+    client_with(ca, ca, id, &offered)
 }
 
 async fn mtls(addr: SocketAddr, c: &TlsConnector) -> tokio_rustls::client::TlsStream<TcpStream> {

@@ -313,7 +313,9 @@ pub fn envoy_downstream_mtls() -> serde_json::Value {
 
 /// A cluster transport socket: TLS 1.3 with `default` as the client
 /// certificate, the server verified against `ROOTCA` and required to carry the
-/// URI SAN `expected_spiffe_id` (secure naming).
+/// URI SAN `expected_spiffe_id` (secure naming). It offers the ALPN values of
+/// an Istio sidecar's TCP cluster (`istio-peer-exchange`, `istio`), so a
+/// PERMISSIVE server knows it for a mesh client.
 pub fn envoy_upstream_mtls(expected_spiffe_id: &str) -> serde_json::Value {
     let validation = serde_json::json!({
         "default_validation_context": {
@@ -323,11 +325,13 @@ pub fn envoy_upstream_mtls(expected_spiffe_id: &str) -> serde_json::Value {
         },
         "validation_context_sds_secret_config": envoy_sds_secret("ROOTCA"),
     });
+    let mut upstream_ctx = envoy_tls_context(("combined_validation_context", validation));
+    upstream_ctx["alpn_protocols"] = serde_json::json!(["istio-peer-exchange", "istio"]);
     serde_json::json!({
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "common_tls_context": envoy_tls_context(("combined_validation_context", validation)),
+            "common_tls_context": upstream_ctx,
         }
     })
 }
@@ -553,6 +557,43 @@ impl EnvoyProcess {
         }
     }
 
+    /// As [`Self::spawn`], inside network namespace `ns` (its admin port is
+    /// on that namespace's loopback: use [`Self::wait_ready_in`], [`Self::metrics_in`]).
+    pub fn spawn_in(
+        ns: &str,
+        dir: &Path,
+        name: &str,
+        uid: Option<u32>,
+        agent_socket: &Path,
+        args: &[String],
+    ) -> anyhow::Result<CitadelProxyProcess> {
+        crate::netns::in_netns(ns, || Self::spawn(dir, name, uid, agent_socket, args, &[]))?
+    }
+
+    /// Waits (up to `secs`, blocking) for `/healthz/ready` inside `ns` to answer 200.
+    pub fn wait_ready_in(&mut self, ns: &str, secs: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("citadel-proxy exited ({status}): {}", self.log_text());
+            }
+            if let Ok((200, _)) = crate::netns::http_get_in(ns, self.admin, "/healthz/ready") {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "citadel-proxy not ready after {secs} s: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `GET /metrics` inside `ns` (blocking).
+    pub fn metrics_in(&self, ns: &str) -> anyhow::Result<String> {
+        Ok(crate::netns::http_get_in(ns, self.admin, "/metrics")?.1)
+    }
+
     /// Its log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -663,6 +704,43 @@ impl CitadelProxyProcess {
         }
         let child = cmd.spawn().context("spawning citadel-proxy")?;
         Ok(CitadelProxyProcess { child, admin, log })
+    }
+
+    /// As [`Self::spawn`], inside network namespace `ns` (its admin port is
+    /// on that namespace's loopback: use [`Self::wait_ready_in`], [`Self::metrics_in`]).
+    pub fn spawn_in(
+        ns: &str,
+        dir: &Path,
+        name: &str,
+        uid: Option<u32>,
+        agent_socket: &Path,
+        args: &[String],
+    ) -> anyhow::Result<CitadelProxyProcess> {
+        crate::netns::in_netns(ns, || Self::spawn(dir, name, uid, agent_socket, args, &[]))?
+    }
+
+    /// Waits (up to `secs`, blocking) for `/healthz/ready` inside `ns` to answer 200.
+    pub fn wait_ready_in(&mut self, ns: &str, secs: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("citadel-proxy exited ({status}): {}", self.log_text());
+            }
+            if let Ok((200, _)) = crate::netns::http_get_in(ns, self.admin, "/healthz/ready") {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "citadel-proxy not ready after {secs} s: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `GET /metrics` inside `ns` (blocking).
+    pub fn metrics_in(&self, ns: &str) -> anyhow::Result<String> {
+        Ok(crate::netns::http_get_in(ns, self.admin, "/metrics")?.1)
     }
 
     /// Its log so far.

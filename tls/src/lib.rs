@@ -10,11 +10,13 @@
 //!   the chain is judged later" verifier;
 //! - [`CertResolver`]: the certificate of the moment, for servers and
 //!   clients, swapped on renewal without touching open connections;
-//! - [`peer_spiffe_id`]: the verified peer's SPIFFE ID after a handshake.
+//! - [`peer_spiffe_id`]: the verified peer's SPIFFE ID after a handshake;
+//! - [`alpn`]: the ALPN values of mesh connections.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod alpn;
 mod bundle;
 mod resolver;
 mod verifier;
