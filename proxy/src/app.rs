@@ -332,7 +332,11 @@ pub async fn start_with_original_dst(
             }
         }
         for (l, direction) in listeners {
-            tasks.push(tokio::spawn(transparent::serve(l, direction, shared.clone())));
+            tasks.push(tokio::spawn(transparent::serve(
+                l,
+                direction,
+                shared.clone(),
+            )));
         }
         capture = Some((inbound_addr, outbound_addr));
     }

@@ -56,7 +56,8 @@ impl Cidr {
                     == mask_bits(u32::from(ip).into(), 32, self.len)
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                mask_bits(u128::from(net), 128, self.len) == mask_bits(u128::from(ip), 128, self.len)
+                mask_bits(u128::from(net), 128, self.len)
+                    == mask_bits(u128::from(ip), 128, self.len)
             }
             _ => false,
         }

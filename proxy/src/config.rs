@@ -218,7 +218,10 @@ pub fn parse_peers(text: &str) -> Result<Vec<(IpAddr, SpiffeId)>, PeersError> {
         if line.is_empty() {
             continue;
         }
-        let err = |reason: String| PeersError { line: i + 1, reason };
+        let err = |reason: String| PeersError {
+            line: i + 1,
+            reason,
+        };
         let mut words = line.split_whitespace();
         let (Some(ip), Some(id), None) = (words.next(), words.next(), words.next()) else {
             return Err(err(format!("{line:?} is not two words")));

@@ -368,8 +368,7 @@ impl Inbound {
                     };
                     match (target.protocol, by_alpn) {
                         (Protocol::Tcp, _) => {
-                            self.decide_and_forward(conn, facts, peer, target.app)
-                                .await;
+                            self.decide_and_forward(conn, facts, peer, target.app).await;
                         }
                         (_, Some(p)) => {
                             self.serve_as(conn, facts, peer, target, p).await;

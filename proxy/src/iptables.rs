@@ -280,7 +280,11 @@ pub fn clean(family: Family) -> Result<(), IptablesError> {
 pub fn apply(spec: &RuleSpec, family: Family) -> Result<(), IptablesError> {
     clean(family)?;
     if family == Family::V6 {
-        run("ip", &["-6", "addr", "replace", "::6/128", "dev", "lo"], None)?;
+        run(
+            "ip",
+            &["-6", "addr", "replace", "::6/128", "dev", "lo"],
+            None,
+        )?;
     }
     run(family.restore(), &["--noflush"], Some(&rules(spec, family)))
 }
@@ -331,7 +335,9 @@ mod tests {
             }
             // The capture ports themselves are never captured inbound.
             let in_redirect = position(&r, "-A CITADEL_INBOUND -p tcp -j CITADEL_IN_REDIRECT");
-            assert!(position(&r, "-A CITADEL_INBOUND -p tcp --dport 15006 -j RETURN") < in_redirect);
+            assert!(
+                position(&r, "-A CITADEL_INBOUND -p tcp --dport 15006 -j RETURN") < in_redirect
+            );
         }
     }
 
@@ -347,17 +353,29 @@ mod tests {
         spec.exclude_outbound_cidrs = vec!["10.244.9.0/24".parse().unwrap()];
         spec.exclude_outbound_ports = vec![5432];
         let r = rules(&spec, Family::V4);
-        position(&r, "-A CITADEL_INBOUND -p tcp --dport 8080 -j CITADEL_IN_REDIRECT");
-        position(&r, "-A CITADEL_INBOUND -p tcp --dport 9090 -j CITADEL_IN_REDIRECT");
+        position(
+            &r,
+            "-A CITADEL_INBOUND -p tcp --dport 8080 -j CITADEL_IN_REDIRECT",
+        );
+        position(
+            &r,
+            "-A CITADEL_INBOUND -p tcp --dport 9090 -j CITADEL_IN_REDIRECT",
+        );
         assert!(!r.contains("-A CITADEL_INBOUND -p tcp -j CITADEL_IN_REDIRECT"));
         position(&r, "-A CITADEL_INBOUND -p tcp --dport 22 -j RETURN");
         let excluded = position(&r, "-A CITADEL_OUTPUT -d 10.244.9.0/24 -j RETURN");
-        let included = position(&r, "-A CITADEL_OUTPUT -d 10.244.0.0/16 -p tcp -j CITADEL_REDIRECT");
+        let included = position(
+            &r,
+            "-A CITADEL_OUTPUT -d 10.244.0.0/16 -p tcp -j CITADEL_REDIRECT",
+        );
         assert!(excluded < included);
         position(&r, "-A CITADEL_OUTPUT -p tcp --dport 5432 -j RETURN");
         assert!(!r.contains("fd00::"), "an IPv6 range in IPv4 rules:\n{r}");
         let r6 = rules(&spec, Family::V6);
-        position(&r6, "-A CITADEL_OUTPUT -d fd00::/8 -p tcp -j CITADEL_REDIRECT");
+        position(
+            &r6,
+            "-A CITADEL_OUTPUT -d fd00::/8 -p tcp -j CITADEL_REDIRECT",
+        );
         assert!(!r6.contains("10.244."));
     }
 }

@@ -174,8 +174,8 @@ impl Capture {
         // Every connection on the outbound listener comes from this host, so a
         // port of our own sockets there is our own traffic; inbound peers are
         // remote and only the application source can be ours.
-        let own = from_app_source
-            || (direction == Direction::Outbound && self.own.contains(peer.port()));
+        let own =
+            from_app_source || (direction == Direction::Outbound && self.own.contains(peer.port()));
         if let Err(why) = check_loop(original, local, peer, &self.capture_ports, own) {
             tracing::error!(%peer, direction = dir, original_dst = %original, "captured connection refused as a redirect loop: {why}");
             self.metrics.captured(dir, "loop");

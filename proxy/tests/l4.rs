@@ -218,7 +218,9 @@ async fn permissive_port_passes_tls_without_a_mesh_alpn_through_to_the_app() {
         assert_eq!(send_and_read(p.inbound(), &hello).await, hello, "{alpn:?}");
     }
     // A mesh client is still terminated, and knows its peer is a proxy.
-    let s = mtls_conn(p.inbound(), &client(&ca, &ca, WEB)).await.unwrap();
+    let s = mtls_conn(p.inbound(), &client(&ca, &ca, WEB))
+        .await
+        .unwrap();
     assert_eq!(
         s.get_ref().1.alpn_protocol(),
         Some(citadel_tls::alpn::CITADEL)

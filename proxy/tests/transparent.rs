@@ -163,7 +163,10 @@ async fn rejects_a_captured_connection_whose_original_destination_cannot_be_read
     for addr in [p.capture_in(), p.capture_out()] {
         let mut s = TcpStream::connect(addr).await.unwrap();
         let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
-        assert!(closed_by_peer(&mut s, 3).await, "{addr} kept the connection");
+        assert!(
+            closed_by_peer(&mut s, 3).await,
+            "{addr} kept the connection"
+        );
     }
     let m = p.metrics();
     assert!(
@@ -191,7 +194,9 @@ async fn rejects_a_captured_connection_whose_original_destination_is_a_capture_l
     assert!(closed_by_peer(&mut s, 3).await);
     let m = p.metrics();
     assert!(
-        m.contains(r#"citadel_proxy_captured_connections_total{direction="outbound",outcome="loop"} 1"#),
+        m.contains(
+            r#"citadel_proxy_captured_connections_total{direction="outbound",outcome="loop"} 1"#
+        ),
         "{m}"
     );
     assert!(!m.contains(r#"outcome="mesh""#), "{m}");
@@ -301,9 +306,7 @@ async fn captured_outbound_originates_mtls_to_mesh_peers_with_secure_naming() {
     let outside = transparent(&ca, WEB, "web", STRICT, t, Ok(app)).await;
     let plain = get(outside.capture_out(), "/plain").await;
     assert!(plain.ends_with("path=/plain xfcc=-"), "{plain}");
-    assert!(
-        outside
-            .metrics()
-            .contains(r#"citadel_proxy_captured_connections_total{direction="outbound",outcome="passthrough"} 1"#)
-    );
+    assert!(outside.metrics().contains(
+        r#"citadel_proxy_captured_connections_total{direction="outbound",outcome="passthrough"} 1"#
+    ));
 }

@@ -557,43 +557,6 @@ impl EnvoyProcess {
         }
     }
 
-    /// As [`Self::spawn`], inside network namespace `ns` (its admin port is
-    /// on that namespace's loopback: use [`Self::wait_ready_in`], [`Self::metrics_in`]).
-    pub fn spawn_in(
-        ns: &str,
-        dir: &Path,
-        name: &str,
-        uid: Option<u32>,
-        agent_socket: &Path,
-        args: &[String],
-    ) -> anyhow::Result<CitadelProxyProcess> {
-        crate::netns::in_netns(ns, || Self::spawn(dir, name, uid, agent_socket, args, &[]))?
-    }
-
-    /// Waits (up to `secs`, blocking) for `/healthz/ready` inside `ns` to answer 200.
-    pub fn wait_ready_in(&mut self, ns: &str, secs: u64) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                anyhow::bail!("citadel-proxy exited ({status}): {}", self.log_text());
-            }
-            if let Ok((200, _)) = crate::netns::http_get_in(ns, self.admin, "/healthz/ready") {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "citadel-proxy not ready after {secs} s: {}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// `GET /metrics` inside `ns` (blocking).
-    pub fn metrics_in(&self, ns: &str) -> anyhow::Result<String> {
-        Ok(crate::netns::http_get_in(ns, self.admin, "/metrics")?.1)
-    }
-
     /// Its log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -109,11 +109,7 @@ fn enter(file: &std::fs::File) -> anyhow::Result<()> {
     // SAFETY: setns only reads the descriptor, which `file` keeps open for the
     // call; it changes the namespace of this thread alone.
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    anyhow::ensure!(
-        rc == 0,
-        "setns: {}",
-        std::io::Error::last_os_error()
-    );
+    anyhow::ensure!(rc == 0, "setns: {}", std::io::Error::last_os_error());
     Ok(())
 }
 
@@ -171,7 +167,8 @@ impl Lan {
 
 /// A plain HTTP/1.1 server inside `ns` on `0.0.0.0:port`: each request is
 /// answered `200` with `pod=<name> xfcc=<x-forwarded-client-cert or -> path=<path>`,
-/// and its head is kept in the returned log. Runs until the process ends.
+/// and its head is kept in the returned log. Connections are kept alive until the
+/// client asks `Connection: close`. Runs until the process ends.
 pub fn http_app(
     ns: &str,
     port: u16,
@@ -182,41 +179,56 @@ pub fn http_app(
     let log = seen.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
+            let Ok(conn) = conn else { continue };
             let log = log.clone();
-            std::thread::spawn(move || {
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
-                    match conn.read(&mut byte) {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
-                }
-                let text = String::from_utf8_lossy(&head).into_owned();
-                let path = text.split_whitespace().nth(1).unwrap_or("").to_owned();
-                let xfcc = text
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("x-forwarded-client-cert")
-                            .then(|| v.trim().to_owned())
-                    })
-                    .unwrap_or_else(|| "-".to_owned());
-                if let Ok(mut l) = log.lock() {
-                    l.push(text);
-                }
-                let body = format!("pod={name} xfcc={xfcc} path={path}");
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            });
+            std::thread::spawn(move || serve_http(conn, name, &log));
         }
     });
     Ok(seen)
+}
+
+fn serve_http(conn: TcpStream, name: &str, log: &std::sync::Mutex<Vec<String>>) {
+    let _ = conn.set_nodelay(true);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = std::io::BufReader::new(conn);
+    loop {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            match std::io::BufRead::read_line(&mut reader, &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            head.push_str(&line);
+            if line == "\r\n" || head.len() > 65536 {
+                break;
+            }
+        }
+        let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+            })
+        };
+        let xfcc = header("x-forwarded-client-cert").unwrap_or_else(|| "-".to_owned());
+        let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        if let Ok(mut l) = log.lock() {
+            l.push(head.clone());
+        }
+        let body = format!("pod={name} xfcc={xfcc} path={path}");
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "connection: close\r\n" } else { "" }
+        );
+        if out.write_all(answer.as_bytes()).is_err() || close {
+            return;
+        }
+    }
 }
 
 /// A TCP server inside `ns` on `0.0.0.0:port` echoing every byte.
@@ -276,7 +288,9 @@ pub fn eventually<T>(secs: u64, mut f: impl FnMut() -> anyhow::Result<T>) -> any
     }
 }
 
-/// A `tcpdump` writing every TCP packet on `iface` of `ns` to a pcap file;
+/// A `tcpdump` writing every TCP packet on `iface` of `ns` to a pcap file (on a
+/// bridge namespace use `any`: the bridge device itself does not see the unicast
+/// frames it forwards between ports);
 /// stopped (by its pid) on [`Self::stop`] or drop.
 pub struct Capture {
     child: Child,
@@ -289,7 +303,22 @@ impl Capture {
     pub fn start(ns: &Netns, iface: &str, file: &Path) -> anyhow::Result<Capture> {
         let err = file.with_extension("err");
         let child = Command::new("ip")
-            .args(["netns", "exec", ns.name(), "tcpdump", "-i", iface, "-U", "-n", "-s", "0", "-Z", "root", "-w"])
+            .args([
+                "netns",
+                "exec",
+                ns.name(),
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                iface,
+                "-U",
+                "-n",
+                "-s",
+                "0",
+                "-Z",
+                "root",
+                "-w",
+            ])
             .arg(file)
             .arg("tcp")
             .stdin(Stdio::null())
@@ -351,7 +380,8 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
 }
 
-/// The TCP segments with a payload in a pcap file of Ethernet frames carrying IPv4.
+/// The TCP segments with a payload in a pcap file of IPv4 packets (Ethernet or
+/// Linux cooked frames).
 pub fn tcp_segments(pcap: &[u8]) -> anyhow::Result<Vec<Segment>> {
     let magic = pcap.get(..4).context("pcap too short")?;
     let le = match magic {
@@ -367,7 +397,14 @@ pub fn tcp_segments(pcap: &[u8]) -> anyhow::Result<Vec<Segment>> {
             u32::from_be_bytes(b)
         })
     };
-    anyhow::ensure!(u32_at(20) == Some(1), "not an Ethernet capture");
+    // Ethernet (1), Linux cooked v1 (113) or v2 (276, what `-i any` writes):
+    // where the EtherType is, and where the IP header starts.
+    let (ethertype_at, ip_at) = match u32_at(20) {
+        Some(1) => (12, 14),
+        Some(113) => (14, 16),
+        Some(276) => (0, 20),
+        other => anyhow::bail!("unknown link type {other:?}"),
+    };
     let mut out = Vec::new();
     let mut at = 24usize;
     while let Some(incl) = u32_at(at + 8) {
@@ -377,10 +414,12 @@ pub fn tcp_segments(pcap: &[u8]) -> anyhow::Result<Vec<Segment>> {
             break;
         };
         at = end;
-        if be16(frame, 12) != Some(0x0800) {
+        if be16(frame, ethertype_at) != Some(0x0800) {
             continue;
         }
-        let Some(ip) = frame.get(14..) else { continue };
+        let Some(ip) = frame.get(ip_at..) else {
+            continue;
+        };
         let ihl = usize::from(ip.first().copied().unwrap_or(0) & 0x0f) * 4;
         let total = usize::from(be16(ip, 2).unwrap_or(0));
         if ip.get(9) != Some(&6) || ihl < 20 {

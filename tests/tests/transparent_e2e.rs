@@ -3,8 +3,8 @@
 //! nothing of TLS, a `citadel-proxy run --transparent` as its own uid, and the
 //! rules of `citadel-proxy iptables --apply`; a third namespace with no proxy;
 //! an address outside `--mesh-cidr`. The CA and the agent run in the host
-//! namespace (the agent socket is reached by path). A `tcpdump` on the bridge
-//! shows what crossed the wire.
+//! namespace (the agent socket is reached by path). A `tcpdump` in the
+//! bridge's namespace shows what crossed the wire.
 //!
 //! These tests need root, `ip`, `iptables` and `tcpdump`. Under `CI` they fail
 //! when network namespaces cannot be made; elsewhere they skip loudly.
@@ -161,7 +161,7 @@ async fn plain_http_between_netns_pods_is_mutual_tls_authorized_and_captured() {
 
     let b_app = SocketAddr::from((ip_b, 8080));
     let x_app = SocketAddr::from((ip_x, 8080));
-    let mut capture = Capture::start(&lan.switch, "br0", &tmp.path().join("wire.pcap")).unwrap();
+    let mut capture = Capture::start(&lan.switch, "any", &tmp.path().join("wire.pcap")).unwrap();
 
     // A's plain client dials B's address and gets B's answer; B's proxy saw A's identity.
     let (status, body) = http_get_in(pod_a.name(), b_app, "/hello")
@@ -174,10 +174,12 @@ async fn plain_http_between_netns_pods_is_mutual_tls_authorized_and_captured() {
     );
     let metrics = proxy_b.metrics_in(pod_b.name()).unwrap();
     assert!(
-        metrics.lines().any(|l| l.starts_with("citadel_proxy_inbound_requests_total")
-            && l.contains("source_principal=\"cluster.local/ns/shop/sa/web\"")
-            && l.contains("destination_port=\"8080\"")
-            && l.contains("decision=\"allow\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("citadel_proxy_inbound_requests_total")
+                && l.contains("source_principal=\"cluster.local/ns/shop/sa/web\"")
+                && l.contains("destination_port=\"8080\"")
+                && l.contains("decision=\"allow\"")),
         "{metrics}"
     );
 
@@ -185,14 +187,27 @@ async fn plain_http_between_netns_pods_is_mutual_tls_authorized_and_captured() {
     let (status, body) = http_get_in(pod_a.name(), x_app, "/outside")
         .unwrap_or_else(|e| panic!("A -> outside failed: {e:#}\n{}", logs()));
     assert_eq!((status, body.as_str()), (200, "pod=X xfcc=- path=/outside"));
-    assert!(outside_seen.lock().unwrap().iter().any(|h| h.starts_with("GET /outside HTTP/1.1")));
+    assert!(
+        outside_seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|h| h.starts_with("GET /outside HTTP/1.1"))
+    );
 
     let segments = capture.stop().unwrap();
     let a_to_b: Vec<_> = segments
         .iter()
         .filter(|s| s.src.ip() == ip_a && s.dst == b_app)
         .collect();
-    assert!(!a_to_b.is_empty(), "no A -> B:8080 traffic captured");
+    assert!(
+        !a_to_b.is_empty(),
+        "no A -> B:8080 traffic captured; flows seen: {:?}",
+        segments
+            .iter()
+            .map(|s| (s.src, s.dst))
+            .collect::<std::collections::BTreeSet<_>>()
+    );
     assert_eq!(
         a_to_b[0].payload.first(),
         Some(&0x16),
@@ -217,7 +232,10 @@ async fn plain_http_between_netns_pods_is_mutual_tls_authorized_and_captured() {
 
     // STRICT: a client in a namespace without a proxy is refused.
     let refused = http_get_in(pod_c.name(), b_app, "/strict");
-    assert!(refused.is_err(), "plaintext got through STRICT: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "plaintext got through STRICT: {refused:?}"
+    );
 
     // An AuthorizationPolicy denying A's identity: 403 in A's client.
     write_policies(&policies, &format!("{STRICT}---\n{DENY_WEB}"));
@@ -279,7 +297,10 @@ fn rejects_redirect_loop_even_when_the_rules_capture_the_proxy_itself() {
     .unwrap();
     // The capture listeners are up once the outbound port accepts.
     eventually(10, || {
-        anyhow::ensure!(proxy.log_text().contains("proxy listening"), "not listening yet");
+        anyhow::ensure!(
+            proxy.log_text().contains("proxy listening"),
+            "not listening yet"
+        );
         Ok(())
     })
     .unwrap();
@@ -321,7 +342,11 @@ fn iptables_apply_is_idempotent_and_clean_removes_every_rule() {
     let before = save();
     apply_rules(&pod, 1337);
     let once = save();
-    assert!(once.iter().any(|l| l == "-A OUTPUT -p tcp -j CITADEL_OUTPUT"), "{once:?}");
+    assert!(
+        once.iter()
+            .any(|l| l == "-A OUTPUT -p tcp -j CITADEL_OUTPUT"),
+        "{once:?}"
+    );
     assert!(
         once.iter()
             .any(|l| l == "-A CITADEL_OUTPUT -m owner --uid-owner 1337 -j RETURN"),
