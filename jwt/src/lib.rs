@@ -28,9 +28,9 @@
 
 mod error;
 mod jwks;
-mod token;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
+mod token;
 
 pub use error::{JwksError, JwtError};
 pub use jwks::{Jwk, Jwks};

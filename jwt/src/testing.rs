@@ -29,12 +29,22 @@ pub struct TestSigner {
 impl TestSigner {
     /// A fresh P-256 key.
     pub fn es256(kid: &str) -> Self {
-        Self::ec(kid, &signature::ECDSA_P256_SHA256_FIXED_SIGNING, "P-256", 32)
+        Self::ec(
+            kid,
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            "P-256",
+            32,
+        )
     }
 
     /// A fresh P-384 key.
     pub fn es384(kid: &str) -> Self {
-        Self::ec(kid, &signature::ECDSA_P384_SHA384_FIXED_SIGNING, "P-384", 48)
+        Self::ec(
+            kid,
+            &signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+            "P-384",
+            48,
+        )
     }
 
     fn ec(

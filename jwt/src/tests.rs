@@ -159,8 +159,14 @@ fn rejects_malformed_tokens_with_envoys_words() {
         "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
     );
     assert_eq!(e("a.b.c.d"), e("a.b"));
-    assert_eq!(e("!!.e30.e30"), "Jwt header is an invalid Base64url encoded");
-    assert_eq!(e("e30.e30.e30"), "Jwt header [alg] field is required and must be a string");
+    assert_eq!(
+        e("!!.e30.e30"),
+        "Jwt header is an invalid Base64url encoded"
+    );
+    assert_eq!(
+        e("e30.e30.e30"),
+        "Jwt header [alg] field is required and must be a string"
+    );
     let h = |v: serde_json::Value| {
         base64::Engine::encode(
             &base64::engine::general_purpose::URL_SAFE_NO_PAD,
@@ -168,7 +174,10 @@ fn rejects_malformed_tokens_with_envoys_words() {
         )
     };
     let es = h(json!({"alg": "ES256"}));
-    assert_eq!(e(&format!("{es}.!!.e30")), "Jwt payload is an invalid Base64url encoded");
+    assert_eq!(
+        e(&format!("{es}.!!.e30")),
+        "Jwt payload is an invalid Base64url encoded"
+    );
     assert_eq!(
         e(&format!("{es}.{}.e30", h(json!({"exp": "soon"})))),
         "Jwt payload [exp] field is not an integer"

@@ -93,10 +93,7 @@ pub struct Jwt {
 fn time_claim(claims: &Map<String, Value>, name: &'static str) -> Result<Option<u64>, JwtError> {
     match claims.get(name) {
         None => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .map(Some)
-            .ok_or(JwtError::TimeOutOfRange(name)),
+        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or(JwtError::TimeOutOfRange(name)),
         Some(_) => Err(JwtError::TimeNotInteger(name)),
     }
 }
