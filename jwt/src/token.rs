@@ -86,6 +86,7 @@ pub struct Jwt {
     /// Every claim of the payload.
     pub claims: Map<String, Value>,
     signing_input_len: usize,
+    header_len: usize,
     raw: String,
     signature: Vec<u8>,
 }
@@ -154,9 +155,18 @@ impl Jwt {
             nbf,
             claims,
             signing_input_len: h.len() + 1 + p.len(),
+            header_len: h.len(),
             raw: token.to_owned(),
             signature,
         })
+    }
+
+    /// The payload as it appears in the token (base64url): what Envoy forwards in
+    /// `forward_payload_header`.
+    pub fn payload_b64(&self) -> &str {
+        self.raw
+            .get(self.header_len + 1..self.signing_input_len)
+            .unwrap_or_default()
     }
 
     /// `<iss>/<sub>`, Istio's request principal (empty parts when absent).

@@ -22,6 +22,7 @@ pub mod inbound;
 pub mod l7;
 pub mod metrics;
 pub mod outbound;
+pub mod request_auth;
 
 /// Now, in unix seconds.
 pub fn unix_now() -> i64 {
