@@ -20,7 +20,7 @@ pub struct SourceText {
 }
 
 /// The set in force: its objects in canonical order and its version.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PolicySnapshot {
     /// Lowercase hex SHA-256 of the canonical set.
     pub version: String,
