@@ -99,7 +99,7 @@ impl Jwks {
     }
 }
 
-fn field<'a>(k: &'a serde_json::Map<String, Value>, name: &str) -> Option<Vec<u8>> {
+fn field(k: &serde_json::Map<String, Value>, name: &str) -> Option<Vec<u8>> {
     b64_decode(k.get(name)?.as_str()?)
 }
 
