@@ -112,7 +112,12 @@ spec:
     assert!(out.contains("decision:      ALLOW"), "{out}");
     let out = run(
         dir.path(),
-        &["--request-principal", "https://idp.example/alice", "--claim", "groups=sellers"],
+        &[
+            "--request-principal",
+            "https://idp.example/alice",
+            "--claim",
+            "groups=sellers",
+        ],
     );
     assert!(out.contains("decision:      DENY"), "{out}");
 }
