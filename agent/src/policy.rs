@@ -228,6 +228,7 @@ mod tests {
             json: format!(
                 r#"{{"apiVersion":"security.istio.io/v1","kind":"{kind}","metadata":{{"name":"{name}","namespace":"{namespace}"}},"spec":{spec}}}"#
             ),
+            resolved_jwks: Vec::new(),
         }
     }
 

@@ -20,6 +20,7 @@ fn object(kind: &str, namespace: &str, name: &str, spec: &str) -> PolicyObject {
         json: format!(
             r#"{{"apiVersion":"security.istio.io/v1","kind":"{kind}","metadata":{{"name":"{name}","namespace":"{namespace}"}},"spec":{spec}}}"#
         ),
+        resolved_jwks: Vec::new(),
     }
 }
 

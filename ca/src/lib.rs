@@ -26,6 +26,7 @@ pub mod keystore;
 pub mod metrics;
 pub mod node;
 pub mod pemutil;
+pub mod policy_jwks;
 pub mod policy_service;
 pub mod policy_set;
 pub mod policy_source;

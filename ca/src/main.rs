@@ -213,6 +213,15 @@ struct ServeArgs {
     /// The mesh root namespace: its namespace-wide policies apply mesh-wide.
     #[arg(long, default_value = "istio-system", env = "CITADEL_ROOT_NAMESPACE")]
     root_namespace: String,
+    /// How often the JWKS of RequestAuthentication rules (jwksUri) are fetched again.
+    #[arg(long, env = "CITADEL_JWKS_REFRESH_INTERVAL", default_value = "20m", value_parser = parse_duration_secs)]
+    jwks_refresh_interval: i64,
+    /// How soon a failed JWKS fetch is tried again (the last good keys stay meanwhile).
+    #[arg(long, env = "CITADEL_JWKS_RETRY_INTERVAL", default_value = "1m", value_parser = parse_duration_secs)]
+    jwks_retry_interval: i64,
+    /// PEM file of CA certificates trusted for JWKS fetches, besides the webpki roots.
+    #[arg(long, env = "CITADEL_JWKS_EXTRA_ROOTS", value_name = "PEM")]
+    jwks_extra_roots: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -271,6 +280,15 @@ impl ServeArgs {
                 self.policies_poll_interval.unsigned_abs(),
             ),
             root_namespace: self.root_namespace,
+            policy_jwks: citadel_ca::policy_jwks::PolicyJwksConfig {
+                refresh_interval: std::time::Duration::from_secs(
+                    self.jwks_refresh_interval.max(1).unsigned_abs(),
+                ),
+                retry_interval: std::time::Duration::from_secs(
+                    self.jwks_retry_interval.max(1).unsigned_abs(),
+                ),
+                extra_roots: self.jwks_extra_roots,
+            },
         })
     }
 }

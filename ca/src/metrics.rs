@@ -31,6 +31,10 @@ pub struct CaMetrics {
     pub policy_reload_errors: Counter,
     /// Objects in the policy set in force.
     pub policy_objects: Gauge,
+    /// Fetches of a RequestAuthentication JWKS that failed (the last good keys stay).
+    pub policy_jwks_fetch_errors: Counter,
+    /// JWKS URIs whose last fetch failed or that have never been fetched.
+    pub policy_jwks_stale: Gauge,
     /// Certificates issued.
     pub issued: Family<IssuedLabels, Counter>,
     /// Issuance failures by reason.
@@ -93,11 +97,25 @@ impl CaMetrics {
             "PeerAuthentication and AuthorizationPolicy objects in the set in force",
             policy_objects.clone(),
         );
+        let policy_jwks_fetch_errors = Counter::default();
+        let policy_jwks_stale = Gauge::default();
+        policy_registry.register(
+            "jwks_fetch_errors",
+            "Fetches of a RequestAuthentication JWKS that failed; the last good keys stayed in the set",
+            policy_jwks_fetch_errors.clone(),
+        );
+        policy_registry.register(
+            "jwks_stale",
+            "JWKS URIs whose last fetch failed or that were never fetched",
+            policy_jwks_stale.clone(),
+        );
         Self {
             registry,
             policy_registry,
             policy_reload_errors,
             policy_objects,
+            policy_jwks_fetch_errors,
+            policy_jwks_stale,
             issued,
             failures,
             issuance_seconds,

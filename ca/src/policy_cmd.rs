@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use citadel_ca::policy_source::read_policy_files;
 use citadel_policy::explain::{check, render_json, render_text};
 use citadel_policy::{
-    Loader, MeshConfig, OwnedHttp, OwnedJwt, OwnedRequest, PolicySet, join_repeated_headers,
-    parse_key_value, parse_labels, principal_from_spiffe_id,
+    AuthnOutcome, Loader, MeshConfig, OwnedHttp, OwnedJwt, OwnedRequest, PolicySet,
+    join_repeated_headers, parse_key_value, parse_labels, principal_from_spiffe_id,
 };
 
 /// Arguments of `citadel policy`.
@@ -91,8 +91,24 @@ pub struct CheckArgs {
     #[arg(long = "header", value_name = "NAME=VALUE")]
     pub headers: Vec<String>,
     /// Verified JWT principal <iss>/<sub> of the HTTP request.
-    #[arg(long, value_name = "ISS/SUB")]
+    #[arg(long, value_name = "ISS/SUB", conflicts_with = "jwt")]
     pub request_principal: Option<String>,
+    /// A claim of that verified JWT (repeatable; a list claim is given once per value;
+    /// a nested claim as `a][b=v`, as it is written in `request.auth.claims[a][b]`).
+    #[arg(
+        long = "claim",
+        value_name = "NAME=VALUE",
+        requires = "request_principal"
+    )]
+    pub claims: Vec<String>,
+    /// An end-user JWT as the client would send it (`Authorization: Bearer`): it is
+    /// judged by the RequestAuthentications that apply to the destination, now, and its
+    /// principal and claims go to authorization.
+    #[arg(long, value_name = "TOKEN")]
+    pub jwt: Option<String>,
+    /// The JWKS document for a rule's jwksUri (the CA fetches these; repeatable).
+    #[arg(long = "jwks-file", value_name = "URI=FILE", requires = "jwt")]
+    pub jwks_files: Vec<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -159,7 +175,8 @@ fn build_request(a: &CheckArgs) -> anyhow::Result<OwnedRequest> {
         || a.path.is_some()
         || a.host.is_some()
         || !a.headers.is_empty()
-        || a.request_principal.is_some();
+        || a.request_principal.is_some()
+        || a.jwt.is_some();
     let headers = a
         .headers
         .iter()
@@ -174,22 +191,38 @@ fn build_request(a: &CheckArgs) -> anyhow::Result<OwnedRequest> {
         destination_ip: a.to_ip,
         port: a.port,
         sni: a.sni.clone(),
-        http: is_http.then(|| OwnedHttp {
+        http: is_http.then_some(OwnedHttp {
             method: a.method.clone().unwrap_or_else(|| "GET".to_owned()),
             path: a.path.clone().unwrap_or_else(|| "/".to_owned()),
             host: a.host.clone().unwrap_or_default(),
             headers: join_repeated_headers(headers),
-            jwt: a.request_principal.clone().map(|p| OwnedJwt {
-                principal: p,
-                ..OwnedJwt::default()
-            }),
+            jwt: match &a.request_principal {
+                Some(p) => Some(OwnedJwt {
+                    principal: p.clone(),
+                    claims: a
+                        .claims
+                        .iter()
+                        .map(|c| parse_key_value(c))
+                        .collect::<Result<Vec<_>, _>>()?,
+                    ..OwnedJwt::default()
+                }),
+                None => None,
+            },
         }),
     })
 }
 
 fn run_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let owned = build_request(&args)?;
-    let (loader, _) = load(&args.policies, &args.root_namespace)?;
+    let mut owned = build_request(&args)?;
+    let (mut loader, _) = load(&args.policies, &args.root_namespace)?;
+    for item in &args.jwks_files {
+        let (uri, path) = item
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--jwks-file {item:?} is not URI=FILE"))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--jwks-file {path}: {e}"))?;
+        loader.add_remote_jwks(uri, &text);
+    }
     let set: PolicySet = match loader.finish() {
         Ok((set, warnings)) => {
             let mut err = std::io::stderr().lock();
@@ -207,6 +240,53 @@ fn run_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
+    if let Some(token) = &args.jwt {
+        let labels: Vec<(&str, &str)> = owned
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let workload = citadel_policy::Workload {
+            namespace: &owned.namespace,
+            labels: &labels,
+        };
+        let providers = set.jwt_providers(&workload);
+        let outcome = citadel_policy::authenticate(
+            &providers,
+            |_| Some(token.as_str()),
+            citadel_ca::clock::unix_now(),
+        );
+        let (line, jwt) = match outcome {
+            AuthnOutcome::NoPolicy => (
+                "no RequestAuthentication applies: the token is not looked at (no request principal)".to_owned(),
+                None,
+            ),
+            AuthnOutcome::Anonymous => ("no token".to_owned(), None),
+            AuthnOutcome::Verified(v) => (
+                format!("verified by {}: principal {}", v.provider.source, v.jwt.principal()),
+                Some(OwnedJwt::from_verified(&v.jwt)),
+            ),
+            AuthnOutcome::Rejected(r) => {
+                if args.json {
+                    let out = serde_json::json!({
+                        "request_authentication": {"status": r.status, "error": r.error.to_string()},
+                        "decision": "DENY",
+                    });
+                    println!("{}", serde_json::to_string_pretty(&out)?);
+                } else {
+                    println!("request auth:  {} {} (refused before authorization)", r.status, r.error);
+                    println!("decision:      DENY");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+        };
+        if !args.json {
+            println!("request auth:  {line}");
+        }
+        if let Some(http) = owned.http.as_mut() {
+            http.jwt = jwt;
+        }
+    }
     let parts = owned.parts();
     let request = parts.request();
     let report = check(&set, &request);

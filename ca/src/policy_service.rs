@@ -217,6 +217,7 @@ mod tests {
             namespace: "shop".into(),
             name: name.into(),
             json: "{}".into(),
+            resolved_jwks: Vec::new(),
         }]))
     }
 

@@ -1,6 +1,7 @@
 //! The policy set the CA distributes, and the decisions around reloading it (pure).
 //!
-//! A [`PolicySnapshot`] is every valid PeerAuthentication and AuthorizationPolicy, sorted by
+//! A [`PolicySnapshot`] is every valid PeerAuthentication, AuthorizationPolicy and
+//! RequestAuthentication (with the JWKS the CA fetched for it), sorted by
 //! kind, namespace and name, each carried as canonical JSON, with a version that is the
 //! lowercase hex SHA-256 of that canonical form: every replica reading the same objects
 //! announces the same version, whatever the order or formatting of its files. Parsing and
@@ -19,7 +20,7 @@ pub struct SourceText {
 }
 
 /// The set in force: its objects in canonical order and its version.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PolicySnapshot {
     /// Lowercase hex SHA-256 of the canonical set.
     pub version: String,
@@ -61,6 +62,18 @@ pub fn canonical_version(objects: &[PolicyObject]) -> String {
         for field in [&o.kind, &o.api_version, &o.namespace, &o.name, &o.json] {
             ctx.update(&(field.len() as u64).to_be_bytes());
             ctx.update(field.as_bytes());
+        }
+        // Fetched keys are part of the set: a rotation at an issuer is a new version.
+        // Sets without any keep the encoding (and versions) they always had.
+        if !o.resolved_jwks.is_empty() {
+            ctx.update(b"\0resolved_jwks");
+            ctx.update(&(o.resolved_jwks.len() as u64).to_be_bytes());
+            for k in &o.resolved_jwks {
+                for field in [&k.uri, &k.jwks] {
+                    ctx.update(&(field.len() as u64).to_be_bytes());
+                    ctx.update(field.as_bytes());
+                }
+            }
         }
     }
     hex::encode(ctx.finish().as_ref())
@@ -140,6 +153,7 @@ pub fn load_sources(sources: &[SourceText], mesh: &MeshConfig) -> Loaded {
                 namespace: m.namespace().to_owned(),
                 name: m.name().to_owned(),
                 json: l.json.as_ref().map(canonical_json).unwrap_or_default(),
+                resolved_jwks: Vec::new(),
             }
         })
         .collect();

@@ -80,6 +80,8 @@ pub struct ServeConfig {
     pub policies_poll_interval: Duration,
     /// The mesh root namespace (policies there apply mesh-wide).
     pub root_namespace: String,
+    /// How RequestAuthentication JWKS are fetched to ride with the policy set.
+    pub policy_jwks: crate::policy_jwks::PolicyJwksConfig,
 }
 
 impl ServeConfig {
@@ -282,6 +284,14 @@ pub async fn start_with_store(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     // Bundle streams end by themselves on shutdown, so the graceful shutdown below does not
     // wait the whole grace period for agents that never hang up.
+    // RequestAuthentication keys ride with the set: agents get it with the fetched JWKS.
+    let policy_rx = crate::policy_jwks::start(
+        policy_rx,
+        config.policy_jwks.clone(),
+        metrics.clone(),
+        shutdown_rx.clone(),
+    )
+    .await?;
     let policy_svc = PolicyServiceServer::new(PolicyStreamService::new(
         auth.clone(),
         store.clone(),

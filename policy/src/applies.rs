@@ -32,6 +32,14 @@ pub fn applies_to(object: &PolicyObject, workload: &Workload<'_>, mesh: &MeshCon
             }
             ap.spec.selector.as_ref()
         }
+        PolicyObject::RequestAuthentication(ra) => {
+            if ra.spec.target_ref.is_some()
+                || ra.spec.target_refs.as_ref().is_some_and(|t| !t.is_empty())
+            {
+                return false;
+            }
+            ra.spec.selector.as_ref()
+        }
         PolicyObject::PeerAuthentication(pa) => {
             if root && !selector_is_empty(pa.spec.selector.as_ref()) {
                 return false;

@@ -37,7 +37,7 @@ pub(crate) enum Attr {
     Presenter,
     /// `request.headers[name]` (HTTP).
     Header(Box<str>),
-    /// `request.auth.claims[name]` (HTTP).
+    /// `request.auth.claims[name]` (HTTP); a nested claim `[a][b]` is named `a][b`.
     Claim(Box<str>),
 }
 
@@ -136,13 +136,19 @@ fn bracketed<'k>(key: &'k str, prefix: &str) -> Option<Result<&'k str, String>> 
     if inner.is_empty() {
         return Some(Err(format!("{key:?}: the name in brackets is empty")));
     }
-    if inner.contains("][") {
-        return Some(Err(format!(
-            "{key:?}: nested claims are not supported (only top-level names)"
-        )));
+    // `claims[a][b]` names the nested claim b of a: the text between the outer
+    // brackets is `a][b`, which is also how the request side names nested claims.
+    let nested_ok = prefix == "request.auth.claims";
+    for part in inner.split("][") {
+        if part.is_empty() {
+            return Some(Err(format!("{key:?}: a name in brackets is empty")));
+        }
+        if part.contains(['[', ']']) {
+            return Some(Err(format!("{key:?}: unbalanced brackets")));
+        }
     }
-    if inner.contains(['[', ']']) {
-        return Some(Err(format!("{key:?}: unbalanced brackets")));
+    if inner.contains("][") && !nested_ok {
+        return Some(Err(format!("{key:?} must be {prefix}[<name>]")));
     }
     Some(Ok(inner))
 }
@@ -259,6 +265,10 @@ mod tests {
             Attr::parse_key("request.auth.claims[groups]"),
             Ok(Attr::Claim("groups".into()))
         );
+        assert_eq!(
+            Attr::parse_key("request.auth.claims[realm][roles]"),
+            Ok(Attr::Claim("realm][roles".into()))
+        );
     }
 
     #[test]
@@ -268,7 +278,9 @@ mod tests {
             "request.headers",
             "request.headers[]",
             "request.headers[a",
-            "request.auth.claims[a][b]",
+            "request.auth.claims[a][]",
+            "request.auth.claims[a]]",
+            "request.headers[a][b]",
             "destination.labels[app]",
             "experimental.envoy.filters.x",
         ] {

@@ -1,4 +1,5 @@
-//! `citadel-policy`: Istio `PeerAuthentication` and `AuthorizationPolicy` for Citadel.
+//! `citadel-policy`: Istio `PeerAuthentication`, `AuthorizationPolicy` and
+//! `RequestAuthentication` for Citadel.
 //!
 //! The pure decision core: read the YAML/JSON operators already have ([`Loader`]),
 //! validate it with errors that name the object and field ([`Diagnostic`]), compile
@@ -38,6 +39,7 @@
 
 mod applies;
 mod attr;
+pub mod authn;
 mod authz;
 mod compile;
 mod diag;
@@ -51,12 +53,17 @@ mod request;
 mod set;
 mod timestamp;
 mod validate;
+mod validate_authn;
 
 pub use applies::{applies_to, namespace_of_spiffe_id};
+pub use authn::{
+    AuthnOutcome, JwtProvider, Rejection, TokenLocation, Verified, authenticate, remote_jwks_key,
+};
 pub use authz::{Decision, Reason, RuleRef, Verdict};
+pub use citadel_jwt;
 pub use diag::{Diagnostic, Issue, LoadError, Severity};
 pub use load::{Loaded, Loader, Origin, load_str};
-pub use model::{AuthorizationPolicy, PeerAuthentication, PolicyObject};
+pub use model::{AuthorizationPolicy, PeerAuthentication, PolicyObject, RequestAuthentication};
 pub use mtls::{Mode, MtlsResolution, MtlsScope, PolicyRef};
 pub use request::{
     Destination, Http, InputError, Jwt, OwnedHttp, OwnedJwt, OwnedRequest, Peer, Request,
@@ -66,3 +73,4 @@ pub use request::{
 pub use set::PolicySet;
 pub use timestamp::Timestamp;
 pub use validate::{MeshConfig, validate};
+pub use validate_authn::parse_timeout;

@@ -8,7 +8,7 @@ use serde_yaml_ng::Value;
 use crate::diag::{Diagnostic, Issue, LoadError, Severity};
 use crate::model::{
     ApiVersion, AuthorizationPolicy, AuthorizationPolicySpec, ObjectMeta, PeerAuthentication,
-    PeerAuthenticationSpec, PolicyObject,
+    PeerAuthenticationSpec, PolicyObject, RequestAuthentication, RequestAuthenticationSpec,
 };
 use crate::set::PolicySet;
 use crate::validate::{MeshConfig, validate};
@@ -42,6 +42,7 @@ pub struct Loader {
     mesh: MeshConfig,
     objects: Vec<Loaded>,
     diagnostics: Vec<Diagnostic>,
+    remote_jwks: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -57,7 +58,11 @@ struct Envelope<S> {
     status: Option<IgnoredAny>,
 }
 
-const POLICY_KINDS: [&str; 2] = ["PeerAuthentication", "AuthorizationPolicy"];
+const POLICY_KINDS: [&str; 3] = [
+    "PeerAuthentication",
+    "AuthorizationPolicy",
+    "RequestAuthentication",
+];
 
 impl Loader {
     /// A loader for the given mesh settings.
@@ -198,6 +203,14 @@ impl Loader {
                     spec,
                 })
             })
+        } else if kind == "RequestAuthentication" {
+            typed::<RequestAuthenticationSpec>(value.clone()).map(|(metadata, spec)| {
+                PolicyObject::RequestAuthentication(RequestAuthentication {
+                    api_version: version,
+                    metadata,
+                    spec,
+                })
+            })
         } else {
             typed::<AuthorizationPolicySpec>(value.clone()).map(|(metadata, spec)| {
                 PolicyObject::AuthorizationPolicy(AuthorizationPolicy {
@@ -266,6 +279,14 @@ impl Loader {
         }
     }
 
+    /// The JWKS document fetched from `jwks_uri` (by the CA), for the
+    /// RequestAuthentication rules that name that URI. A rule whose URI has no
+    /// document gets no keys, so every token of its issuer fails.
+    pub fn add_remote_jwks(&mut self, jwks_uri: &str, jwks_json: &str) {
+        self.remote_jwks
+            .insert(jwks_uri.to_owned(), jwks_json.to_owned());
+    }
+
     /// Every diagnostic so far.
     pub fn diagnostics(&self) -> &[Diagnostic] {
         &self.diagnostics
@@ -317,7 +338,7 @@ impl Loader {
             });
         }
         let objects: Vec<PolicyObject> = self.objects.into_iter().map(|l| l.object).collect();
-        match PolicySet::compile(&objects, &self.mesh) {
+        match PolicySet::compile(&objects, &self.mesh, &self.remote_jwks) {
             Ok(set) => Ok((set, self.diagnostics)),
             Err(message) => {
                 self.diagnostics.push(Diagnostic {

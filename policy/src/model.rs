@@ -1,5 +1,5 @@
 //! The Istio objects as operators write them: `security.istio.io/v1` and `v1beta1`
-//! `PeerAuthentication` and `AuthorizationPolicy`.
+//! `PeerAuthentication`, `AuthorizationPolicy` and `RequestAuthentication`.
 //!
 //! Every struct refuses unknown fields, so a typo (`principalz`) is an error that names
 //! the field instead of a rule that silently matches more than intended. Optional lists
@@ -389,21 +389,99 @@ pub struct AuthorizationPolicy {
     pub spec: AuthorizationPolicySpec,
 }
 
-/// Either policy kind.
+/// `fromHeaders[]` item: a header carrying the token, after an optional prefix.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtHeader {
+    /// Header name (case-insensitive).
+    pub name: Option<String>,
+    /// Text before the token, e.g. `Bearer `.
+    pub prefix: Option<String>,
+}
+
+/// `outputClaimToHeaders[]` item.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClaimToHeader {
+    /// The header to set.
+    pub header: Option<String>,
+    /// The claim whose value it gets (`a.b` for a nested claim).
+    pub claim: Option<String>,
+}
+
+/// `jwtRules[]` item: one issuer and how its tokens are found and checked.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtRule {
+    /// Required `iss` (empty = any issuer, then `jwksUri` is required).
+    pub issuer: Option<String>,
+    /// Accepted `aud` values; absent or empty = any.
+    pub audiences: Option<Vec<String>>,
+    /// HTTPS URL of the issuer's JWKS; the CA fetches it.
+    pub jwks_uri: Option<String>,
+    /// The JWKS inline, as a JSON string.
+    pub jwks: Option<String>,
+    /// Headers carrying the token; absent = `Authorization: Bearer` and `access_token`.
+    pub from_headers: Option<Vec<JwtHeader>>,
+    /// Query parameters carrying the token.
+    pub from_params: Option<Vec<String>>,
+    /// Cookies carrying the token.
+    pub from_cookies: Option<Vec<String>>,
+    /// Header that receives the base64url payload of a verified token.
+    pub output_payload_to_header: Option<String>,
+    /// Send the token to the application (default: strip it).
+    pub forward_original_token: Option<bool>,
+    /// Claims copied into headers for the application.
+    pub output_claim_to_headers: Option<Vec<ClaimToHeader>>,
+    /// Time limit of a JWKS fetch (e.g. `5s`).
+    pub timeout: Option<String>,
+    /// Claims read as space-separated lists (unsupported: rejected).
+    pub space_delimited_claims: Option<Vec<String>>,
+}
+
+/// `spec` of a RequestAuthentication.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestAuthenticationSpec {
+    /// Workloads the policy applies to; absent = every workload in scope.
+    pub selector: Option<WorkloadSelector>,
+    /// Deprecated single target reference.
+    pub target_ref: Option<PolicyTargetReference>,
+    /// Target references (gateways and waypoints).
+    pub target_refs: Option<Vec<PolicyTargetReference>>,
+    /// The issuers accepted.
+    pub jwt_rules: Option<Vec<JwtRule>>,
+}
+
+/// A RequestAuthentication object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestAuthentication {
+    /// Its apiVersion.
+    pub api_version: ApiVersion,
+    /// Its metadata.
+    pub metadata: ObjectMeta,
+    /// Its spec (`{}` when absent).
+    pub spec: RequestAuthenticationSpec,
+}
+
+/// Any policy kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PolicyObject {
     /// A PeerAuthentication.
     PeerAuthentication(PeerAuthentication),
     /// An AuthorizationPolicy.
     AuthorizationPolicy(AuthorizationPolicy),
+    /// A RequestAuthentication.
+    RequestAuthentication(RequestAuthentication),
 }
 
 impl PolicyObject {
-    /// `PeerAuthentication` or `AuthorizationPolicy`.
+    /// `PeerAuthentication`, `AuthorizationPolicy` or `RequestAuthentication`.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::PeerAuthentication(_) => "PeerAuthentication",
             Self::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Self::RequestAuthentication(_) => "RequestAuthentication",
         }
     }
 
@@ -412,6 +490,7 @@ impl PolicyObject {
         match self {
             Self::PeerAuthentication(p) => &p.metadata,
             Self::AuthorizationPolicy(p) => &p.metadata,
+            Self::RequestAuthentication(p) => &p.metadata,
         }
     }
 }

@@ -1,11 +1,12 @@
 //! [`PolicySet`]: all policies compiled once and indexed by namespace and selector.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
+use crate::authn::JwtProvider;
 use crate::authz::{CompiledPolicy, Decision, PolicyGroup, Tally};
 use crate::compile::CompiledRule;
 use crate::diag::LoadError;
-use crate::index::{ScopeIndex, selector_matches, selector_of};
+use crate::index::{ScopeIndex, Selector, selector_matches, selector_of};
 use crate::load::Loader;
 use crate::model::{DRY_RUN_ANNOTATION, PolicyObject, selector_is_empty};
 use crate::mtls::{CompiledPeer, Mode, MtlsResolution, compose};
@@ -39,6 +40,11 @@ pub struct PolicySet {
     peers: Vec<CompiledPeer>,
     peer_mesh: Option<u32>,
     peer_by_ns: HashMap<Box<str>, PeerScope>,
+    /// RequestAuthentications sorted by (namespace, name), each with its selector
+    /// and compiled rules; the scope indexes hold their positions.
+    authn: Vec<(Selector, Vec<JwtProvider>)>,
+    authn_root: ScopeIndex,
+    authn_by_ns: HashMap<Box<str>, ScopeIndex>,
     ignored: usize,
 }
 
@@ -54,6 +60,9 @@ impl PolicySet {
             peers: Vec::new(),
             peer_mesh: None,
             peer_by_ns: HashMap::new(),
+            authn: Vec::new(),
+            authn_root: ScopeIndex::default(),
+            authn_by_ns: HashMap::new(),
             ignored: 0,
         }
     }
@@ -69,7 +78,11 @@ impl PolicySet {
 
     /// Compiles validated objects. Objects that cannot compile (impossible after
     /// validation) are reported as errors.
-    pub(crate) fn compile(objects: &[PolicyObject], mesh: &MeshConfig) -> Result<Self, String> {
+    pub(crate) fn compile(
+        objects: &[PolicyObject],
+        mesh: &MeshConfig,
+        remote_jwks: &BTreeMap<String, String>,
+    ) -> Result<Self, String> {
         let mut set = Self::empty(mesh.clone());
         let root = mesh.root_namespace.as_str();
 
@@ -77,7 +90,7 @@ impl PolicySet {
             .iter()
             .filter_map(|o| match o {
                 PolicyObject::AuthorizationPolicy(ap) => Some(ap),
-                PolicyObject::PeerAuthentication(_) => None,
+                _ => None,
             })
             .collect();
         aps.sort_by(|a, b| {
@@ -142,7 +155,7 @@ impl PolicySet {
             .iter()
             .filter_map(|o| match o {
                 PolicyObject::PeerAuthentication(pa) => Some(pa),
-                PolicyObject::AuthorizationPolicy(_) => None,
+                _ => None,
             })
             .collect();
         let age = |m: &crate::model::ObjectMeta| {
@@ -190,7 +203,89 @@ impl PolicySet {
                 ports,
             });
         }
+        set.compile_request_authentications(objects, remote_jwks)?;
         Ok(set)
+    }
+
+    fn compile_request_authentications(
+        &mut self,
+        objects: &[PolicyObject],
+        remote_jwks: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let root = self.mesh.root_namespace.clone();
+        let mut ras: Vec<_> = objects
+            .iter()
+            .filter_map(|o| match o {
+                PolicyObject::RequestAuthentication(ra) => Some(ra),
+                _ => None,
+            })
+            .collect();
+        ras.sort_by(|a, b| {
+            (a.metadata.namespace(), a.metadata.name())
+                .cmp(&(b.metadata.namespace(), b.metadata.name()))
+        });
+        for ra in ras {
+            if ra.spec.target_ref.is_some()
+                || ra.spec.target_refs.as_ref().is_some_and(|t| !t.is_empty())
+            {
+                self.ignored += 1;
+                continue;
+            }
+            let ordinal =
+                u32::try_from(self.authn.len()).map_err(|_| "too many policies".to_owned())?;
+            let selector = selector_of(ra.spec.selector.as_ref());
+            let ns = ra.metadata.namespace();
+            if ns == root {
+                self.authn_root.insert(ordinal, &selector);
+            } else {
+                self.authn_by_ns
+                    .entry(ns.into())
+                    .or_default()
+                    .insert(ordinal, &selector);
+            }
+            let rules = ra
+                .spec
+                .jwt_rules
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, r)| JwtProvider::compile(ra, i, r, remote_jwks))
+                .collect();
+            self.authn.push((selector, rules));
+        }
+        Ok(())
+    }
+
+    /// The JWT rules of every RequestAuthentication that applies to the workload
+    /// (its namespace's, by selector, and the root namespace's), in (namespace, name)
+    /// order. Empty: request authentication is off for the workload.
+    pub fn jwt_providers(&self, workload: &Workload<'_>) -> Vec<&JwtProvider> {
+        let mut ordinals = Vec::new();
+        let mut visit = |o: u32| {
+            if let Some((selector, _)) = self.authn.get(o as usize)
+                && selector_matches(selector, workload.labels)
+            {
+                ordinals.push(o);
+            }
+        };
+        self.authn_root
+            .for_each_candidate(workload.labels, &mut visit);
+        if workload.namespace != self.mesh.root_namespace
+            && let Some(scope) = self.authn_by_ns.get(workload.namespace)
+        {
+            scope.for_each_candidate(workload.labels, &mut visit);
+        }
+        ordinals.sort_unstable();
+        ordinals
+            .into_iter()
+            .filter_map(|o| self.authn.get(o as usize))
+            .flat_map(|(_, rules)| rules.iter())
+            .collect()
+    }
+
+    /// Number of RequestAuthentications that can apply to workloads.
+    pub fn request_authentication_count(&self) -> usize {
+        self.authn.len()
     }
 
     /// The mesh settings.

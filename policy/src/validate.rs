@@ -35,6 +35,9 @@ pub fn validate(object: &PolicyObject, mesh: &MeshConfig) -> Vec<Issue> {
     match object {
         PolicyObject::PeerAuthentication(pa) => validate_peer_authentication(pa, mesh, &mut out),
         PolicyObject::AuthorizationPolicy(ap) => validate_authorization_policy(ap, &mut out),
+        PolicyObject::RequestAuthentication(ra) => {
+            crate::validate_authn::validate_request_authentication(ra, &mut out);
+        }
     }
     out
 }
@@ -123,11 +126,17 @@ fn validate_target_ref(path: &str, t: &PolicyTargetReference, out: &mut Vec<Issu
     }
 }
 
-fn validate_authorization_policy(ap: &AuthorizationPolicy, out: &mut Vec<Issue>) {
-    let spec = &ap.spec;
-    validate_selector("spec.selector", spec.selector.as_ref(), out);
-    let has_selector = spec.selector.is_some();
-    if let Some(t) = &spec.target_ref {
+/// `selector` and `targetRef`/`targetRefs` of an AuthorizationPolicy or a
+/// RequestAuthentication: at most one way of choosing targets, each target well formed.
+pub(crate) fn validate_targets(
+    selector: Option<&WorkloadSelector>,
+    target_ref: Option<&PolicyTargetReference>,
+    target_refs: Option<&Vec<PolicyTargetReference>>,
+    out: &mut Vec<Issue>,
+) {
+    validate_selector("spec.selector", selector, out);
+    let has_selector = selector.is_some();
+    if let Some(t) = target_ref {
         validate_target_ref("spec.targetRef", t, out);
         if has_selector {
             out.push(Issue::error(
@@ -136,7 +145,7 @@ fn validate_authorization_policy(ap: &AuthorizationPolicy, out: &mut Vec<Issue>)
             ));
         }
     }
-    if let Some(ts) = &spec.target_refs {
+    if let Some(ts) = target_refs {
         for (i, t) in ts.iter().enumerate() {
             validate_target_ref(&format!("spec.targetRefs[{i}]"), t, out);
         }
@@ -146,19 +155,29 @@ fn validate_authorization_policy(ap: &AuthorizationPolicy, out: &mut Vec<Issue>)
                 "cannot be set together with selector",
             ));
         }
-        if spec.target_ref.is_some() {
+        if target_ref.is_some() {
             out.push(Issue::error(
                 "spec.targetRefs",
                 "cannot be set together with targetRef",
             ));
         }
     }
-    if spec.target_ref.is_some() || spec.target_refs.as_ref().is_some_and(|t| !t.is_empty()) {
+    if target_ref.is_some() || target_refs.is_some_and(|t| !t.is_empty()) {
         out.push(Issue::warning(
             "spec.targetRefs",
             "a policy with targetRef(s) applies to gateways and waypoints, not to Citadel's workload proxies; it is ignored",
         ));
     }
+}
+
+fn validate_authorization_policy(ap: &AuthorizationPolicy, out: &mut Vec<Issue>) {
+    let spec = &ap.spec;
+    validate_targets(
+        spec.selector.as_ref(),
+        spec.target_ref.as_ref(),
+        spec.target_refs.as_ref(),
+        out,
+    );
 
     match ap.metadata.annotation(DRY_RUN_ANNOTATION) {
         None | Some("true" | "false") => {}

@@ -42,6 +42,25 @@ fn validate_accepts_every_istio_documentation_example() {
         }
     }
     assert!(kinds.contains("PeerAuthentication") && kinds.contains("AuthorizationPolicy"));
+    assert!(kinds.contains("RequestAuthentication"));
+}
+
+#[test]
+fn rejects_request_authentication_with_both_jwks_and_jwks_uri() {
+    let f = dir().join("unsupported/ra-jwks-and-jwks-uri.yaml");
+    let text = std::fs::read_to_string(&f).unwrap();
+    let mut loader = Loader::new(MeshConfig::default());
+    loader.add_source("ra-jwks-and-jwks-uri.yaml", &text);
+    let err = loader
+        .finish()
+        .expect_err("jwks with jwksUri must not load");
+    let msgs: Vec<String> = err.diagnostics.iter().map(ToString::to_string).collect();
+    assert!(
+        msgs.iter().any(|m| m.contains(
+            "RequestAuthentication foo/both: spec.jwtRules[0].jwks: cannot be set together with jwksUri"
+        )),
+        "{msgs:#?}"
+    );
 }
 
 #[test]

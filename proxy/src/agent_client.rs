@@ -146,6 +146,9 @@ pub fn policy_state(
     let mut loader = Loader::new(mesh.clone());
     for o in &msg.objects {
         loader.add_source(&format!("{} {}/{}", o.kind, o.namespace, o.name), &o.json);
+        for k in &o.resolved_jwks {
+            loader.add_remote_jwks(&k.uri, &k.jwks);
+        }
     }
     let set = loader
         .finish()
@@ -481,6 +484,7 @@ mod tests {
                 namespace: "shop".into(),
                 name: "bad".into(),
                 json: r#"{"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{"name":"bad","namespace":"shop"},"spec":{"action":"NOPE"}}"#.into(),
+                resolved_jwks: Vec::new(),
             }],
         };
         assert!(matches!(

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use citadel_policy::{
-    Destination, Http, Mode, Peer, PolicySet, Reason, Request, Verdict, Workload,
+    Destination, Http, Jwt, Mode, OwnedJwt, Peer, PolicySet, Reason, Request, Verdict, Workload,
     join_repeated_headers,
 };
 
@@ -131,6 +131,8 @@ pub struct HttpAttrs {
     pub host: String,
     /// Every header, repeated names joined with `,`.
     pub headers: Vec<(String, String)>,
+    /// The end-user token request authentication verified, if any.
+    pub jwt: Option<OwnedJwt>,
 }
 
 /// Reads the attributes of a request: method, path, host (the `Host` header or
@@ -158,6 +160,7 @@ pub fn http_attributes(
         path,
         host,
         headers: join_repeated_headers(headers),
+        jwt: None,
     }
 }
 
@@ -197,6 +200,18 @@ pub fn admit_request(
                 .collect()
         })
         .unwrap_or_default();
+    let jwt = http.and_then(|h| h.jwt.as_ref());
+    let audiences: Vec<&str> = jwt
+        .map(|j| j.audiences.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    let claims: Vec<(&str, &str)> = jwt
+        .map(|j| {
+            j.claims
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
     let request = Request {
         source: Peer {
             principal: facts.principal.as_deref(),
@@ -214,7 +229,12 @@ pub fn admit_request(
             path: &h.path,
             host: &h.host,
             headers: &headers,
-            jwt: None,
+            jwt: jwt.map(|j| Jwt {
+                principal: &j.principal,
+                audiences: &audiences,
+                presenter: j.presenter.as_deref(),
+                claims: &claims,
+            }),
         }),
     };
     let decision = state.set.decide(&request);

@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::decide::{ConnFacts, admit_request, http_attributes};
 use crate::framing::{HeadVerdict, Tracker};
 use crate::inbound::Inbound;
+use crate::request_auth::{self, Refused};
 
 /// The body of every response the proxy sends.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -151,6 +152,27 @@ pub fn local_response(status: StatusCode, text: &'static str, close: bool) -> Re
     r
 }
 
+/// The answer to a request refused by request authentication: Envoy's status, words
+/// and `www-authenticate`.
+fn request_auth_refusal(refused: Refused, close: bool) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(refused.body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = refused.status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if let Some(v) = refused.www_authenticate {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    if close {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
@@ -251,7 +273,27 @@ async fn handle(
     let Some(state) = inbound.policy.borrow().clone() else {
         return local_response(StatusCode::SERVICE_UNAVAILABLE, "no policy yet", true);
     };
-    let attrs = http_attributes(req.method(), req.uri(), req.headers());
+    // End-user authentication first (Envoy runs jwt_authn before RBAC); its edits
+    // (token removed, claim headers set) are what authorization and the app see.
+    let (mut parts, body) = req.into_parts();
+    let authn = match request_auth::authenticate_request(&state, &parts, crate::unix_now()) {
+        Ok(passed) => passed,
+        Err(refused) => {
+            tracing::warn!(source = facts.peer_id.as_deref().unwrap_or("plaintext"),
+                destination = %state.spiffe_id, port = facts.app_port, method = %parts.method,
+                path = %parts.uri.path(), status = refused.status.as_u16(), reason = %refused.body,
+                "request refused by request authentication");
+            inbound.metrics.request(
+                facts.principal.as_deref(),
+                facts.app_port,
+                "unauthenticated",
+            );
+            return request_auth_refusal(refused, close);
+        }
+    };
+    authn.apply(&mut parts);
+    let mut attrs = http_attributes(&parts.method, &parts.uri, &parts.headers);
+    attrs.jwt = authn.jwt;
     let admission = admit_request(&state, facts, Some(&attrs));
     let source = facts.peer_id.as_deref().unwrap_or("plaintext");
     if let Some(dry_run) = &admission.dry_run {
@@ -279,7 +321,6 @@ async fn handle(
         .metrics
         .request(facts.principal.as_deref(), facts.app_port, "allow");
 
-    let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(XFCC);
     if let Some(peer_id) = &facts.peer_id

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod original_dst;
 pub mod outbound;
 pub mod prefixed;
+pub mod request_auth;
 pub mod transparent;
 
 /// Now, in unix seconds.

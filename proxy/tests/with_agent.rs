@@ -56,6 +56,7 @@ fn policy_set(version: &str, action: &str) -> PolicySet {
             namespace: "shop".to_owned(),
             name: format!("api-{action}"),
             json,
+            resolved_jwks: Vec::new(),
         }],
     }
 }

@@ -5,6 +5,10 @@
 //! (looked up by `kid`), the configured `iss`, one of the configured
 //! audiences, `exp`/`nbf` within a 30 s leeway. The identity comes from the
 //! `kubernetes.io` claims, or from `sub` = `system:serviceaccount:<ns>:<sa>`.
+//!
+//! The checks themselves are `citadel-jwt`'s, the same code the proxy runs for
+//! RequestAuthentication; this module adds the algorithm allow-list, the key
+//! lookup policy, JWKS loading and the service-account identity.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -12,9 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use citadel_identity::{SpiffeId, TrustDomain};
-use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use citadel_jwt::{Alg, Jwks, Jwt, JwtError, Validation};
 use serde::Deserialize;
 
 use super::{AuthError, AuthMethod, Authenticator, Caller, Credentials, Rejection};
@@ -72,7 +74,7 @@ pub struct JwksError {
 /// Verifies JWTs locally.
 pub struct JwtAuthenticator {
     config: JwtConfig,
-    keys: RwLock<Arc<JwkSet>>,
+    keys: RwLock<Arc<Jwks>>,
     last_refresh: tokio::sync::Mutex<Instant>,
     http: reqwest::Client,
 }
@@ -80,8 +82,6 @@ pub struct JwtAuthenticator {
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: String,
-    exp: i64,
-    nbf: Option<i64>,
     #[serde(rename = "kubernetes.io")]
     kubernetes: Option<KubernetesClaims>,
 }
@@ -125,7 +125,7 @@ impl JwtAuthenticator {
         })
     }
 
-    fn current(&self) -> Arc<JwkSet> {
+    fn current(&self) -> Arc<Jwks> {
         self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -142,56 +142,51 @@ impl JwtAuthenticator {
         }
     }
 
-    fn verify(&self, token: &str, keys: &JwkSet, now: i64) -> Result<Caller, KeyLookup> {
-        let header = jsonwebtoken::decode_header(token)
+    fn verify(&self, token: &str, keys: &Jwks, now: i64) -> Result<Caller, KeyLookup> {
+        let jwt = Jwt::parse(token)
             .map_err(|_| KeyLookup::Rejected(reject("token is not a well-formed JWT")))?;
-        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+        if !matches!(jwt.alg, Alg::RS256 | Alg::ES256) {
             return Err(KeyLookup::Rejected(reject(format!(
                 "signature algorithm {:?} is not accepted (RS256 or ES256 only)",
-                header.alg
+                jwt.alg
             ))));
         }
-        let jwk = match &header.kid {
-            Some(kid) => keys
-                .find(kid)
-                .ok_or_else(|| KeyLookup::UnknownKid(kid.clone()))?,
-            None if keys.keys.len() == 1 => &keys.keys[0],
-            None => {
+        match &jwt.kid {
+            Some(kid) if !keys.has_kid(kid) => return Err(KeyLookup::UnknownKid(kid.clone())),
+            None if keys.keys().len() > 1 => {
                 return Err(KeyLookup::Rejected(reject(
                     "token has no kid and the issuer has several keys",
                 )));
             }
+            _ => {}
+        }
+        let validation = Validation {
+            issuer: Some(self.config.issuer.clone()),
+            audiences: self.config.audiences.clone(),
+            leeway_secs: LEEWAY_SECS.unsigned_abs(),
+            required: vec!["exp", "iss", "aud", "sub"],
         };
-        let key = DecodingKey::from_jwk(jwk)
-            .map_err(|e| KeyLookup::Rejected(reject(format!("issuer key is unusable: {e}"))))?;
-        let mut validation = Validation::new(header.alg);
-        validation.set_issuer(&[&self.config.issuer]);
-        validation.set_audience(&self.config.audiences);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        // Time is judged below against the caller-supplied `now`.
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
-            KeyLookup::Rejected(reject(match e.kind() {
-                ErrorKind::InvalidSignature => "signature does not verify".to_string(),
-                ErrorKind::InvalidIssuer => format!("issuer is not {}", self.config.issuer),
-                ErrorKind::InvalidAudience => format!(
-                    "audience is not one of [{}]",
-                    self.config.audiences.join(", ")
-                ),
-                ErrorKind::InvalidAlgorithm => "algorithm does not match the issuer key".into(),
-                ErrorKind::MissingRequiredClaim(c) => format!("required claim '{c}' is missing"),
-                ErrorKind::Json(_) => "claims are not valid JSON of the expected shape".into(),
-                _ => "token is invalid".into(),
-            }))
-        })?;
-        let claims = data.claims;
-        if claims.exp + LEEWAY_SECS < now {
-            return Err(KeyLookup::Rejected(reject("token has expired")));
-        }
-        if claims.nbf.is_some_and(|nbf| nbf - LEEWAY_SECS > now) {
-            return Err(KeyLookup::Rejected(reject("token is not valid yet (nbf)")));
-        }
+        jwt.check_claims(&validation, now)
+            .and_then(|()| jwt.verify_signature(keys))
+            .map_err(|e| {
+                KeyLookup::Rejected(reject(match e {
+                    JwtError::VerificationFail => "signature does not verify".to_string(),
+                    JwtError::UnknownIssuer => format!("issuer is not {}", self.config.issuer),
+                    JwtError::AudienceNotAllowed => format!(
+                        "audience is not one of [{}]",
+                        self.config.audiences.join(", ")
+                    ),
+                    JwtError::KidAlgMismatch => "algorithm does not match the issuer key".into(),
+                    JwtError::MissingClaim(c) => format!("required claim '{c}' is missing"),
+                    JwtError::Expired => "token has expired".into(),
+                    JwtError::NotYetValid => "token is not valid yet (nbf)".into(),
+                    _ => "token is invalid".into(),
+                }))
+            })?;
+        let claims: Claims = serde_json::from_value(serde_json::Value::Object(jwt.claims))
+            .map_err(|_| {
+                KeyLookup::Rejected(reject("claims are not valid JSON of the expected shape"))
+            })?;
         self.identity(&claims).map_err(KeyLookup::Rejected)
     }
 
@@ -267,7 +262,7 @@ impl Authenticator for JwtAuthenticator {
     }
 }
 
-async fn fetch(source: &JwksSource, http: &reqwest::Client) -> Result<JwkSet, JwksError> {
+async fn fetch(source: &JwksSource, http: &reqwest::Client) -> Result<Jwks, JwksError> {
     let (name, bytes) = match source {
         JwksSource::File(path) => {
             let name = path.display().to_string();
@@ -296,7 +291,11 @@ async fn fetch(source: &JwksSource, http: &reqwest::Client) -> Result<JwkSet, Jw
             reason: format!("document is larger than {MAX_JWKS_BYTES} bytes"),
         });
     }
-    serde_json::from_slice(&bytes).map_err(|e| JwksError {
+    let text = String::from_utf8(bytes).map_err(|_| JwksError {
+        source_name: name.clone(),
+        reason: "not a JWKS document: not UTF-8".into(),
+    })?;
+    Jwks::parse(&text).map_err(|e| JwksError {
         source_name: name,
         reason: format!("not a JWKS document: {e}"),
     })

@@ -89,6 +89,7 @@ impl Harness {
             policies_dir: None,
             policies_poll_interval: Duration::from_millis(100),
             root_namespace: "istio-system".into(),
+            policy_jwks: Default::default(),
         };
         configure(&mut config);
         let url = config.store_url();
