@@ -10,7 +10,16 @@ use citadel_ca::keystore::FileKeyStore;
 use citadel_ca::root_cmd::{self, Outcome, PrepareArgs};
 use citadel_e2e::client::{connect, create, request};
 use citadel_e2e::unix_now;
-use support::{Harness, WEB, chain_der};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use support::{Harness, WEB};
+
+/// The last certificate of a PEM chain (the root).
+fn last_cert(chain_pem: &str) -> Option<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .filter_map(Result::ok)
+        .last()
+}
 
 fn pem_count(text: &str) -> usize {
     text.matches("BEGIN CERTIFICATE").count()
@@ -31,7 +40,7 @@ async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) ->
 async fn the_running_ca_switches_signer_serving_certificate_and_bundle_on_activation() {
     let mut h = Harness::start().await;
     let (first, _) = h.join("node-a", &[WEB]).await;
-    let old_root = chain_der(&[first]).pop().unwrap();
+    let old_root = last_cert(&first).unwrap();
 
     let keys = FileKeyStore::open(h.data_dir.join("keys")).unwrap();
     let td = h.trust_domain();
@@ -55,7 +64,7 @@ async fn the_running_ca_switches_signer_serving_certificate_and_bundle_on_activa
     })
     .await;
     let (still_old, _) = h.join("node-b", &[WEB]).await;
-    assert_eq!(chain_der(&[still_old]).pop().unwrap(), old_root);
+    assert_eq!(last_cert(&still_old).unwrap(), old_root);
 
     let mut out = Vec::new();
     let outcome = root_cmd::activate(h.store.as_ref(), &new_id, false, 60, false, &mut out)
@@ -68,15 +77,15 @@ async fn the_running_ca_switches_signer_serving_certificate_and_bundle_on_activa
     let new_root = eventually("a leaf of the new root", async || {
         n += 1;
         let (chain, _) = h.join(&format!("node-c{n}"), &[WEB]).await;
-        let root = chain_der(&[chain]).pop()?;
+        let root = last_cert(&chain)?;
         (root != old_root).then_some(root)
     })
     .await;
     // The serving certificate is re-issued by the new root: a client trusting only the new
     // root connects.
-    let new_only = rustls_pki_types::pem::PemObject::pem_slice_iter(h.bundle_pem.as_bytes())
+    let new_only = CertificateDer::pem_slice_iter(h.bundle_pem.as_bytes())
         .filter_map(Result::ok)
-        .find(|c: &rustls_pki_types::CertificateDer<'static>| *c == new_root)
+        .find(|c| *c == new_root)
         .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
         .expect("the new root is in the bundle");
     let addr = h.addr();

@@ -60,9 +60,14 @@ async fn start_ca(dir: &Path) -> CaProcess {
     .unwrap()
 }
 
-/// An agent for node-a mapping (this uid, `paths[i]`) to `ids[i]`, re-issuing within 6 s of
-/// an activation.
-async fn start_agent(ca: &CaProcess, dir: &Path, mapping: &[(&str, &Path)]) -> AgentProcess {
+/// An agent for node-a mapping (this uid, `paths[i]`) to `ids[i]`, re-issuing within
+/// `reissue_window` of an activation.
+async fn start_agent(
+    ca: &CaProcess,
+    dir: &Path,
+    mapping: &[(&str, &Path)],
+    reissue_window: &str,
+) -> AgentProcess {
     let ids: Vec<&str> = mapping.iter().map(|(id, _)| *id).collect();
     let token = create_join_token(&ca.data_dir, "node-a", &ids, "10m").unwrap();
     let mut entries = String::from("entries:\n");
@@ -79,7 +84,7 @@ async fn start_agent(ca: &CaProcess, dir: &Path, mapping: &[(&str, &Path)]) -> A
             dir: &dir.join("agent"),
             entries_yaml: &entries,
             join_token: Some(&token),
-            extra: &["--reissue-window", "6s", "--workload-ttl", "90s"],
+            extra: &["--reissue-window", reissue_window, "--workload-ttl", "90s"],
         },
     )
     .await
@@ -170,9 +175,11 @@ fn root_serial_prefix(status: &serde_json::Value, id: &str) -> String {
         .and_then(|a| a["subject"].as_str())
         .unwrap_or_default()
         .to_owned();
+    // "CN=Citadel Root CA cluster.local 65fc847c57649757, O=Citadel"
     subject
-        .rsplit(' ')
-        .next()
+        .split(", ")
+        .find_map(|rdn| rdn.strip_prefix("CN="))
+        .and_then(|cn| cn.rsplit(' ').next())
         .unwrap_or_default()
         .to_ascii_lowercase()
 }
@@ -199,6 +206,8 @@ async fn root_rotation_under_mtls_traffic_has_no_failed_request_or_handshake() {
         &ca,
         tmp.path(),
         &[(ENVOY_ID, &envoy_bin), (PROXY_ID, &proxy_bin)],
+        // Re-issues spread over half a minute: old and new leaves meet for a while.
+        "30s",
     )
     .await;
     let app = echo_app().await;
@@ -383,6 +392,10 @@ async fn root_rotation_under_mtls_traffic_has_no_failed_request_or_handshake() {
     );
     for (name, envoy) in [("client", &client), ("server", &server)] {
         let (failures, lines) = envoy_tls_failures(envoy).await;
+        assert!(
+            lines.contains("ssl.connection_error"),
+            "{name} Envoy reports no TLS error counters to check:\n{lines}"
+        );
         assert_eq!(failures, 0, "{name} Envoy TLS failures:\n{lines}");
     }
     let (_, handshakes) = server
@@ -441,7 +454,7 @@ async fn a_stopped_agent_blocks_activation_until_forced_and_removal_refuses_live
     let tmp = tempfile::tempdir().unwrap();
     let ca = start_ca(tmp.path()).await;
     let proxy_bin = binary("citadel-proxy");
-    let mut agent = start_agent(&ca, tmp.path(), &[(PROXY_ID, &proxy_bin)]).await;
+    let mut agent = start_agent(&ca, tmp.path(), &[(PROXY_ID, &proxy_bin)], "6s").await;
     wait_all_agents_current(&ca, 30).await;
     let old = authority_ids(&root_status(&ca), "active").remove(0);
 
@@ -502,7 +515,7 @@ async fn an_interrupted_rotation_is_completed_by_the_next_run() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = start_ca(tmp.path()).await;
     let proxy_bin = binary("citadel-proxy");
-    let _agent = start_agent(&ca, tmp.path(), &[(PROXY_ID, &proxy_bin)]).await;
+    let _agent = start_agent(&ca, tmp.path(), &[(PROXY_ID, &proxy_bin)], "6s").await;
     wait_all_agents_current(&ca, 30).await;
     let old = authority_ids(&root_status(&ca), "active").remove(0);
 
@@ -514,13 +527,22 @@ async fn an_interrupted_rotation_is_completed_by_the_next_run() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Interrupt it once it has activated the new root.
+    // Interrupt it once it has activated the new root. Its output is read to the end (a
+    // closed pipe would end it with an error instead of the interruption).
     let stdout = first.stdout.take().unwrap();
-    let seen = tokio::task::spawn_blocking(move || {
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
         use std::io::BufRead;
-        let mut lines = Vec::new();
         for line in std::io::BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        while let Ok(line) = line_rx.recv_timeout(Duration::from_secs(60)) {
             let activated = line.contains("\"phase\":\"activate\"");
             lines.push(line);
             if activated {
@@ -528,14 +550,12 @@ async fn an_interrupted_rotation_is_completed_by_the_next_run() {
             }
         }
         lines
-    });
-    let seen = tokio::time::timeout(Duration::from_secs(60), seen)
-        .await
-        .expect("rotate did not activate within 60 s")
-        .unwrap();
+    })
+    .await
+    .unwrap();
     assert!(
         seen.last().is_some_and(|l| l.contains("activate")),
-        "{seen:?}"
+        "rotate did not activate within 60 s: {seen:?}"
     );
     Command::new("kill")
         .args(["-INT", &first.id().to_string()])
