@@ -143,6 +143,14 @@ mod tests {
     use crate::keystore::{KeyStore, MemoryKeyStore};
     use citadel_store::memory::MemoryStore;
 
+    /// A follower and the receiving ends of what it publishes.
+    type Followed = (
+        StoreFollower,
+        watch::Receiver<Arc<Authority>>,
+        watch::Receiver<Arc<BundleSnapshot>>,
+        watch::Receiver<TrustBundle>,
+    );
+
     struct Fixture {
         store: Arc<dyn Store>,
         keys: Arc<dyn KeyStore>,
@@ -170,16 +178,7 @@ mod tests {
             Arc::new(root)
         }
 
-        fn follower(
-            &self,
-            first: Arc<Authority>,
-            snapshot: BundleSnapshot,
-        ) -> (
-            StoreFollower,
-            watch::Receiver<Arc<Authority>>,
-            watch::Receiver<Arc<BundleSnapshot>>,
-            watch::Receiver<TrustBundle>,
-        ) {
+        fn follower(&self, first: Arc<Authority>, snapshot: BundleSnapshot) -> Followed {
             let (authority, authority_rx) = watch::channel(first);
             let (bundles, bundle_rx) = watch::channel(snapshot.bundle.clone());
             let (snapshots, snapshot_rx) = watch::channel(Arc::new(snapshot));
