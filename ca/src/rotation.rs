@@ -240,9 +240,9 @@ pub fn check_remove(input: &PlanInput<'_>, id: &str) -> Result<Vec<LedgerEntry>,
 
 /// The next step of a rotation, or what blocks it (pure). Rules, in order:
 /// 1. no active authority: nothing to rotate from ([`Blocker::NoActive`]);
-/// 2. a prepared authority newer than the active one is activated once every live agent
-///    acknowledged the current bundle (which holds its root); older prepared ones were
-///    passed over and are left alone;
+/// 2. a prepared authority not older than the active one is activated once every live
+///    agent acknowledged the current bundle (which holds its root); older prepared ones
+///    were passed over and are left alone;
 /// 3. a retired authority is removed once none of its live certificates is unsuperseded
 ///    (the oldest removable first);
 /// 4. otherwise nothing is in progress: prepare a new authority.
@@ -289,9 +289,11 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     }
 }
 
-/// Whether `a` was created after `b` (ties broken by ID, so the order is total).
+/// Whether `a` was not created before `b`. Creation times are whole seconds, so an authority
+/// prepared in the same second as the active one was created counts as newer: passing it
+/// over would end a rotation that has not happened.
 fn is_newer(a: &AuthorityRecord, b: &AuthorityRecord) -> bool {
-    (a.created_at, &a.id) > (b.created_at, &b.id)
+    a.created_at >= b.created_at
 }
 
 #[cfg(test)]
@@ -438,6 +440,20 @@ mod tests {
             plan(&input(&a, 3, &[], &[])),
             Plan::Next(Transition::Prepare)
         );
+    }
+
+    #[test]
+    fn a_prepared_authority_created_in_the_active_one_s_second_is_activated() {
+        for (active, prepared) in [("zzz", "aaa"), ("aaa", "zzz")] {
+            let a = [
+                auth(active, AuthorityState::Active, 5),
+                auth(prepared, AuthorityState::Prepared, 5),
+            ];
+            assert_eq!(
+                plan(&input(&a, 2, &[], &[])),
+                Plan::Next(Transition::Activate(prepared.into()))
+            );
+        }
     }
 
     #[test]
