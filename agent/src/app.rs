@@ -19,6 +19,7 @@ use crate::manager::{CertManager, ManagerConfig};
 use crate::metrics::AgentMetrics;
 use crate::node::{self, NeedsJoinToken, NodeIdentity, Startup};
 use crate::policy::follow_ca_policies;
+use crate::propagation::Propagation;
 use crate::server::AgentState;
 use crate::{http, random_unit, server, socket, unix_now};
 
@@ -69,6 +70,9 @@ pub struct AgentConfig {
     pub fetch_timeout: Duration,
     /// The mesh root namespace: its policies apply to every workload.
     pub root_namespace: String,
+    /// When the CA activates a new authority, every certificate signed by another one is
+    /// re-issued at a random moment within this window (spreading the load on the CA).
+    pub reissue_window: Duration,
 }
 
 impl AgentConfig {
@@ -90,6 +94,7 @@ impl AgentConfig {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 15020)),
             fetch_timeout: Duration::from_secs(30),
             root_namespace: "istio-system".to_owned(),
+            reissue_window: crate::manager::DEFAULT_REISSUE_WINDOW,
         }
     }
 
@@ -243,11 +248,13 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
 
     let mut tasks = Vec::new();
     let (bundle_tx, bundle_rx) = watch::channel(None);
+    let propagation = Propagation::new();
     tasks.push(tokio::spawn(follow_ca_bundle(
         ca.clone(),
         bundle_tx,
         metrics.clone(),
         config.data_dir.clone(),
+        propagation.clone(),
     )));
     tasks.push(tokio::spawn(node::keep_renewed(
         ca.clone(),
@@ -255,6 +262,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
         config.data_dir.clone(),
         bundle_rx.clone(),
         config.node_ttl,
+        config.reissue_window,
     )));
 
     let mesh = citadel_policy::MeshConfig {
@@ -274,6 +282,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
         ManagerConfig {
             workload_ttl: config.workload_ttl,
             idle_linger: config.idle_linger,
+            reissue_window: config.reissue_window,
             ..ManagerConfig::default()
         },
         metrics.clone(),
@@ -292,6 +301,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
         attestor: Arc::new(EntriesAttestor::new(entries)),
         manager: manager.clone(),
         bundle: bundle_rx.clone(),
+        propagation,
         policies: policy_rx,
         mesh,
         metrics: metrics.clone(),

@@ -25,6 +25,7 @@ pub mod manager;
 pub mod metrics;
 pub mod node;
 pub mod policy;
+pub mod propagation;
 pub mod sds;
 pub mod server;
 pub mod socket;

@@ -93,6 +93,11 @@ struct RunArgs {
     /// workload; use the CA's --root-namespace.
     #[arg(long, env = "CITADEL_ROOT_NAMESPACE", default_value = "istio-system")]
     root_namespace: String,
+    /// When the CA activates a new authority (root rotation), every certificate this agent
+    /// holds that another authority signed is re-issued at a random moment within this
+    /// window, and pushed to its workloads.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    reissue_window: Duration,
 }
 
 /// Parses `90s`, `15m`, `24h`, `7d` or plain seconds.
@@ -163,6 +168,7 @@ impl RunArgs {
             http_listen: self.http_listen,
             fetch_timeout: Duration::from_secs(30),
             root_namespace: self.root_namespace,
+            reissue_window: self.reissue_window,
         }
     }
 }

@@ -19,7 +19,9 @@ use tracing::Instrument;
 use crate::bundle::{BundleState, BundleWatch};
 use crate::ca_client::{CaError, CertificateAuthority, SignRequest};
 use crate::metrics::AgentMetrics;
-use crate::svid::{PendingKey, WorkloadSvid, accept_chain};
+use crate::svid::{
+    PendingKey, WorkloadSvid, accept_chain, signed_by_another_authority, signer_authority_id,
+};
 use crate::{random_unit, unix_now};
 
 /// The certificate of an identity as its subscribers see it: `None` until
@@ -45,7 +47,13 @@ pub struct ManagerConfig {
     pub idle_linger: Duration,
     /// Retry schedule after CA errors.
     pub backoff: Backoff,
+    /// When the CA activates a new authority, each certificate signed by another one is
+    /// re-issued at a random moment within this window.
+    pub reissue_window: Duration,
 }
+
+/// Default of `--reissue-window`.
+pub const DEFAULT_REISSUE_WINDOW: Duration = Duration::from_secs(60);
 
 impl Default for ManagerConfig {
     fn default() -> Self {
@@ -53,8 +61,22 @@ impl Default for ManagerConfig {
             workload_ttl: Duration::from_secs(24 * 3600),
             idle_linger: Duration::from_secs(30),
             backoff: Backoff::default(),
+            reissue_window: DEFAULT_REISSUE_WINDOW,
         }
     }
+}
+
+/// Whether `cert` must be re-issued because `bundle` names another active authority (pure
+/// but for parsing).
+pub fn needs_reissue(cert: &WorkloadSvid, bundle: &BundleState) -> bool {
+    let signer = signer_authority_id(cert, bundle.bundle.roots());
+    signed_by_another_authority(signer.as_deref(), &bundle.active_authority)
+}
+
+/// A random moment within `window` (uniform; `unit` in `[0, 1)`), so the agents of a mesh
+/// do not all re-issue at once after an activation.
+pub fn reissue_delay(window: Duration, unit: f64) -> Duration {
+    window.mul_f64(unit.clamp(0.0, 1.0))
 }
 
 struct Slot {
@@ -206,12 +228,19 @@ async fn run_slot(inner: Arc<Inner>, id: SpiffeId, slot: Arc<Slot>) {
                         // must not pull the renewal of a short-lived
                         // certificate forward.
                         let now = unix_now();
-                        let due = until_renewal(
+                        let mut due = until_renewal(
                             svid.not_before.max(now),
                             svid.not_after,
                             now,
                             random_unit(),
                         );
+                        if let Some(b) = bundle_rx.borrow().as_deref()
+                            && needs_reissue(&svid, b)
+                        {
+                            // The CA replica that answered has not switched yet.
+                            due =
+                                due.min(reissue_delay(inner.config.reissue_window, random_unit()));
+                        }
                         slot.cert.send_replace(Some(Arc::new(svid)));
                         due
                     }
@@ -249,6 +278,14 @@ async fn run_slot(inner: Arc<Inner>, id: SpiffeId, slot: Arc<Slot>) {
                         // Spread the re-issuance of every identity a little.
                         next_due = Instant::now() + Duration::from_millis((random_unit() * 2_000.0) as u64);
                         break;
+                    }
+                    if held_cert_needs_reissue(&slot, &bundle_rx) {
+                        let at = Instant::now() + reissue_delay(inner.config.reissue_window, random_unit());
+                        if at < next_due {
+                            tracing::info!(in_ms = (at - Instant::now()).as_millis() as u64, "a new authority is active; re-issuing the certificate within the re-issue window");
+                            next_due = at;
+                            break;
+                        }
                     }
                 }
                 _ = sleep_until_if(expiry) => {
@@ -294,6 +331,15 @@ fn remove_if_idle(inner: &Inner, id: &SpiffeId, slot: &Arc<Slot>) -> bool {
     inner.metrics.forget(id.as_str());
     tracing::info!(spiffe_id = %id, "identity no longer requested; certificate dropped");
     true
+}
+
+fn held_cert_needs_reissue(slot: &Slot, bundle_rx: &BundleWatch) -> bool {
+    let cert = slot.cert.borrow().clone();
+    let bundle = bundle_rx.borrow().clone();
+    match (cert, bundle) {
+        (Some(c), Some(b)) => needs_reissue(&c, &b),
+        _ => false,
+    }
 }
 
 fn held_cert_verifies(slot: &Slot, bundle_rx: &BundleWatch) -> bool {

@@ -296,13 +296,16 @@ pub async fn join(
 }
 
 /// Renews the node identity at half-life, forever; each new one is saved
-/// and becomes the CA credential.
+/// and becomes the CA credential. When the CA activates another authority,
+/// the node certificate is re-issued within `reissue_window` (as workload
+/// certificates are), so the old root can leave the bundle.
 pub async fn keep_renewed(
     ca: Arc<GrpcCa>,
     mut node: NodeIdentity,
     data_dir: PathBuf,
-    bundle: BundleWatch,
+    mut bundle: BundleWatch,
     ttl: std::time::Duration,
+    reissue_window: std::time::Duration,
 ) {
     let backoff = Backoff::default();
     let mut failures = 0u32;
@@ -320,7 +323,31 @@ pub async fn keep_renewed(
         } else {
             backoff.delay(failures, random_unit())
         };
-        tokio::time::sleep(wait).await;
+        let mut due = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => break,
+                changed = bundle.changed() => {
+                    if changed.is_err() {
+                        // The bundle follower is gone: plain half-life renewal from here.
+                        tokio::time::sleep_until(due).await;
+                        break;
+                    }
+                    let reissue = bundle
+                        .borrow_and_update()
+                        .as_deref()
+                        .is_some_and(|b| crate::manager::needs_reissue(&node.svid, b));
+                    if reissue {
+                        let at = tokio::time::Instant::now()
+                            + crate::manager::reissue_delay(reissue_window, random_unit());
+                        if at < due {
+                            tracing::info!("a new authority is active; re-issuing the node certificate within the re-issue window");
+                            due = at;
+                        }
+                    }
+                }
+            }
+        }
         match renew_once(&ca, &node, &bundle, ttl).await {
             Ok(renewed) => {
                 if let Err(e) = save(&data_dir, &renewed) {

@@ -28,6 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::attest::PeerInfo;
 use crate::bundle::BundleState;
 use crate::manager::cert_changed;
+use crate::propagation::Consumer;
 use crate::server::AgentState;
 use crate::svid::WorkloadSvid;
 
@@ -277,6 +278,28 @@ impl SecretDiscoveryService for SdsService {
     }
 }
 
+/// The last response sent on a stream: what an ACK of it must repeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// Its nonce.
+    pub nonce: String,
+    /// Its `version_info`.
+    pub version: String,
+    /// The bundle sequence it carried in `ROOTCA`, if it did.
+    pub bundle_sequence: Option<u64>,
+}
+
+impl Sent {
+    /// The bundle sequence `req` acknowledges (pure): only an xDS ACK of this response
+    /// (its nonce and version, no error detail) carrying a bundle confirms one.
+    pub fn acked_bundle(&self, req: &DiscoveryRequest) -> Option<u64> {
+        let ack = req.error_detail.is_none()
+            && req.response_nonce == self.nonce
+            && req.version_info == self.version;
+        if ack { self.bundle_sequence } else { None }
+    }
+}
+
 async fn serve_stream(
     state: &AgentState,
     peer: &PeerInfo,
@@ -287,6 +310,11 @@ async fn serve_stream(
     let mut session = SdsSession::default();
     let mut subscription = None;
     let mut cert_rx: Option<crate::manager::CertWatch> = None;
+    // While the stream asks for ROOTCA it is a consumer the bundle must reach before the
+    // agent acknowledges it; it confirms a sequence when the client ACKs the response
+    // that carried it.
+    let mut bundle_consumer: Option<Consumer> = None;
+    let mut sent: Option<Sent> = None;
     let mut bundle_rx = state.bundle.clone();
     let mut pending = false;
     let mut last_version: Option<String> = None;
@@ -315,6 +343,11 @@ async fn serve_stream(
                 check_type_url(&req.type_url)?;
                 if let Some(err) = &req.error_detail {
                     tracing::warn!(spiffe_id = %own_id, nonce = %req.response_nonce, message = %err.message, "Envoy rejected a secret (NACK)");
+                } else if let (Some(sequence), Some(consumer)) = (
+                    sent.as_ref().and_then(|s| s.acked_bundle(&req)),
+                    bundle_consumer.as_ref(),
+                ) {
+                    consumer.confirm(sequence);
                 }
                 match session.on_request(&req.resource_names, &req.response_nonce) {
                     Verdict::Respond => {
@@ -327,6 +360,11 @@ async fn serve_stream(
                         last_version = None;
                     }
                     Verdict::Ignore => {}
+                }
+                if !session.wants_bundle() {
+                    bundle_consumer = None;
+                } else if bundle_consumer.is_none() {
+                    bundle_consumer = Some(state.propagation.register());
                 }
                 if session.wants_certificate(&own_id) && subscription.is_none() {
                     let sub = state.manager.subscribe(&own_id);
@@ -363,6 +401,14 @@ async fn serve_stream(
         }
         response.nonce = session.next_nonce();
         last_version = Some(response.version_info.clone());
+        sent = Some(Sent {
+            nonce: response.nonce.clone(),
+            version: response.version_info.clone(),
+            bundle_sequence: bundle
+                .as_deref()
+                .filter(|_| session.wants_bundle())
+                .map(|b| b.sequence),
+        });
         tracing::debug!(spiffe_id = %own_id, version = %response.version_info, nonce = %response.nonce, "pushing secrets");
         if tx.send(Ok(response)).await.is_err() {
             return Ok(()); // the client went away
@@ -463,6 +509,40 @@ mod tests {
         let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
         let set: BTreeSet<String> = ["default".to_string()].into();
         assert!(build_response(&set, &id, None, None, "1".into()).is_none());
+    }
+
+    fn req(version: &str, nonce: &str, error: bool) -> DiscoveryRequest {
+        DiscoveryRequest {
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            error_detail: error.then(|| citadel_proto::google::rpc::Status {
+                code: 3,
+                message: "bad".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_an_ack_of_the_response_that_carried_the_bundle_confirms_it() {
+        let sent = Sent {
+            nonce: "4".into(),
+            version: "b7".into(),
+            bundle_sequence: Some(7),
+        };
+        assert_eq!(sent.acked_bundle(&req("b7", "4", false)), Some(7));
+        // A NACK keeps the previous version and carries an error.
+        assert_eq!(sent.acked_bundle(&req("b6", "4", true)), None);
+        assert_eq!(sent.acked_bundle(&req("b7", "4", true)), None);
+        // A stale nonce, or another version, is not this response's ACK.
+        assert_eq!(sent.acked_bundle(&req("b7", "3", false)), None);
+        assert_eq!(sent.acked_bundle(&req("b6", "4", false)), None);
+        let cert_only = Sent {
+            bundle_sequence: None,
+            ..sent
+        };
+        assert_eq!(cert_only.acked_bundle(&req("b7", "4", false)), None);
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct AgentState {
     pub manager: CertManager,
     /// The trust bundle.
     pub bundle: BundleWatch,
+    /// Which bundle sequence every open SDS `ROOTCA` and Workload API stream holds.
+    pub propagation: crate::propagation::Propagation,
     /// The policy set from the CA.
     pub policies: PolicyWatch,
     /// Mesh settings (the root namespace) for choosing each caller's policies.

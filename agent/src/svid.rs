@@ -70,6 +70,42 @@ impl WorkloadSvid {
     }
 }
 
+/// The ID the CA gives the authority whose signing certificate is `der`: lowercase hex of
+/// the first 16 bytes of its SHA-256.
+pub fn authority_id_of(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The ID of the authority that signed `svid`'s leaf: the certificate after the leaf in
+/// its chain, or, when the chain is the leaf alone (signed by a root), the root of `roots`
+/// whose subject is the leaf's issuer. `None` when neither is found.
+pub fn signer_authority_id(
+    svid: &WorkloadSvid,
+    roots: &[CertificateDer<'static>],
+) -> Option<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    if let Some(signer) = svid.chain.get(1) {
+        return Some(authority_id_of(signer));
+    }
+    let (_, leaf) = X509Certificate::from_der(svid.chain.first()?).ok()?;
+    let issuer = leaf.issuer().as_raw();
+    roots.iter().find_map(|root| {
+        let (_, cert) = X509Certificate::from_der(root).ok()?;
+        (cert.subject().as_raw() == issuer).then(|| authority_id_of(root))
+    })
+}
+
+/// Whether a certificate signed by `signer` must be re-issued because `active` signs now
+/// (pure). Nothing is re-issued while the CA names no active authority, nor when the signer
+/// is unknown (the bundle check catches certificates that no longer verify).
+pub fn signed_by_another_authority(signer: Option<&str>, active: &str) -> bool {
+    !active.is_empty() && signer.is_some_and(|s| s != active)
+}
+
 /// A key generated for one issuance and the CSR that names it.
 pub struct PendingKey {
     key: KeyPair,

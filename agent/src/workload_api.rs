@@ -153,6 +153,8 @@ fn full_state_stream<T: Send + 'static>(
 ) -> ResponseStream<T> {
     let (tx, rx) = mpsc::channel(1);
     let guard = state.metrics.stream_opened("workload_api");
+    // The bundle must reach this stream before the agent acknowledges it to the CA.
+    let consumer = state.propagation.register();
     tokio::spawn(async move {
         let _guard = guard;
         let mut cert_rx = subscription.as_ref().map(|s| s.cert.clone());
@@ -164,10 +166,13 @@ fn full_state_stream<T: Send + 'static>(
         loop {
             let cert = cert_rx.as_mut().and_then(|c| c.borrow_and_update().clone());
             let bundle = bundle_rx.borrow_and_update().clone();
-            if let Some(msg) = bundle.as_deref().and_then(|b| render(cert.as_deref(), b))
-                && tx.send(Ok(msg)).await.is_err()
+            if let Some(b) = bundle.as_deref()
+                && let Some(msg) = render(cert.as_deref(), b)
             {
-                return;
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+                consumer.confirm(b.sequence);
             }
             tokio::select! {
                 r = cert_changed(&mut cert_rx) => if r.is_err() { return },

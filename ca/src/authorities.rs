@@ -3,10 +3,11 @@
 use citadel_identity::{TrustBundle, TrustDomain};
 use citadel_store::{AuthorityRecord, AuthorityState, Store, StoreError};
 use rustls_pki_types::CertificateDer;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::authority::Authority;
-use crate::keystore::KeyStore;
+use crate::keystore::{KeyPem, KeyStore, KeyStoreError};
 use crate::pemutil::{cert_to_pem, certs_from_pem};
 
 /// `key_ref` of an authority whose key lives in the operator's `--ca-dir`.
@@ -51,56 +52,129 @@ async fn load_record(rec: &AuthorityRecord, keys: &dyn KeyStore) -> anyhow::Resu
     )?)
 }
 
-/// Finds the active authority, creating a self-signed root on first start
-/// or importing the operator's CA from `ca_dir`.
-pub async fn load_or_create(
+/// Turns stored authority records into signing authorities: keys from the key store, or
+/// (for authorities recorded by earlier releases with [`PLUGIN_KEY_REF`]) from `--ca-dir`.
+#[derive(Clone)]
+pub struct AuthorityLoader {
+    /// Where authority keys live.
+    pub keys: Arc<dyn KeyStore>,
+    /// The operator's CA directory, if the CA runs with one.
+    pub ca_dir: Option<PathBuf>,
+}
+
+impl AuthorityLoader {
+    /// Loads the authority of `rec`, with its key, checked as a signing set.
+    pub async fn load(&self, rec: &AuthorityRecord) -> anyhow::Result<Authority> {
+        if rec.key_ref != PLUGIN_KEY_REF {
+            return load_record(rec, self.keys.as_ref()).await;
+        }
+        let dir = self.ca_dir.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "authority {} was imported from a CA directory; start with --ca-dir",
+                rec.id
+            )
+        })?;
+        let (authority, _key) = Authority::import_dir(dir)?;
+        anyhow::ensure!(
+            authority.id() == rec.id,
+            "authority {} was imported from {}, which now holds authority {}",
+            rec.id,
+            dir.display(),
+            authority.id()
+        );
+        Ok(authority)
+    }
+}
+
+/// The key reference under which an authority's key is kept in the key store.
+pub fn key_ref_for(authority: &Authority) -> String {
+    format!("{}.key.pem", authority.id())
+}
+
+/// Saves `key` for `authority` in the key store; a key already there under that name is
+/// the same key (the name is derived from the certificate it signs for).
+pub async fn save_key(
+    keys: &dyn KeyStore,
+    authority: &Authority,
+    key: &KeyPem,
+) -> anyhow::Result<String> {
+    let key_ref = key_ref_for(authority);
+    match keys.save(&key_ref, key).await {
+        Ok(()) | Err(KeyStoreError::Exists(_)) => Ok(key_ref),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Imports the operator's CA from `dir` (checked, including a probe leaf) and records it:
+/// a new one enters as `prepared` (its key copied into the key store), and is activated
+/// only when no authority is active at all (the first start). An authority the store
+/// already knows keeps its state, so restarting with `--ca-dir` never undoes an
+/// activation, retirement or removal made from the CLI.
+pub async fn import_ca_dir(
     store: &dyn Store,
     keys: &dyn KeyStore,
     trust_domain: &TrustDomain,
-    ca_dir: Option<&Path>,
+    dir: &Path,
+    now: i64,
+) -> anyhow::Result<String> {
+    let (authority, key) = Authority::import_dir(dir)?;
+    crate::authority::probe(&authority, trust_domain, now)?;
+    let records = store.list_authorities().await?;
+    let no_active = !records.iter().any(|r| r.state == AuthorityState::Active);
+    match records.iter().find(|r| r.id == authority.id()) {
+        None => {
+            let key_ref = save_key(keys, &authority, &key).await?;
+            let rec = record_of(&authority, AuthorityState::Prepared, &key_ref, now);
+            store.insert_authority(&rec).await?;
+            if no_active {
+                store
+                    .set_authority_state(authority.id(), AuthorityState::Active)
+                    .await?;
+                tracing::info!(authority = authority.id(), dir = %dir.display(), "signing with the operator's CA");
+            } else {
+                tracing::info!(
+                    authority = authority.id(),
+                    dir = %dir.display(),
+                    "the operator's CA entered the trust bundle as prepared; activate it with `citadel root activate` or `citadel root rotate`"
+                );
+            }
+        }
+        Some(r) if r.state == AuthorityState::Prepared && no_active => {
+            store
+                .set_authority_state(authority.id(), AuthorityState::Active)
+                .await?;
+        }
+        Some(r) => {
+            tracing::info!(authority = authority.id(), state = %r.state, "the operator's CA is known to the store; its state stays");
+        }
+    }
+    Ok(authority.id().to_owned())
+}
+
+/// Finds the active authority, creating a self-signed root on first start
+/// or importing the operator's CA from `ca_dir` ([`import_ca_dir`]).
+pub async fn load_or_create(
+    store: &dyn Store,
+    loader: &AuthorityLoader,
+    trust_domain: &TrustDomain,
     root_lifetime_secs: i64,
     now: i64,
 ) -> anyhow::Result<Authority> {
-    if let Some(dir) = ca_dir {
-        let (authority, _key) = Authority::import_dir(dir)?;
-        let existing = store.list_authorities().await?;
-        match existing.iter().find(|r| r.id == authority.id()) {
-            None => {
-                // Inserted as prepared, then activated: activation retires
-                // whichever authority signed before, in one transaction.
-                let rec = record_of(&authority, AuthorityState::Prepared, PLUGIN_KEY_REF, now);
-                store.insert_authority(&rec).await?;
-                store
-                    .set_authority_state(authority.id(), AuthorityState::Active)
-                    .await?;
-            }
-            Some(r) if r.state != AuthorityState::Active => {
-                store
-                    .set_authority_state(authority.id(), AuthorityState::Active)
-                    .await?;
-            }
-            Some(_) => {}
-        }
-        tracing::info!(authority = authority.id(), dir = %dir.display(), "signing with the operator's CA");
-        return Ok(authority);
+    let keys = loader.keys.as_ref();
+    if let Some(dir) = loader.ca_dir.as_deref() {
+        import_ca_dir(store, keys, trust_domain, dir, now).await?;
     }
     // Two replicas starting at once may both try to create the first root;
     // the store admits one, and the other loads it.
     for _ in 0..2 {
         let records = store.list_authorities().await?;
         if let Some(active) = records.iter().find(|r| r.state == AuthorityState::Active) {
-            anyhow::ensure!(
-                active.key_ref != PLUGIN_KEY_REF,
-                "the active authority {} was imported from a CA directory; start with --ca-dir",
-                active.id
-            );
-            let authority = load_record(active, keys).await?;
+            let authority = loader.load(active).await?;
             tracing::info!(authority = authority.id(), "loaded the active authority");
             return Ok(authority);
         }
         let (authority, key) = Authority::create_root(trust_domain, now, root_lifetime_secs)?;
-        let key_ref = format!("{}.key.pem", authority.id());
-        keys.save(&key_ref, &key).await?;
+        let key_ref = save_key(keys, &authority, &key).await?;
         match store
             .insert_authority(&record_of(
                 &authority,
@@ -121,22 +195,36 @@ pub async fn load_or_create(
     anyhow::bail!("could not settle on an active authority")
 }
 
+/// The roots of every prepared, active or retired authority among `records`.
+pub fn bundle_of(
+    records: &[AuthorityRecord],
+    trust_domain: &TrustDomain,
+) -> anyhow::Result<TrustBundle> {
+    let mut roots: Vec<CertificateDer<'static>> = Vec::new();
+    for r in records.iter().filter(|r| in_bundle(r.state)) {
+        let root = one_cert(&r.root_pem, "root certificate")?;
+        // Two intermediates under one root publish the root once.
+        if !roots.contains(&root) {
+            roots.push(root);
+        }
+    }
+    Ok(TrustBundle::new(trust_domain.clone(), roots)?)
+}
+
+/// Whether an authority in `state` has its root in the trust bundle.
+pub fn in_bundle(state: AuthorityState) -> bool {
+    matches!(
+        state,
+        AuthorityState::Prepared | AuthorityState::Active | AuthorityState::Retired
+    )
+}
+
 /// The trust bundle: the roots of every prepared, active or retired authority.
 pub async fn current_bundle(
     store: &dyn Store,
     trust_domain: &TrustDomain,
 ) -> anyhow::Result<TrustBundle> {
-    let records = store.list_authorities().await?;
-    let mut roots = Vec::new();
-    for r in records.iter().filter(|r| {
-        matches!(
-            r.state,
-            AuthorityState::Prepared | AuthorityState::Active | AuthorityState::Retired
-        )
-    }) {
-        roots.push(one_cert(&r.root_pem, "root certificate")?);
-    }
-    Ok(TrustBundle::new(trust_domain.clone(), roots)?)
+    bundle_of(&store.list_authorities().await?, trust_domain)
 }
 
 /// Writes the bundle PEM atomically (0644: it is public).

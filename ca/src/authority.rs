@@ -480,6 +480,61 @@ impl Authority {
     }
 }
 
+/// Signs a throw-away leaf with `authority` and verifies it with our own chain verifier
+/// against the authority's root, as every workload's peer will. This catches sets that
+/// pass the structural checks but yield leaves nothing can verify, e.g. a signing
+/// certificate whose subject repeats an attribute (two `OU` or `DC`): the issuer name
+/// written into leaves then differs from the subject the verifier looks for.
+pub fn probe(
+    authority: &Authority,
+    trust_domain: &TrustDomain,
+    now: i64,
+) -> Result<(), AuthorityError> {
+    let window = authority.window();
+    if window.not_after <= now {
+        return Err(invalid(format!(
+            "the signing chain expired at {} (now {now})",
+            window.not_after
+        )));
+    }
+    let at = now.max(window.not_before);
+    let validity = Validity {
+        not_before: at.max(window.not_before),
+        not_after: (at + 60).min(window.not_after),
+    };
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| AuthorityError::Signing(e.to_string()))?;
+    let id = SpiffeId::parse(&format!("spiffe://{}/citadel/probe", trust_domain.as_str()))
+        .map_err(|e| AuthorityError::Signing(e.to_string()))?;
+    let leaf = authority.sign(&LeafSpec {
+        spiffe_id: Some(&id),
+        dns_names: &[],
+        ip_addresses: &[],
+        common_name: None,
+        spki_der: &key.subject_public_key_info(),
+        key_kind: KeyKind::EcdsaP256,
+        validity,
+        serial: random_serial()?,
+    })?;
+    let mut chain = vec![leaf.der];
+    if authority.signer() != authority.root() {
+        chain.push(authority.signer().clone());
+    }
+    chain.extend(authority.intermediates().iter().cloned());
+    let bundle =
+        citadel_identity::TrustBundle::new(trust_domain.clone(), vec![authority.root().clone()])
+            .map_err(|e| invalid(format!("the root is not a usable trust anchor: {e}")))?;
+    let check_at = u64::try_from(validity.not_before + 1).unwrap_or(0);
+    citadel_identity::verify_chain(&chain, &bundle, check_at).map_err(|e| {
+        invalid(format!(
+            "a probe certificate signed by it does not verify against its own root ({e}); \
+             check that the signing certificate's subject has no repeated attribute (such as two OU or DC) \
+             and that the chain files are complete and in order"
+        ))
+    })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,11 @@ use crate::service::{bearer_token, status_of};
 /// Largest acknowledgement accepted, bytes (one is a few bytes).
 pub const MAX_ACK_BYTES: usize = 1024;
 
+/// A repeated acknowledgement (an agent's heartbeat) refreshes the agent's `acked_at` in
+/// the store at most this often, so that `root status` and `root activate` can tell live
+/// agents from stale ones without a write per heartbeat.
+pub const ACK_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What to do with one acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckDecision {
@@ -131,6 +136,7 @@ async fn record_acks(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut last_recorded = 0;
+    let mut recorded_at = tokio::time::Instant::now();
     loop {
         let next = tokio::select! {
             next = acks.message() => next,
@@ -145,7 +151,15 @@ async fn record_acks(
             }
         };
         let current = snapshots.borrow().sequence;
-        match judge_ack(applied, current, last_recorded) {
+        let mut decision = judge_ack(applied, current, last_recorded);
+        if decision == AckDecision::Repeat
+            && applied == last_recorded
+            && recorded_at.elapsed() >= ACK_REFRESH
+        {
+            // A heartbeat: the agent is alive and still holds `applied`.
+            decision = AckDecision::Record;
+        }
+        match decision {
             AckDecision::Nothing | AckDecision::Repeat => {}
             AckDecision::NeverSent => tracing::warn!(
                 %agent,
@@ -157,6 +171,7 @@ async fn record_acks(
             {
                 Ok(()) => {
                     last_recorded = applied;
+                    recorded_at = tokio::time::Instant::now();
                     tracing::debug!(%agent, applied, "trust bundle acknowledged");
                 }
                 Err(e) => tracing::warn!(
@@ -267,7 +282,11 @@ mod tests {
         let td = TrustDomain::new("cluster.local").unwrap();
         let (root, _key) = Authority::create_root(&td, 1_000, 86_400).unwrap();
         let bundle = TrustBundle::new(td, vec![root.root().clone()]).unwrap();
-        Arc::new(BundleSnapshot { sequence, bundle })
+        Arc::new(BundleSnapshot {
+            sequence,
+            bundle,
+            active_authority_id: root.id().to_owned(),
+        })
     }
 
     #[tokio::test]

@@ -1,17 +1,13 @@
-//! Operator commands that work on the store: `root status`, `ledger verify`, `certs list`,
-//! `node list`, `node evict`.
+//! Operator commands that work on the store: `ledger verify`, `certs list`, `node list`,
+//! `node evict` (the `root` commands are in [`crate::root_cmd`]).
 
-use crate::clock::unix_now;
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use citadel_identity::TrustDomain;
-use citadel_store::{
-    AuthorityState, BundleAck, LedgerFilter, NodeRecord, PolicyAck, Store, StoreError,
-};
+use citadel_store::{BundleAck, LedgerFilter, NodeRecord, PolicyAck, Store, StoreError};
 
-use crate::authorities::current_bundle;
 use crate::node::{node_identity, validate_node_name};
 
 /// Where the store is.
@@ -59,95 +55,6 @@ pub fn fmt_time(t: i64) -> String {
                 .ok()
         })
         .unwrap_or_else(|| t.to_string())
-}
-
-/// `citadel root status`: each authority, its state and expiry, its live
-/// certificates, the trust-bundle sequence, each agent's last acknowledged
-/// sequence (when, and whether it is current), then the trust bundle PEM.
-pub async fn root_status(
-    store: &dyn Store,
-    trust_domain: &TrustDomain,
-    out: &mut dyn Write,
-) -> anyhow::Result<()> {
-    let now = unix_now();
-    let authorities = store.list_authorities().await?;
-    let live = store.live_counts_by_authority(now).await?;
-    writeln!(
-        out,
-        "{:<34} {:<9} {:<22} {:>12}  ROOT",
-        "AUTHORITY", "STATE", "NOT AFTER", "LIVE CERTS"
-    )?;
-    for a in &authorities {
-        let count = live
-            .iter()
-            .find(|(id, _)| *id == a.id)
-            .map_or(0, |(_, n)| *n);
-        let root = if a.cert_pem == a.root_pem {
-            "self-signed"
-        } else {
-            "intermediate"
-        };
-        writeln!(
-            out,
-            "{:<34} {:<9} {:<22} {:>12}  {}",
-            a.id,
-            a.state.as_str(),
-            fmt_time(a.not_after),
-            count,
-            root
-        )?;
-    }
-    if !authorities
-        .iter()
-        .any(|a| a.state == AuthorityState::Active)
-    {
-        writeln!(out, "warning: no active authority")?;
-    }
-    // The sequence before the bundle, as the CA publishes them: the bundle is never older.
-    let sequence = store.bundle_sequence().await?;
-    let acks = store.list_bundle_acks().await?;
-    let bundle = current_bundle(store, trust_domain).await?;
-    writeln!(out, "\nTrust-bundle sequence: {sequence}")?;
-    if acks.is_empty() {
-        writeln!(out, "Agents: none has acknowledged a trust bundle")?;
-    } else {
-        let current = acks
-            .iter()
-            .filter(|a| agent_status(a.sequence, sequence) == "current")
-            .count();
-        writeln!(
-            out,
-            "Agents: {current} of {} hold the current bundle",
-            acks.len()
-        )?;
-        writeln!(
-            out,
-            "{:<56} {:>9}  {:<22} STATUS",
-            "AGENT", "ACKED SEQ", "ACKED AT"
-        )?;
-        for a in &acks {
-            writeln!(
-                out,
-                "{:<56} {:>9}  {:<22} {}",
-                a.agent_id,
-                a.sequence,
-                fmt_time(a.acked_at),
-                agent_status(a.sequence, sequence)
-            )?;
-        }
-    }
-    writeln!(out, "\nTrust bundle ({} root(s)):", bundle.roots().len())?;
-    write!(out, "{}", bundle.to_pem())?;
-    Ok(())
-}
-
-/// `current` when an agent has acknowledged the store's bundle sequence, else `behind` (pure).
-pub fn agent_status(acked: u64, current: u64) -> &'static str {
-    if acked >= current {
-        "current"
-    } else {
-        "behind"
-    }
 }
 
 /// `citadel ledger verify`: `Ok(true)` when the chain is intact.

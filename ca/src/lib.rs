@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod authorities;
 pub mod authority;
+pub mod authority_manager;
 pub mod bundle_service;
 pub mod bundle_watch;
 pub mod cli;
@@ -30,6 +31,8 @@ pub mod policy_jwks;
 pub mod policy_service;
 pub mod policy_set;
 pub mod policy_source;
+pub mod root_cmd;
+pub mod rotation;
 pub mod serve;
 pub mod service;
 pub mod tls;

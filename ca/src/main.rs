@@ -34,7 +34,7 @@ struct Cli {
 enum Command {
     /// Run the CA: Istio's CSR API over TLS, metrics and health over HTTP.
     Serve(Box<ServeArgs>),
-    /// Inspect the signing authorities and the trust bundle.
+    /// Inspect and rotate the signing authorities and the trust bundle.
     Root {
         #[command(subcommand)]
         command: RootCommand,
@@ -113,16 +113,216 @@ enum TokenCommand {
     },
 }
 
+/// Flags every `citadel root` command shares.
+#[derive(clap::Args, Debug)]
+struct RootCommon {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Trust domain of the bundle and of new roots.
+    #[arg(long, env = "CITADEL_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Print JSON (one object; JSON lines for `rotate`).
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum RootCommand {
-    /// Show each authority (state, expiry, live certificates) and print the trust bundle.
+    /// Show each authority (ID, state, subject, expiry, live certificates it signed), the
+    /// trust-bundle sequence, each agent (live or stale, the sequence it acknowledged), the
+    /// next rotation step, and the trust bundle.
     Status {
         #[command(flatten)]
-        store: StoreArgs,
-        /// Trust domain of the bundle.
-        #[arg(long, env = "CITADEL_TRUST_DOMAIN", default_value = "cluster.local")]
-        trust_domain: String,
+        common: RootCommon,
+        /// An agent not heard from for longer than this is stale (listed, never blocking).
+        #[arg(long, default_value = "60s", value_parser = parse_duration_secs)]
+        stale_after: i64,
     },
+    /// Add a new authority to the trust bundle as `prepared` (not signing yet) and print
+    /// its ID: a new self-signed root, or the operator's CA from --ca-dir (checked with a
+    /// probe certificate). Its key goes to <data-dir>/keys, where the CA replicas load it.
+    Prepare {
+        #[command(flatten)]
+        common: RootCommon,
+        /// Import this CA directory (Istio cacerts layout or tls.crt/tls.key/ca.crt).
+        #[arg(long, value_name = "DIR")]
+        ca_dir: Option<PathBuf>,
+        /// Lifetime of a new self-signed root.
+        #[arg(long, default_value = "10y", value_parser = parse_duration_secs)]
+        root_ttl: i64,
+    },
+    /// Make a prepared authority the signer; the active one is retired in the same step.
+    /// Refused (exit 1, naming every blocking agent) until every live agent has
+    /// acknowledged the bundle holding its root from all its proxies; stale agents are
+    /// listed but do not block.
+    Activate {
+        #[command(flatten)]
+        common: RootCommon,
+        /// The authority ID (from `root status` or `root prepare`).
+        id: String,
+        /// Activate even though live agents have not acknowledged the bundle.
+        #[arg(long)]
+        force: bool,
+        /// An agent not heard from for longer than this is stale.
+        #[arg(long, default_value = "60s", value_parser = parse_duration_secs)]
+        stale_after: i64,
+    },
+    /// Retire a prepared authority: it never signs and stays in the bundle until removed.
+    /// (The active authority is retired by activating its successor.)
+    Retire {
+        #[command(flatten)]
+        common: RootCommon,
+        /// The authority ID.
+        id: String,
+    },
+    /// Take an authority's root out of the trust bundle. Refused (exit 1) while a
+    /// certificate it signed is neither expired nor superseded (the same identity
+    /// re-issued to the same requester by the active authority).
+    Remove {
+        #[command(flatten)]
+        common: RootCommon,
+        /// The authority ID.
+        id: String,
+        /// Remove even though live certificates of it remain.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rotate the root: prepare, wait for propagation, activate, wait until every
+    /// certificate is re-issued under the new authority, remove the old one. Resumable: the
+    /// state is the store's, so a second run continues where the first stopped. Progress as
+    /// text on a terminal, JSON lines otherwise (or with --json).
+    Rotate {
+        #[command(flatten)]
+        common: RootCommon,
+        /// Stop (exit 1, naming what blocks) when one phase waits longer than this.
+        #[arg(long, default_value = "30m", value_parser = parse_duration_secs)]
+        timeout: i64,
+        /// An agent not heard from for longer than this is stale.
+        #[arg(long, default_value = "60s", value_parser = parse_duration_secs)]
+        stale_after: i64,
+        /// Lifetime of the new self-signed root.
+        #[arg(long, default_value = "10y", value_parser = parse_duration_secs)]
+        root_ttl: i64,
+        /// Time between two reads of the store.
+        #[arg(long, default_value = "1s", value_parser = parse_duration_secs)]
+        poll_interval: i64,
+    },
+}
+
+impl RootCommon {
+    fn trust_domain(&self) -> anyhow::Result<TrustDomain> {
+        TrustDomain::new(&self.trust_domain).context("--trust-domain")
+    }
+
+    fn keys(&self) -> anyhow::Result<citadel_ca::keystore::FileKeyStore> {
+        citadel_ca::keystore::FileKeyStore::open(self.store.data_dir.join("keys"))
+            .context("opening the key store in the data directory")
+    }
+}
+
+fn outcome_code(outcome: citadel_ca::root_cmd::Outcome) -> ExitCode {
+    match outcome {
+        citadel_ca::root_cmd::Outcome::Blocked => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+async fn run_root(command: RootCommand, stdout: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    use citadel_ca::root_cmd;
+    match command {
+        RootCommand::Status {
+            common,
+            stale_after,
+        } => {
+            let td = common.trust_domain()?;
+            let store = common.store.open().await?;
+            root_cmd::status(store.as_ref(), &td, stale_after, common.json, stdout).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        RootCommand::Prepare {
+            common,
+            ca_dir,
+            root_ttl,
+        } => {
+            let td = common.trust_domain()?;
+            let store = common.store.open().await?;
+            let keys = common.keys()?;
+            let args = root_cmd::PrepareArgs {
+                trust_domain: &td,
+                ca_dir: ca_dir.as_deref(),
+                root_lifetime_secs: root_ttl,
+            };
+            let id = root_cmd::prepare(store.as_ref(), &keys, &args, unix_now()).await?;
+            if common.json {
+                writeln!(
+                    stdout,
+                    "{}",
+                    serde_json::json!({"result": "prepared", "authority": id})
+                )?;
+            } else {
+                eprintln!(
+                    "prepared authority {id}: its root is in the trust bundle; it does not sign until `citadel root activate {id}`"
+                );
+                writeln!(stdout, "{id}")?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RootCommand::Activate {
+            common,
+            id,
+            force,
+            stale_after,
+        } => {
+            let store = common.store.open().await?;
+            let outcome =
+                root_cmd::activate(store.as_ref(), &id, force, stale_after, common.json, stdout)
+                    .await?;
+            Ok(outcome_code(outcome))
+        }
+        RootCommand::Retire { common, id } => {
+            let store = common.store.open().await?;
+            let outcome = root_cmd::retire(store.as_ref(), &id, common.json, stdout).await?;
+            Ok(outcome_code(outcome))
+        }
+        RootCommand::Remove { common, id, force } => {
+            let store = common.store.open().await?;
+            let outcome = root_cmd::remove(store.as_ref(), &id, force, common.json, stdout).await?;
+            Ok(outcome_code(outcome))
+        }
+        RootCommand::Rotate {
+            common,
+            timeout,
+            stale_after,
+            root_ttl,
+            poll_interval,
+        } => {
+            use std::io::IsTerminal;
+            anyhow::ensure!(
+                timeout > 0 && poll_interval > 0,
+                "--timeout and --poll-interval must be at least 1s"
+            );
+            let td = common.trust_domain()?;
+            let store = common.store.open().await?;
+            let keys = common.keys()?;
+            let opts = root_cmd::RotateOptions {
+                timeout: std::time::Duration::from_secs(timeout.unsigned_abs()),
+                poll: std::time::Duration::from_secs(poll_interval.unsigned_abs()),
+                stale_after_secs: stale_after,
+                root_lifetime_secs: root_ttl,
+                json: common.json || !std::io::stdout().is_terminal(),
+            };
+            tokio::select! {
+                end = root_cmd::rotate(store.as_ref(), &keys, &td, &opts, stdout) => match end? {
+                    root_cmd::RotateEnd::Completed => Ok(ExitCode::SUCCESS),
+                    root_cmd::RotateEnd::TimedOut(_) => Ok(ExitCode::FAILURE),
+                },
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("interrupted; the rotation's state is in the store: run `citadel root rotate` again to continue");
+                    Ok(ExitCode::from(130))
+                }
+            }
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -351,18 +551,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ca.shutdown().await;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Root {
-            command:
-                RootCommand::Status {
-                    store,
-                    trust_domain,
-                },
-        } => {
-            let td = TrustDomain::new(&trust_domain).context("--trust-domain")?;
-            let store = store.open().await?;
-            citadel_ca::cli::root_status(store.as_ref(), &td, &mut stdout).await?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Root { command } => run_root(command, &mut stdout).await,
         Command::Ledger {
             command: LedgerCommand::Verify { store },
         } => {

@@ -24,13 +24,15 @@ use crate::auth::join_token::JoinTokenAuthenticator;
 use crate::auth::jwt::{JwtAuthenticator, JwtConfig};
 use crate::auth::{AuthChain, Authenticator};
 use crate::authorities;
+use crate::authorities::AuthorityLoader;
 use crate::authority::{Authority, LeafSpec, random_serial};
+use crate::authority_manager::StoreFollower;
 use crate::bundle_service::{MAX_ACK_BYTES, TrustBundleStreamService};
-use crate::bundle_watch::{BundlePoller, load_snapshot};
+use crate::bundle_watch::load_snapshot;
 use crate::csr::KeyKind;
 use crate::http::{OpsState, router};
 use crate::issuer::CertificateIssuer;
-use crate::keystore::FileKeyStore;
+use crate::keystore::{FileKeyStore, KeyStore};
 use crate::metrics::CaMetrics;
 use crate::policy_service::{MAX_POLICY_ACK_BYTES, PolicyStreamService};
 use crate::policy_set::PolicySnapshot;
@@ -171,6 +173,36 @@ async fn refresh_serving_cert(
     Ok((leaf.not_before, leaf.not_after))
 }
 
+/// The shortest wait between two renewals of the serving certificate.
+pub const MIN_SERVING_RENEWAL_SECS: i64 = 5;
+
+/// When to renew the serving certificate valid `not_before..not_after` under a signer valid
+/// until `signer_not_after`, at `now` (pure): at half of its lifetime, but never more often
+/// than every [`MIN_SERVING_RENEWAL_SECS`]; `None` (wait for a new authority) when the
+/// certificate already reaches the signer's end, since renewing under the same signer
+/// could only give an ever shorter certificate. Rotation and renewal of the root are what
+/// extend it.
+pub fn serving_renewal_wait(
+    not_before: i64,
+    not_after: i64,
+    signer_not_after: i64,
+    now: i64,
+) -> Option<Duration> {
+    if not_after >= signer_not_after {
+        return None;
+    }
+    let half = not_before + (not_after - not_before) / 2;
+    let wait = (half - now).clamp(MIN_SERVING_RENEWAL_SECS, 86_400 * 365);
+    Some(Duration::from_secs(wait.unsigned_abs()))
+}
+
+async fn sleep_if(wait: Option<Duration>) {
+    match wait {
+        Some(w) => tokio::time::sleep(w).await,
+        None => futures::future::pending().await,
+    }
+}
+
 /// Starts the CA: store, authority, bundle, TLS, gRPC and HTTP servers.
 pub async fn start(config: ServeConfig) -> anyhow::Result<RunningCa> {
     prepare_data_dir(&config.data_dir)?;
@@ -186,23 +218,28 @@ pub async fn start_with_store(
     store: Arc<dyn Store>,
 ) -> anyhow::Result<RunningCa> {
     prepare_data_dir(&config.data_dir)?;
-    let keys = FileKeyStore::open(config.data_dir.join("keys"))?;
+    let keys: Arc<dyn KeyStore> = Arc::new(FileKeyStore::open(config.data_dir.join("keys"))?);
+    let loader = AuthorityLoader {
+        keys,
+        ca_dir: config.ca_dir.clone(),
+    };
     let now = unix_now();
     let authority = Arc::new(
         authorities::load_or_create(
             store.as_ref(),
-            &keys,
+            &loader,
             &config.trust_domain,
-            config.ca_dir.as_deref(),
             config.root_lifetime_secs,
             now,
         )
         .await?,
     );
-    let snapshot = load_snapshot(store.as_ref(), &config.trust_domain).await?;
+    let mut snapshot = load_snapshot(store.as_ref(), &config.trust_domain).await?;
+    // Agents are told which authority this replica really signs with.
+    snapshot.active_authority_id = authority.id().to_owned();
     let bundle_file = config.data_dir.join("bundle.pem");
     authorities::write_bundle(&bundle_file, &snapshot.bundle)?;
-    let (_authority_tx, authority_rx) = watch::channel(authority.clone());
+    let (authority_tx, authority_rx) = watch::channel(authority.clone());
     let (bundle_tx, bundle_rx) = watch::channel(snapshot.bundle.clone());
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(snapshot));
 
@@ -265,8 +302,7 @@ pub async fn start_with_store(
 
     let provider = provider();
     let resolver = Arc::new(CertResolver::new(provider.clone()));
-    let (_, serving_not_after) =
-        refresh_serving_cert(&authority, &config, &resolver, &ledger).await?;
+    let serving_validity = refresh_serving_cert(&authority, &config, &resolver, &ledger).await?;
     let tls = TlsAcceptor::from(Arc::new(server_config(provider, resolver.clone())?));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -340,35 +376,44 @@ pub async fn start_with_store(
         }
     }));
 
-    // Renew the serving certificate at half of its lifetime.
+    // Renew the serving certificate at half of its lifetime, and at once when the signing
+    // authority changes (rotation).
     let mut rx = shutdown_rx.clone();
     let renew_config = config.clone();
+    let mut authority_changes = authority_rx.clone();
+    authority_changes.mark_unchanged();
     tasks.push(tokio::spawn(async move {
-        let mut not_after = serving_not_after;
+        let (mut not_before, mut not_after) = serving_validity;
         loop {
-            let now = unix_now();
-            let wait = ((not_after - now) / 2).clamp(1, 86_400 * 365);
+            let signer_not_after = authority_changes.borrow().window().not_after;
+            let wait = serving_renewal_wait(not_before, not_after, signer_not_after, unix_now());
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(wait as u64)) => {}
+                _ = sleep_if(wait) => {}
+                changed = authority_changes.changed() => {
+                    if changed.is_err() { return; }
+                    tracing::info!("signing authority changed; re-issuing the serving certificate");
+                }
                 _ = rx.wait_for(|stop| *stop) => return,
             }
-            let authority = authority_rx.borrow().clone();
+            let authority = authority_changes.borrow_and_update().clone();
             match refresh_serving_cert(&authority, &renew_config, &resolver, &ledger).await {
-                Ok((_, na)) => not_after = na,
+                Ok(v) => (not_before, not_after) = v,
                 Err(e) => {
                     tracing::warn!(error = %e, "serving certificate renewal failed; retrying in 30 s");
-                    not_after = unix_now() + 60;
+                    (not_before, not_after) = (unix_now() - 1, unix_now() + 60);
                 }
             }
         }
     }));
 
     tasks.push(tokio::spawn(
-        BundlePoller {
+        StoreFollower {
             store: store.clone(),
             trust_domain: config.trust_domain.clone(),
             interval: config.bundle_poll_interval,
             bundle_file: Some(bundle_file),
+            loader,
+            authority: authority_tx,
             snapshots: snapshot_tx,
             bundles: bundle_tx,
         }
@@ -402,4 +447,27 @@ pub async fn start_with_store(
         shutdown: shutdown_tx,
         tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serving_certificate_renews_at_half_life_with_a_floor() {
+        assert_eq!(
+            serving_renewal_wait(1_000, 2_000, 10_000, 1_000),
+            Some(Duration::from_secs(500))
+        );
+        assert_eq!(
+            serving_renewal_wait(1_000, 2_000, 10_000, 1_499),
+            Some(Duration::from_secs(MIN_SERVING_RENEWAL_SECS as u64))
+        );
+    }
+
+    #[test]
+    fn a_serving_certificate_cut_short_by_its_signer_is_not_renewed_under_that_signer() {
+        // Renewing would only give shorter and shorter certificates; wait for rotation.
+        assert_eq!(serving_renewal_wait(1_000, 2_000, 2_000, 1_600), None);
+    }
 }

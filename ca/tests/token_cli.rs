@@ -279,11 +279,11 @@ async fn root_status_lists_agent_acknowledgements() {
     };
     assert_eq!(
         line(node_a),
-        [node_a, "1", "2023-11-14T22:13:20Z", "behind"]
+        [node_a, "1", "2023-11-14T22:13:20Z", "behind", "stale"]
     );
     assert_eq!(
         line(node_b),
-        [node_b, "2", "2023-11-14T22:14:20Z", "current"]
+        [node_b, "2", "2023-11-14T22:14:20Z", "current", "stale"]
     );
     // node-a sorts before node-b, and the bundle PEM (now two roots) still follows.
     assert!(status.find(node_a) < status.find(node_b));

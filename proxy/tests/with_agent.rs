@@ -87,6 +87,7 @@ impl Agent {
                 workload_ttl: Duration::from_secs(3600),
                 idle_linger: Duration::from_millis(200),
                 backoff: fast(),
+                ..ManagerConfig::default()
             },
             metrics.clone(),
         );
@@ -94,6 +95,7 @@ impl Agent {
         let (policies_tx, policies_rx) = watch::channel(Some(Arc::new(policies)));
         let state = Arc::new(AgentState {
             attestor: Arc::new(EntriesAttestor::new(entries_rx)),
+            propagation: Default::default(),
             manager,
             bundle: bundle_rx,
             policies: policies_rx,

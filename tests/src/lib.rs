@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod csr;
+pub mod load;
 pub mod mesh;
 pub mod mtls;
 pub mod netns;

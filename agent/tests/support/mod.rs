@@ -15,6 +15,7 @@ use citadel_agent::fake::FakeCa;
 use citadel_agent::manager::{CertManager, ManagerConfig};
 use citadel_agent::metrics::AgentMetrics;
 use citadel_agent::policy::{PolicyState, parse_set};
+use citadel_agent::propagation::Propagation;
 use citadel_agent::server::{AgentState, serve};
 use citadel_agent::socket;
 use citadel_identity::{Backoff, TrustBundle, TrustDomain};
@@ -46,6 +47,8 @@ pub struct Harness {
     pub bundle_tx: watch::Sender<Option<Arc<BundleState>>>,
     pub manager: CertManager,
     pub metrics: AgentMetrics,
+    /// How far the bundle has reached the open streams.
+    pub propagation: Propagation,
     /// The policy set the agent serves, as the CA's policy stream would set it.
     pub policies_tx: watch::Sender<Option<Arc<PolicyState>>>,
     entries_tx: watch::Sender<Arc<WorkloadEntries>>,
@@ -108,14 +111,17 @@ impl Harness {
                 workload_ttl: opts.workload_ttl,
                 idle_linger: opts.idle_linger,
                 backoff: opts.backoff,
+                ..ManagerConfig::default()
             },
             metrics.clone(),
         );
         let (policies_tx, policies_rx) = watch::channel(None);
+        let propagation = Propagation::new();
         let state = Arc::new(AgentState {
             attestor: Arc::new(EntriesAttestor::new(entries_rx)),
             manager: manager.clone(),
             bundle: bundle_rx,
+            propagation: propagation.clone(),
             policies: policies_rx,
             mesh: citadel_policy::MeshConfig::default(),
             metrics: metrics.clone(),
@@ -140,6 +146,7 @@ impl Harness {
             bundle_tx,
             manager,
             metrics,
+            propagation,
             policies_tx,
             entries_tx,
             epoch_tx,

@@ -92,6 +92,8 @@ impl Harness {
             policy_jwks: Default::default(),
         };
         configure(&mut config);
+        // `configure` may point several harnesses at one data directory (replicas).
+        let data_dir = config.data_dir.clone();
         let url = config.store_url();
         std::fs::create_dir_all(&data_dir).unwrap();
         let store = citadel_store::connect(&url).await.unwrap();
