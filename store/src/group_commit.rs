@@ -136,6 +136,27 @@ mod tests {
     }
 
     #[async_trait::async_trait]
+    impl crate::LeaseStore for RecordingStore {
+        async fn acquire_lease(
+            &self,
+            name: &str,
+            holder: &str,
+            now: i64,
+            expires_at: i64,
+        ) -> Result<bool, StoreError> {
+            self.inner
+                .acquire_lease(name, holder, now, expires_at)
+                .await
+        }
+        async fn release_lease(&self, name: &str, holder: &str) -> Result<bool, StoreError> {
+            self.inner.release_lease(name, holder).await
+        }
+        async fn get_lease(&self, name: &str) -> Result<Option<crate::Lease>, StoreError> {
+            self.inner.get_lease(name).await
+        }
+    }
+
+    #[async_trait::async_trait]
     impl Store for RecordingStore {
         async fn ping(&self) -> Result<(), StoreError> {
             self.inner.ping().await
@@ -376,6 +397,24 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn record_fails_cleanly_when_the_store_returns_the_wrong_count() {
         struct ShortStore;
+        #[async_trait::async_trait]
+        impl crate::LeaseStore for ShortStore {
+            async fn acquire_lease(
+                &self,
+                _: &str,
+                _: &str,
+                _: i64,
+                _: i64,
+            ) -> Result<bool, StoreError> {
+                Ok(false)
+            }
+            async fn release_lease(&self, _: &str, _: &str) -> Result<bool, StoreError> {
+                Ok(false)
+            }
+            async fn get_lease(&self, _: &str) -> Result<Option<crate::Lease>, StoreError> {
+                Ok(None)
+            }
+        }
         #[async_trait::async_trait]
         impl Store for ShortStore {
             async fn ping(&self) -> Result<(), StoreError> {

@@ -23,11 +23,13 @@ mod agents;
 mod chain;
 mod error;
 mod group_commit;
+mod lease;
 pub mod memory;
 mod model;
 mod nodes;
 mod sql;
 mod sql_agents;
+mod sql_lease;
 mod sql_nodes;
 mod store;
 
@@ -38,6 +40,7 @@ pub use agents::{
 pub use chain::{GENESIS_HASH, row_hash};
 pub use error::StoreError;
 pub use group_commit::GroupCommitLedger;
+pub use lease::{Lease, LeaseStore};
 pub use model::{
     AuthorityRecord, AuthorityState, LedgerEntry, LedgerFault, LedgerFilter, LedgerVerification,
     NewIssuance, ParseAuthorityStateError,

@@ -9,6 +9,7 @@ use crate::agents::{
 };
 use crate::chain::{ChainVerifier, GENESIS_HASH, chain_batch};
 use crate::error::StoreError;
+use crate::lease::{Lease, LeaseStore};
 use crate::model::{
     AuthorityRecord, AuthorityState, LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance,
 };
@@ -22,6 +23,7 @@ use crate::store::Store;
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    leases: Mutex<BTreeMap<String, Lease>>,
 }
 
 #[derive(Debug)]
@@ -404,5 +406,51 @@ impl Store for MemoryStore {
 
     async fn list_policy_acks(&self) -> Result<Vec<PolicyAck>, StoreError> {
         Ok(self.lock().policy_acks.values().cloned().collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl LeaseStore for MemoryStore {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<bool, StoreError> {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if leases
+            .get(name)
+            .is_some_and(|l| !l.takeable_by(holder, now))
+        {
+            return Ok(false);
+        }
+        leases.insert(
+            name.to_owned(),
+            Lease {
+                name: name.to_owned(),
+                holder: holder.to_owned(),
+                expires_at,
+            },
+        );
+        Ok(true)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool, StoreError> {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if leases.get(name).is_some_and(|l| l.holder == holder) {
+            leases.remove(name);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn get_lease(&self, name: &str) -> Result<Option<Lease>, StoreError> {
+        Ok(self
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned())
     }
 }

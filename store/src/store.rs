@@ -4,6 +4,7 @@
 use crate::agents::JoinTokenRefusal;
 use crate::agents::{BundleAck, JoinTokenRecord, PolicyAck};
 use crate::error::StoreError;
+use crate::lease::LeaseStore;
 use crate::model::{
     AuthorityRecord, AuthorityState, LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance,
 };
@@ -15,7 +16,7 @@ use crate::nodes::{NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecor
 /// Implemented by the SQL backends behind [`crate::connect`] and by
 /// [`crate::memory::MemoryStore`]; all pass the same conformance suite.
 #[async_trait::async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: LeaseStore + Send + Sync + 'static {
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 

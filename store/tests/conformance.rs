@@ -265,6 +265,10 @@ conformance! {
         policy_ack_upsert_keeps_the_latest_version,
         policy_acks_are_listed_by_agent_id,
         malformed_policy_version_is_refused_and_writes_nothing,
+        two_holders_cannot_both_hold_a_lease,
+        an_expired_lease_can_be_taken_over,
+        only_the_holder_renews_or_releases_a_lease,
+        concurrent_takers_of_a_lapsed_lease_exactly_one_wins,
     ],
     sql: [
         ledger_verify_detects_missing_head,
@@ -273,6 +277,7 @@ conformance! {
         upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count,
         upgrade_from_schema_2_takes_node_serials_from_the_ledger,
         upgrade_from_schema_3_adds_empty_policy_acks,
+        upgrade_to_schema_6_adds_an_empty_lease_table,
     ],
 }
 
@@ -1458,7 +1463,7 @@ async fn upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count
     // Back to schema version 1, as a database written by the previous release.
     b.raw_sql(
         "DROP TABLE join_tokens; DROP TABLE nodes; DROP TABLE bundle_state; \
-         DROP TABLE bundle_acks; DROP TABLE policy_acks; \
+         DROP TABLE bundle_acks; DROP TABLE policy_acks; DROP TABLE leases; \
          DELETE FROM _sqlx_migrations WHERE version >= 2",
     )
     .await;
@@ -1487,6 +1492,26 @@ async fn upgrade_from_schema_3_adds_empty_policy_acks(b: Backend) {
         .await
         .unwrap();
     assert_eq!(upgraded.list_policy_acks().await.unwrap().len(), 1);
+}
+
+async fn upgrade_to_schema_6_adds_an_empty_lease_table(b: Backend) {
+    assert!(
+        b.store
+            .acquire_lease(LEASE, "a", NOW, NOW + 10)
+            .await
+            .unwrap()
+    );
+    // Back to the schema before leases, as a database written by the previous release.
+    b.raw_sql("DROP TABLE leases; DELETE FROM _sqlx_migrations WHERE version = 6")
+        .await;
+    let upgraded = connect(b.url()).await.unwrap();
+    assert_eq!(upgraded.get_lease(LEASE).await.unwrap(), None);
+    assert!(
+        upgraded
+            .acquire_lease(LEASE, "b", NOW, NOW + 10)
+            .await
+            .unwrap()
+    );
 }
 
 async fn upgrade_from_schema_2_takes_node_serials_from_the_ledger(b: Backend) {
@@ -1654,4 +1679,126 @@ async fn sqlite_database_uses_the_wal_journal() {
         .await
         .unwrap();
     assert_eq!(mode, "wal");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leases
+// ---------------------------------------------------------------------------------------------
+
+const LEASE: &str = "root-renewal";
+
+async fn two_holders_cannot_both_hold_a_lease(b: Backend) {
+    assert!(
+        b.store
+            .acquire_lease(LEASE, "a", NOW, NOW + 30)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !b.store
+            .acquire_lease(LEASE, "b", NOW + 29, NOW + 59)
+            .await
+            .unwrap(),
+        "b took a lease a holds"
+    );
+    let held = b.store.get_lease(LEASE).await.unwrap().unwrap();
+    assert_eq!((held.holder.as_str(), held.expires_at), ("a", NOW + 30));
+    // Another lease name is independent.
+    assert!(
+        b.store
+            .acquire_lease("other", "b", NOW, NOW + 30)
+            .await
+            .unwrap()
+    );
+}
+
+async fn an_expired_lease_can_be_taken_over(b: Backend) {
+    assert!(
+        b.store
+            .acquire_lease(LEASE, "a", NOW, NOW + 30)
+            .await
+            .unwrap()
+    );
+    assert!(
+        b.store
+            .acquire_lease(LEASE, "b", NOW + 30, NOW + 60)
+            .await
+            .unwrap()
+    );
+    let held = b.store.get_lease(LEASE).await.unwrap().unwrap();
+    assert_eq!((held.holder.as_str(), held.expires_at), ("b", NOW + 60));
+    // The previous holder has lost it: it can neither renew nor release it.
+    assert!(
+        !b.store
+            .acquire_lease(LEASE, "a", NOW + 31, NOW + 61)
+            .await
+            .unwrap()
+    );
+    assert!(!b.store.release_lease(LEASE, "a").await.unwrap());
+}
+
+async fn only_the_holder_renews_or_releases_a_lease(b: Backend) {
+    assert_eq!(b.store.get_lease(LEASE).await.unwrap(), None);
+    assert!(!b.store.release_lease(LEASE, "a").await.unwrap());
+    assert!(
+        b.store
+            .acquire_lease(LEASE, "a", NOW, NOW + 30)
+            .await
+            .unwrap()
+    );
+    assert!(
+        b.store
+            .acquire_lease(LEASE, "a", NOW + 10, NOW + 40)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        b.store.get_lease(LEASE).await.unwrap().unwrap().expires_at,
+        NOW + 40
+    );
+    assert!(!b.store.release_lease(LEASE, "b").await.unwrap());
+    assert!(b.store.release_lease(LEASE, "a").await.unwrap());
+    assert_eq!(b.store.get_lease(LEASE).await.unwrap(), None);
+    // Released: anyone may take it at once.
+    assert!(
+        b.store
+            .acquire_lease(LEASE, "b", NOW + 11, NOW + 41)
+            .await
+            .unwrap()
+    );
+}
+
+async fn concurrent_takers_of_a_lapsed_lease_exactly_one_wins(b: Backend) {
+    assert!(
+        b.store
+            .acquire_lease(LEASE, "dead", NOW, NOW + 1)
+            .await
+            .unwrap()
+    );
+    let takers = (0..8).map(|i| {
+        let store = b.store.clone();
+        tokio::spawn(async move {
+            let holder = format!("replica-{i}");
+            let won = store
+                .acquire_lease(LEASE, &holder, NOW + 5, NOW + 35)
+                .await
+                .unwrap();
+            (holder, won)
+        })
+    });
+    let results = futures_join(takers).await;
+    let winners: Vec<_> = results.iter().filter(|(_, won)| *won).collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    let held = b.store.get_lease(LEASE).await.unwrap().unwrap();
+    assert_eq!(held.holder, winners[0].0);
+}
+
+async fn futures_join<T: Send + 'static>(
+    handles: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
 }

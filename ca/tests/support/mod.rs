@@ -291,6 +291,27 @@ impl FlakyStore {
 }
 
 #[async_trait::async_trait]
+impl citadel_store::LeaseStore for FlakyStore {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<bool, StoreError> {
+        self.inner
+            .acquire_lease(name, holder, now, expires_at)
+            .await
+    }
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool, StoreError> {
+        self.inner.release_lease(name, holder).await
+    }
+    async fn get_lease(&self, name: &str) -> Result<Option<citadel_store::Lease>, StoreError> {
+        self.inner.get_lease(name).await
+    }
+}
+
+#[async_trait::async_trait]
 impl Store for FlakyStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;
