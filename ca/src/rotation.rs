@@ -250,22 +250,34 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let Some(active) = active_of(input.authorities) else {
         return Plan::Wait(Blocker::NoActive);
     };
-    let candidate = input
+    if let Some(step) = activation_step(input, active) {
+        return step;
+    }
+    removal_step(input).unwrap_or(Plan::Next(Transition::Prepare))
+}
+
+/// Rule 2 of [`plan`]: the newest prepared authority not older than `active`, activated
+/// once propagated; `None` when there is none.
+fn activation_step(input: &PlanInput<'_>, active: &AuthorityRecord) -> Option<Plan> {
+    let next = input
         .authorities
         .iter()
         .filter(|a| a.state == AuthorityState::Prepared && is_newer(a, active))
-        .max_by_key(|a| (a.created_at, a.id.clone()));
-    if let Some(next) = candidate {
-        let agents = propagation_blockers(input);
-        return if agents.is_empty() {
-            Plan::Next(Transition::Activate(next.id.clone()))
-        } else {
-            Plan::Wait(Blocker::Propagation {
-                authority: next.id.clone(),
-                agents,
-            })
-        };
-    }
+        .max_by_key(|a| (a.created_at, a.id.clone()))?;
+    let agents = propagation_blockers(input);
+    Some(if agents.is_empty() {
+        Plan::Next(Transition::Activate(next.id.clone()))
+    } else {
+        Plan::Wait(Blocker::Propagation {
+            authority: next.id.clone(),
+            agents,
+        })
+    })
+}
+
+/// Rule 3 of [`plan`]: remove the oldest removable retired authority, or wait for the first
+/// blocked one; `None` when none is retired.
+fn removal_step(input: &PlanInput<'_>) -> Option<Plan> {
     let mut retired: Vec<&AuthorityRecord> = input
         .authorities
         .iter()
@@ -276,17 +288,121 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     for r in retired {
         let leaves = unsuperseded_leaves(input, &r.id);
         if leaves.is_empty() {
-            return Plan::Next(Transition::Remove(r.id.clone()));
+            return Some(Plan::Next(Transition::Remove(r.id.clone())));
         }
         first_blocked.get_or_insert(Blocker::LiveLeaves {
             authority: r.id.clone(),
             leaves,
         });
     }
-    match first_blocked {
-        Some(b) => Plan::Wait(b),
-        None => Plan::Next(Transition::Prepare),
+    first_blocked.map(Plan::Wait)
+}
+
+/// Default of `--root-renewal-at`: a self-signed root is renewed once two thirds of its
+/// lifetime have passed, which leaves a third of it (over three years of a 10-year root)
+/// for propagation, re-issuance and removal, and for an operator to notice a stuck step.
+pub const DEFAULT_RENEWAL_FRACTION: f64 = 2.0 / 3.0;
+
+/// When the running CA renews its root by itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RenewalPolicy {
+    /// The fraction of the active root's lifetime (notBefore to notAfter) after which a new
+    /// root is prepared; strictly between 0 and 1.
+    pub prepare_at: f64,
+}
+
+impl RenewalPolicy {
+    /// A policy preparing at `prepare_at`, which must be strictly between 0 and 1.
+    pub fn new(prepare_at: f64) -> Result<RenewalPolicy, String> {
+        if prepare_at.is_finite() && prepare_at > 0.0 && prepare_at < 1.0 {
+            Ok(RenewalPolicy { prepare_at })
+        } else {
+            Err(format!(
+                "the renewal fraction must be strictly between 0 and 1, got {prepare_at}"
+            ))
+        }
     }
+
+    /// The instant `authority` is due for renewal (pure): `prepare_at` of the way from its
+    /// notBefore to its notAfter, rounded down to the second.
+    pub fn due_at(&self, authority: &AuthorityRecord) -> i64 {
+        let span = authority
+            .not_after
+            .saturating_sub(authority.not_before)
+            .max(0);
+        // f64 holds any realistic certificate lifetime in seconds exactly.
+        let offset = (span as f64 * self.prepare_at).floor() as i64;
+        authority.not_before.saturating_add(offset)
+    }
+}
+
+/// Whether an authority is a self-signed root the CA made (it can make another one); an
+/// operator's plug-in intermediate is not.
+pub fn is_self_signed(a: &AuthorityRecord) -> bool {
+    !a.root_pem.is_empty() && a.cert_pem == a.root_pem
+}
+
+/// Why the renewal task does nothing this time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Idle {
+    /// The active root is not due yet: it will be at this instant.
+    NotDue {
+        /// The active authority.
+        authority: String,
+        /// When it is due (unix seconds).
+        due_at: i64,
+    },
+    /// The active authority is an operator's plug-in CA: the CA cannot mint its successor,
+    /// the operator renews it (a new `--ca-dir` set or `citadel root prepare --ca-dir`).
+    PlugIn {
+        /// The active authority.
+        authority: String,
+        /// When it was due (unix seconds).
+        due_at: i64,
+    },
+}
+
+/// What the renewal task does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RenewalPlan {
+    /// Take this step, or wait for what blocks it (the same gated steps as `root rotate`).
+    Step(Plan),
+    /// Nothing to do.
+    Idle(Idle),
+}
+
+/// The next step of the automatic renewal, or why there is none (pure). Rules, in order:
+/// 1. no active authority: blocked ([`Blocker::NoActive`]);
+/// 2. the active authority is due (its lifetime has passed `prepare_at`) and a prepared
+///    authority not older than it exists: activate it once propagated ([`plan`]'s rule 2;
+///    no second one is prepared);
+/// 3. a retired authority is removed once none of its live certificates is unsuperseded,
+///    whether or not anything is due ([`plan`]'s rule 3);
+/// 4. not due: idle until [`RenewalPolicy::due_at`]; a prepared authority waits for the
+///    operator meanwhile (`root prepare` without `activate` is left alone);
+/// 5. due, but the active authority is a plug-in CA: idle (never renewed automatically;
+///    only an operator's new set, once prepared, is activated by rule 2);
+/// 6. due and self-signed: prepare a new root.
+pub fn plan_renewal(input: &PlanInput<'_>, policy: &RenewalPolicy) -> RenewalPlan {
+    let Some(active) = active_of(input.authorities) else {
+        return RenewalPlan::Step(Plan::Wait(Blocker::NoActive));
+    };
+    let due_at = policy.due_at(active);
+    let due = input.now >= due_at;
+    if due && let Some(step) = activation_step(input, active) {
+        return RenewalPlan::Step(step);
+    }
+    if let Some(step) = removal_step(input) {
+        return RenewalPlan::Step(step);
+    }
+    let authority = active.id.clone();
+    if !due {
+        return RenewalPlan::Idle(Idle::NotDue { authority, due_at });
+    }
+    if !is_self_signed(active) {
+        return RenewalPlan::Idle(Idle::PlugIn { authority, due_at });
+    }
+    RenewalPlan::Step(Plan::Next(Transition::Prepare))
 }
 
 /// Whether `a` was not created before `b`. Creation times are whole seconds, so an authority
@@ -639,5 +755,162 @@ mod tests {
             check_remove(&i, "cur"),
             Err(Refusal::WrongState { .. })
         ));
+    }
+
+    // --- automatic renewal -------------------------------------------------------------
+
+    const POLICY: RenewalPolicy = RenewalPolicy { prepare_at: 0.5 };
+
+    /// A self-signed root valid 0..2*NOW: due at NOW under [`POLICY`].
+    fn root(id: &str, state: AuthorityState, created_at: i64) -> AuthorityRecord {
+        AuthorityRecord {
+            cert_pem: format!("root {id}"),
+            root_pem: format!("root {id}"),
+            not_before: 0,
+            not_after: 2 * NOW,
+            ..auth(id, state, created_at)
+        }
+    }
+
+    fn plug_in(id: &str, state: AuthorityState, created_at: i64) -> AuthorityRecord {
+        AuthorityRecord {
+            cert_pem: format!("intermediate {id}"),
+            ..root(id, state, created_at)
+        }
+    }
+
+    fn at(mut i: PlanInput<'_>, now: i64) -> PlanInput<'_> {
+        i.now = now;
+        i
+    }
+
+    #[test]
+    fn renewal_is_not_due_before_the_fraction_of_the_lifetime() {
+        let a = [root("cur", AuthorityState::Active, 1)];
+        assert_eq!(
+            plan_renewal(&at(input(&a, 1, &[], &[]), NOW - 1), &POLICY),
+            RenewalPlan::Idle(Idle::NotDue {
+                authority: "cur".into(),
+                due_at: NOW
+            })
+        );
+    }
+
+    #[test]
+    fn a_due_self_signed_root_is_renewed_by_preparing_a_new_one() {
+        let a = [root("cur", AuthorityState::Active, 1)];
+        for now in [NOW, NOW + 1, 2 * NOW + 5] {
+            assert_eq!(
+                plan_renewal(&at(input(&a, 1, &[], &[]), now), &POLICY),
+                RenewalPlan::Step(Plan::Next(Transition::Prepare)),
+                "at {now}"
+            );
+        }
+    }
+
+    #[test]
+    fn renewal_fraction_is_measured_over_the_root_s_own_lifetime() {
+        let p = RenewalPolicy::new(2.0 / 3.0).unwrap();
+        let r = AuthorityRecord {
+            not_before: 1_000,
+            not_after: 1_000 + 3_000,
+            ..root("r", AuthorityState::Active, 1)
+        };
+        assert_eq!(p.due_at(&r), 3_000);
+        assert_eq!(DEFAULT_RENEWAL_FRACTION, 2.0 / 3.0);
+    }
+
+    #[test]
+    fn rejects_a_renewal_fraction_outside_zero_to_one() {
+        for f in [0.0, 1.0, -0.5, 1.5, f64::NAN, f64::INFINITY] {
+            assert!(RenewalPolicy::new(f).is_err(), "{f}");
+        }
+        assert!(RenewalPolicy::new(0.9).is_ok());
+    }
+
+    #[test]
+    fn an_already_prepared_root_is_activated_once_propagated_not_prepared_again() {
+        let a = [
+            root("cur", AuthorityState::Active, 1),
+            root("next", AuthorityState::Prepared, 2),
+        ];
+        let behind = [ack("node-a", 1, NOW)];
+        match plan_renewal(&input(&a, 2, &behind, &[]), &POLICY) {
+            RenewalPlan::Step(Plan::Wait(Blocker::Propagation { authority, agents })) => {
+                assert_eq!(authority, "next");
+                assert_eq!(agents[0].agent_id, "node-a");
+            }
+            other => panic!("{other:?}"),
+        }
+        let current = [ack("node-a", 2, NOW)];
+        assert_eq!(
+            plan_renewal(&input(&a, 2, &current, &[]), &POLICY),
+            RenewalPlan::Step(Plan::Next(Transition::Activate("next".into())))
+        );
+    }
+
+    #[test]
+    fn a_prepared_root_is_left_to_the_operator_while_the_active_one_is_not_due() {
+        let a = [
+            root("cur", AuthorityState::Active, 1),
+            root("held", AuthorityState::Prepared, 2),
+        ];
+        assert!(matches!(
+            plan_renewal(&at(input(&a, 2, &[], &[]), NOW - 1), &POLICY),
+            RenewalPlan::Idle(Idle::NotDue { .. })
+        ));
+    }
+
+    #[test]
+    fn a_retired_root_is_removed_when_allowed_even_when_nothing_is_due() {
+        let a = [
+            root("old", AuthorityState::Retired, 1),
+            root("cur", AuthorityState::Active, 2),
+        ];
+        let live = [leaf(1, "old", "spiffe://td/web", "n", NOW + 50)];
+        let early = NOW - 10;
+        match plan_renewal(&at(input(&a, 3, &[], &live), early), &POLICY) {
+            RenewalPlan::Step(Plan::Wait(Blocker::LiveLeaves { authority, .. })) => {
+                assert_eq!(authority, "old")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            plan_renewal(&at(input(&a, 3, &[], &[]), early), &POLICY),
+            RenewalPlan::Step(Plan::Next(Transition::Remove("old".into())))
+        );
+    }
+
+    #[test]
+    fn a_plug_in_root_is_never_renewed_automatically() {
+        let a = [plug_in("op", AuthorityState::Active, 1)];
+        assert_eq!(
+            plan_renewal(&at(input(&a, 1, &[], &[]), NOW + 1), &POLICY),
+            RenewalPlan::Idle(Idle::PlugIn {
+                authority: "op".into(),
+                due_at: NOW
+            })
+        );
+    }
+
+    #[test]
+    fn a_due_plug_in_root_hands_over_to_an_operator_prepared_successor() {
+        let a = [
+            plug_in("op", AuthorityState::Active, 1),
+            plug_in("op2", AuthorityState::Prepared, 2),
+        ];
+        assert_eq!(
+            plan_renewal(&at(input(&a, 2, &[], &[]), NOW + 1), &POLICY),
+            RenewalPlan::Step(Plan::Next(Transition::Activate("op2".into())))
+        );
+    }
+
+    #[test]
+    fn renewal_without_an_active_authority_is_blocked() {
+        let a = [root("p", AuthorityState::Prepared, 1)];
+        assert_eq!(
+            plan_renewal(&input(&a, 1, &[], &[]), &POLICY),
+            RenewalPlan::Step(Plan::Wait(Blocker::NoActive))
+        );
     }
 }
