@@ -386,9 +386,20 @@ struct ServeArgs {
     /// Longest leaf lifetime a request may ask for (longer requests are rejected).
     #[arg(long, default_value = "90d", value_parser = parse_duration_secs)]
     max_ttl: i64,
-    /// Lifetime of a self-signed root created on first start.
+    /// Lifetime of a self-signed root created on first start, and of each root the
+    /// automatic renewal creates.
     #[arg(long, default_value = "10y", value_parser = parse_duration_secs)]
     root_ttl: i64,
+    /// Renew a self-signed root automatically once this fraction of its lifetime has passed
+    /// (a decimal or a ratio, strictly between 0 and 1): a new root is prepared, activated
+    /// once every live agent's proxies hold it, and the old one removed once no live
+    /// certificate depends on it (the gated steps of `citadel root rotate`). One replica at a
+    /// time runs it (a lease in the store). Operator (--ca-dir) CAs are never renewed.
+    #[arg(long, env = "CITADEL_ROOT_RENEWAL_AT", default_value = "2/3", value_parser = parse_fraction, value_name = "FRACTION")]
+    root_renewal_at: f64,
+    /// Turn the automatic root renewal off (rotate with `citadel root rotate`).
+    #[arg(long, env = "CITADEL_NO_ROOT_RENEWAL")]
+    no_root_renewal: bool,
     /// Expected `iss` of service-account JWTs (enables local JWT verification).
     #[arg(long, env = "CITADEL_JWT_ISSUER", requires = "jwt_jwks")]
     jwt_issuer: Option<String>,
@@ -480,6 +491,11 @@ impl ServeArgs {
                 self.policies_poll_interval.unsigned_abs(),
             ),
             root_namespace: self.root_namespace,
+            root_renewal: (!self.no_root_renewal)
+                .then(|| citadel_ca::rotation::RenewalPolicy::new(self.root_renewal_at))
+                .transpose()
+                .map_err(anyhow::Error::msg)
+                .context("--root-renewal-at")?,
             policy_jwks: citadel_ca::policy_jwks::PolicyJwksConfig {
                 refresh_interval: std::time::Duration::from_secs(
                     self.jwks_refresh_interval.max(1).unsigned_abs(),
@@ -491,6 +507,28 @@ impl ServeArgs {
             },
         })
     }
+}
+
+/// A fraction strictly between 0 and 1, as a decimal (`0.75`) or a ratio (`2/3`).
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    let value = match text.split_once('/') {
+        Some((n, d)) => {
+            let n: f64 = n
+                .trim()
+                .parse()
+                .map_err(|_| format!("{text:?} is not a ratio"))?;
+            let d: f64 = d
+                .trim()
+                .parse()
+                .map_err(|_| format!("{text:?} is not a ratio"))?;
+            n / d
+        }
+        None => text
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?} is not a number"))?,
+    };
+    citadel_ca::rotation::RenewalPolicy::new(value).map(|p| p.prepare_at)
 }
 
 fn init_tracing(format: &str) {
@@ -680,6 +718,15 @@ mod tests {
             "postgres://user:***@db:5432/x"
         );
         assert_eq!(redact_url("sqlite:///a/b.db"), "sqlite:///a/b.db");
+    }
+
+    #[test]
+    fn renewal_fraction_parses_decimals_and_ratios_and_rejects_the_rest() {
+        assert_eq!(parse_fraction("2/3"), Ok(2.0 / 3.0));
+        assert_eq!(parse_fraction("0.75"), Ok(0.75));
+        for bad in ["1", "0", "3/2", "1/0", "x", "1/x", "-0.5"] {
+            assert!(parse_fraction(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

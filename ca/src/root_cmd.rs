@@ -496,6 +496,70 @@ pub async fn remove(
     Ok(Outcome::Done)
 }
 
+/// What [`take_step`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepTaken {
+    /// A new self-signed root was prepared.
+    Prepared(String),
+    /// `id` was activated; `retired` (the previously active one) was retired with it.
+    Activated {
+        /// The new signer.
+        id: String,
+        /// The previous signer, now retired.
+        retired: Option<String>,
+    },
+    /// `id` left the trust bundle.
+    Removed(String),
+}
+
+/// Takes one transition the planner decided, on the store: the one place where `root rotate`
+/// and the running CA's automatic renewal act, so both take exactly the same steps.
+pub async fn take_step(
+    store: &dyn Store,
+    keys: &dyn KeyStore,
+    trust_domain: &TrustDomain,
+    state: &StoreState,
+    step: &Transition,
+    root_lifetime_secs: i64,
+) -> anyhow::Result<StepTaken> {
+    match step {
+        Transition::Prepare => {
+            let id = prepare(
+                store,
+                keys,
+                &PrepareArgs {
+                    trust_domain,
+                    ca_dir: None,
+                    root_lifetime_secs,
+                },
+                unix_now(),
+            )
+            .await?;
+            Ok(StepTaken::Prepared(id))
+        }
+        Transition::Activate(id) => {
+            let retired = state
+                .authorities
+                .iter()
+                .find(|a| a.state == AuthorityState::Active)
+                .map(|a| a.id.clone());
+            store
+                .set_authority_state(id, AuthorityState::Active)
+                .await?;
+            Ok(StepTaken::Activated {
+                id: id.clone(),
+                retired,
+            })
+        }
+        Transition::Remove(id) => {
+            store
+                .set_authority_state(id, AuthorityState::Removed)
+                .await?;
+            Ok(StepTaken::Removed(id.clone()))
+        }
+    }
+}
+
 /// Settings of `citadel root rotate`.
 #[derive(Debug, Clone)]
 pub struct RotateOptions {
@@ -554,72 +618,59 @@ pub async fn rotate(
                 )?;
                 return Ok(RotateEnd::Completed);
             }
-            Plan::Next(Transition::Prepare) => {
-                let id = prepare(
+            Plan::Next(step) => {
+                match take_step(
                     store,
                     keys,
-                    &PrepareArgs {
-                        trust_domain,
-                        ca_dir: None,
-                        root_lifetime_secs: opts.root_lifetime_secs,
-                    },
-                    unix_now(),
+                    trust_domain,
+                    &state,
+                    &step,
+                    opts.root_lifetime_secs,
                 )
-                .await?;
-                report(
-                    out,
-                    opts.json,
-                    "prepare",
-                    &id,
-                    &format!(
-                        "prepared {id}: its root is in the trust bundle, it does not sign yet"
-                    ),
-                    &[],
-                )?;
-            }
-            Plan::Next(Transition::Activate(id)) => {
-                let previous = state
-                    .authorities
-                    .iter()
-                    .find(|a| a.state == AuthorityState::Active)
-                    .map(|a| a.id.clone())
-                    .unwrap_or_default();
-                store
-                    .set_authority_state(&id, AuthorityState::Active)
-                    .await?;
-                report(
-                    out,
-                    opts.json,
-                    "activate",
-                    &id,
-                    &format!(
-                        "activated {id}: every live agent's proxies hold its root; agents now re-issue their certificates"
-                    ),
-                    &[],
-                )?;
-                report(
-                    out,
-                    opts.json,
-                    "retire",
-                    &previous,
-                    &format!(
-                        "retired {previous}: it no longer signs and stays in the bundle while its certificates live"
-                    ),
-                    &[],
-                )?;
-            }
-            Plan::Next(Transition::Remove(id)) => {
-                store
-                    .set_authority_state(&id, AuthorityState::Removed)
-                    .await?;
-                report(
-                    out,
-                    opts.json,
-                    "remove",
-                    &id,
-                    &format!("removed {id} from the trust bundle"),
-                    &[],
-                )?;
+                .await?
+                {
+                    StepTaken::Prepared(id) => report(
+                        out,
+                        opts.json,
+                        "prepare",
+                        &id,
+                        &format!(
+                            "prepared {id}: its root is in the trust bundle, it does not sign yet"
+                        ),
+                        &[],
+                    )?,
+                    StepTaken::Activated { id, retired } => {
+                        let previous = retired.unwrap_or_default();
+                        report(
+                            out,
+                            opts.json,
+                            "activate",
+                            &id,
+                            &format!(
+                                "activated {id}: every live agent's proxies hold its root; agents now re-issue their certificates"
+                            ),
+                            &[],
+                        )?;
+                        report(
+                            out,
+                            opts.json,
+                            "retire",
+                            &previous,
+                            &format!(
+                                "retired {previous}: it no longer signs and stays in the bundle while its certificates live"
+                            ),
+                            &[],
+                        )?;
+                    }
+                    StepTaken::Removed(id) => report(
+                        out,
+                        opts.json,
+                        "remove",
+                        &id,
+                        &format!("removed {id} from the trust bundle"),
+                        &[],
+                    )?,
+                }
             }
             Plan::Wait(blocker) => {
                 let blocking = blocking_names(&blocker);

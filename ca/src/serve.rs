@@ -84,6 +84,9 @@ pub struct ServeConfig {
     pub root_namespace: String,
     /// How RequestAuthentication JWKS are fetched to ride with the policy set.
     pub policy_jwks: crate::policy_jwks::PolicyJwksConfig,
+    /// Automatic renewal of a self-signed root (run every `bundle_poll_interval` by the one
+    /// replica holding the lease; new roots live `root_lifetime_secs`); `None` = off.
+    pub root_renewal: Option<crate::rotation::RenewalPolicy>,
 }
 
 impl ServeConfig {
@@ -220,7 +223,7 @@ pub async fn start_with_store(
     prepare_data_dir(&config.data_dir)?;
     let keys: Arc<dyn KeyStore> = Arc::new(FileKeyStore::open(config.data_dir.join("keys"))?);
     let loader = AuthorityLoader {
-        keys,
+        keys: keys.clone(),
         ca_dir: config.ca_dir.clone(),
     };
     let now = unix_now();
@@ -419,6 +422,24 @@ pub async fn start_with_store(
         }
         .run(shutdown_rx.clone()),
     ));
+
+    if let Some(policy) = config.root_renewal {
+        let holder = crate::rotation_driver::new_holder_id();
+        tracing::info!(prepare_at = policy.prepare_at, %holder, "automatic root renewal on");
+        tasks.push(tokio::spawn(
+            crate::rotation_driver::RenewalDriver {
+                store: store.clone(),
+                keys,
+                trust_domain: config.trust_domain.clone(),
+                policy,
+                root_lifetime_secs: config.root_lifetime_secs,
+                stale_after_secs: crate::rotation::DEFAULT_STALE_AFTER_SECS,
+                interval: config.bundle_poll_interval,
+                holder,
+            }
+            .run(shutdown_rx.clone()),
+        ));
+    }
 
     if let Some(source) = policy_source {
         tasks.push(tokio::spawn(
