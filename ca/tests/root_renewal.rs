@@ -64,7 +64,13 @@ async fn a_short_lived_self_signed_root_is_renewed_activated_and_removed_by_the_
         assert!(
             Instant::now() < deadline,
             "no renewal within 40 s: {:?}",
-            store.list_authorities().await.unwrap()
+            store
+                .list_authorities()
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.id.clone(), r.state))
+                .collect::<Vec<_>>()
         );
         let records = store.list_authorities().await.unwrap();
         let old = records.iter().find(|r| r.id == original).unwrap();
@@ -81,7 +87,8 @@ async fn a_short_lived_self_signed_root_is_renewed_activated_and_removed_by_the_
             assert_eq!(
                 during.iter().find(|r| r.id == original).unwrap().state,
                 AuthorityState::Active,
-                "activated while a live agent had not acknowledged the new root: {during:?}"
+                "activated while a live agent had not acknowledged the new root: {:?}",
+                during.iter().map(|r| (&r.id, r.state)).collect::<Vec<_>>()
             );
             hold.store(false, Ordering::SeqCst);
         }

@@ -90,6 +90,7 @@ impl Harness {
             policies_poll_interval: Duration::from_millis(100),
             root_namespace: "istio-system".into(),
             policy_jwks: Default::default(),
+            root_renewal: None,
         };
         configure(&mut config);
         // `configure` may point several harnesses at one data directory (replicas).
