@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::error::MeshError;
+use crate::layout;
 use crate::procs::{self, Liveness};
 use crate::state::{Recorded, State};
 
@@ -33,6 +34,8 @@ pub struct StopReport {
     pub data_dir: PathBuf,
     /// Whether there was any record of an `up` at all.
     pub found_state: bool,
+    /// The runtime directory outside the data directory that was removed.
+    pub removed_runtime_dir: Option<PathBuf>,
 }
 
 /// How long a process has between SIGTERM and SIGKILL.
@@ -57,7 +60,19 @@ pub async fn stop(data_dir: &Path) -> Result<StopReport, MeshError> {
         .map(|(r, _)| r.clone())
         .collect();
     state.save(&state_path)?;
+    // A runtime directory moved out of the data directory (binaries and the
+    // socket, nothing to inspect) goes once nothing runs from it.
+    let mut removed_runtime_dir = None;
+    if state.processes.is_empty()
+        && let Some(runtime) = &state.runtime_dir
+        && let Ok(canonical) = data_dir.canonicalize()
+        && layout::is_moved_runtime_dir(&canonical, runtime, &layout::run_base())
+        && std::fs::remove_dir_all(runtime).is_ok()
+    {
+        removed_runtime_dir = Some(runtime.clone());
+    }
     Ok(StopReport {
+        removed_runtime_dir,
         processes,
         data_dir,
         found_state: true,

@@ -107,6 +107,24 @@ pub fn runtime_dir(
     run_base.join(runtime_name(data_dir))
 }
 
+/// Where runtime directories outside their data directory go:
+/// `/run/citadel-mesh`, or `citadel-mesh` in the temporary directory on a
+/// system without `/run`.
+pub fn run_base() -> PathBuf {
+    if Path::new("/run").is_dir() {
+        PathBuf::from("/run/citadel-mesh")
+    } else {
+        std::env::temp_dir().join("citadel-mesh")
+    }
+}
+
+/// Whether `recorded` is exactly the runtime directory `up` would have
+/// moved out of `data_dir`: only such a directory may `down` delete (the
+/// path comes from a file, and `down` may run as root).
+pub fn is_moved_runtime_dir(data_dir: &Path, recorded: &Path, run_base: &Path) -> bool {
+    recorded == runtime_dir(data_dir, true, false, run_base)
+}
+
 /// `<first 16 hex digits of SHA-256 of the data directory path>`.
 fn runtime_name(data_dir: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
@@ -151,6 +169,17 @@ mod tests {
             "each data dir its own"
         );
         assert_eq!(moved, runtime_dir(data, true, false, run), "stable");
+    }
+
+    #[test]
+    fn down_deletes_only_the_moved_runtime_dir_of_its_own_data_dir() {
+        let data = Path::new("/root/mesh");
+        let run = Path::new("/run/citadel-mesh");
+        let moved = runtime_dir(data, true, false, run);
+        assert!(is_moved_runtime_dir(data, &moved, run));
+        assert!(!is_moved_runtime_dir(data, Path::new("/etc"), run));
+        assert!(!is_moved_runtime_dir(data, run, run));
+        assert!(!is_moved_runtime_dir(Path::new("/root/other"), &moved, run));
     }
 
     #[test]

@@ -180,6 +180,13 @@ pub fn down_text(report: &StopReport) -> String {
         };
         let _ = writeln!(s, "  {:<15} pid {:<8} {what}", r.name, r.pid);
     }
+    if let Some(dir) = &report.removed_runtime_dir {
+        let _ = writeln!(
+            s,
+            "Removed {} (the socket and the services' executables).",
+            dir.display()
+        );
+    }
     let _ = writeln!(
         s,
         "The data directory {} is left as it was (logs, CA, policies); `citadel-mesh up --data-dir {}` reuses it.",

@@ -246,11 +246,7 @@ fn prepare_runtime_dir(
         .filter_map(|p| Some((p.to_path_buf(), std::fs::metadata(p).ok()?.mode())))
         .collect();
     let blocked = layout::others_can_traverse(&ancestors).err();
-    let run_base = if Path::new("/run").is_dir() {
-        PathBuf::from("/run/citadel-mesh")
-    } else {
-        std::env::temp_dir().join("citadel-mesh")
-    };
+    let run_base = layout::run_base();
     let services_need_access = attestation.uses_other_uids();
     let dir = layout::runtime_dir(data_dir, services_need_access, blocked.is_none(), &run_base);
     if dir.starts_with(data_dir) {
