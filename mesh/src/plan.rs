@@ -653,10 +653,10 @@ mod tests {
         let a = Attestation::choose(0, |_| false);
         let p = proxy_spec(Service::Frontend, &layout(), &ports(), &a);
         assert!(p.args.contains(&"5:4:http".to_owned()), "{:?}", p.args);
-        assert!(p.args.contains(&format!(
-            "6=127.0.0.1:9,{}",
-            Service::Backend.spiffe_id()
-        )));
+        assert!(
+            p.args
+                .contains(&format!("6=127.0.0.1:9,{}", Service::Backend.spiffe_id()))
+        );
         assert_eq!(p.uid, Some(FIRST_UID));
         let b = proxy_spec(Service::Backend, &layout(), &ports(), &a);
         assert_eq!(b.uid, Some(FIRST_UID + 1));
@@ -683,10 +683,14 @@ mod tests {
     fn ports_are_kept_when_free_and_distinct() {
         let recorded = Ports::from_array([11, 12, 13, 14, 15, 16, 17, 18, 19, 11]);
         let mut next = 100;
-        let p = choose_ports(Some(recorded), |p| p != 13, |_| {
-            next += 1;
-            next
-        });
+        let p = choose_ports(
+            Some(recorded),
+            |p| p != 13,
+            |_| {
+                next += 1;
+                next
+            },
+        );
         assert_eq!(p.ca_grpc, 11);
         assert_eq!(p.agent_http, 101, "13 was taken");
         assert_eq!(p.backend_admin, 102, "11 was already used");
@@ -702,10 +706,16 @@ mod tests {
             Path::new("/x/citadel"),
             Path::new("/x/citadel-mesh"),
         );
-        assert_eq!(c.allowed.command, "curl -sS -i http://127.0.0.1:5/api/hello");
+        assert_eq!(
+            c.allowed.command,
+            "curl -sS -i http://127.0.0.1:5/api/hello"
+        );
         assert_eq!(c.denied.url, "http://127.0.0.1:5/admin");
         assert_eq!(c.denied.expect_body, "RBAC: access denied");
-        assert!(c.policy_check.contains("--policies '/srv/mesh data/policies'"));
+        assert!(
+            c.policy_check
+                .contains("--policies '/srv/mesh data/policies'")
+        );
         assert!(c.policy_check.contains("--port 8 "), "backend's app port");
         assert_eq!(shell_quote("it's"), "'it'\\''s'");
     }

@@ -93,7 +93,11 @@ pub fn up_text(mesh: &Mesh) -> String {
     );
     for p in &mesh.processes {
         let uid = p.spec.uid.map(|u| format!("uid {u}")).unwrap_or_default();
-        let _ = writeln!(s, "  {:<15} pid {:<8} {:<10} {}", p.spec.name, p.pid, uid, p.spec.role);
+        let _ = writeln!(
+            s,
+            "  {:<15} pid {:<8} {:<10} {}",
+            p.spec.name, p.pid, uid, p.spec.role
+        );
         if let Some(id) = &p.spec.spiffe_id {
             let _ = writeln!(s, "  {:<15} identity {id}", "");
         }
@@ -131,7 +135,10 @@ pub fn up_text(mesh: &Mesh) -> String {
         "  # 2. Denied by the AuthorizationPolicy (frontend may only GET /api/*): 403 RBAC: access denied"
     );
     let _ = writeln!(s, "  {}\n", c.denied.command);
-    let _ = writeln!(s, "  # 3. Why: citadel policy check explains both decisions");
+    let _ = writeln!(
+        s,
+        "  # 3. Why: citadel policy check explains both decisions"
+    );
     let _ = writeln!(s, "  {}\n", c.policy_check);
     let _ = writeln!(
         s,

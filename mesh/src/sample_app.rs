@@ -193,7 +193,9 @@ mod tests {
             Some("spiffe://cluster.local/ns/demo/sa/frontend")
         );
         let a = backend_answer("GET", "/api/hello", Some(xfcc));
-        assert!(a.starts_with("backend: GET /api/hello\ncaller: spiffe://cluster.local/ns/demo/sa/frontend "));
+        assert!(a.starts_with(
+            "backend: GET /api/hello\ncaller: spiffe://cluster.local/ns/demo/sa/frontend "
+        ));
         assert!(backend_answer("GET", "/", None).contains("no verified identity"));
         assert_eq!(xfcc_uri("By=x;URI="), None);
         assert_eq!(xfcc_uri(""), None);

@@ -36,10 +36,7 @@ impl MeshConfig {
     /// next to this executable, 60 s to become ready.
     pub fn new(data_dir: &Path) -> Result<MeshConfig, MeshError> {
         let self_exe = std::env::current_exe().map_err(io("finding this executable"))?;
-        let bin_dir = self_exe
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let bin_dir = self_exe.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(MeshConfig {
             data_dir: absolute(data_dir)?,
             bin_dir,
@@ -464,11 +461,18 @@ impl Runner<'_> {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            writeln!(f, "==== citadel-mesh up: starting {} (unix time {now}) ====", spec.name)
-                .map_err(io(format!("writing {}", log.display())))?;
+            writeln!(
+                f,
+                "==== citadel-mesh up: starting {} (unix time {now}) ====",
+                spec.name
+            )
+            .map_err(io(format!("writing {}", log.display())))?;
         }
-        let child = procs::spawn(spec, &log, env)
-            .map_err(io(format!("starting {} ({})", spec.name, spec.program.display())))?;
+        let child = procs::spawn(spec, &log, env).map_err(io(format!(
+            "starting {} ({})",
+            spec.name,
+            spec.program.display()
+        )))?;
         self.state.processes.push(procs::record(spec, &child));
         self.state.save(&self.layout.state_file())?;
         self.started.push(Started {

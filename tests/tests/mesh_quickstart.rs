@@ -130,16 +130,22 @@ fn require_binaries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_serves_the_allowed_and_denied_calls_follows_policy_edits_and_down_stops_everything()
-{
+async fn up_serves_the_allowed_and_denied_calls_follows_policy_edits_and_down_stops_everything() {
     require_binaries();
     let tmp = tempfile::tempdir().unwrap();
-    // tempdir() is 0700: as root, other uids cannot enter the data dir.
+    // As root, other uids cannot enter the data dir (until the second `up`).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
     let data_dir = tmp.path().join("mesh data");
     let data_arg = data_dir.display().to_string();
     let _down = DownOnDrop(data_dir.clone());
 
-    let out = must(mesh(&["up", "--data-dir", &data_arg, "--json"]), "up --json");
+    let out = must(
+        mesh(&["up", "--data-dir", &data_arg, "--json"]),
+        "up --json",
+    );
     let doc: serde_json::Value = serde_json::from_str(&out).expect("up --json prints JSON");
     let cmds = &doc["commands"];
     let allowed = cmds["allowed"]["url"].as_str().unwrap().to_owned();
@@ -170,7 +176,10 @@ async fn up_serves_the_allowed_and_denied_calls_follows_policy_edits_and_down_st
             .unwrap()
     };
     let (fp, bp) = (proxy("frontend-proxy"), proxy("backend-proxy"));
-    assert_eq!(fp["spiffe_id"], "spiffe://cluster.local/ns/demo/sa/frontend");
+    assert_eq!(
+        fp["spiffe_id"],
+        "spiffe://cluster.local/ns/demo/sa/frontend"
+    );
     assert_eq!(bp["spiffe_id"], "spiffe://cluster.local/ns/demo/sa/backend");
     let (fuid, buid) = (
         uid_of(fp["pid"].as_u64().unwrap()),
@@ -179,11 +188,19 @@ async fn up_serves_the_allowed_and_denied_calls_follows_policy_edits_and_down_st
     if is_root() {
         assert_eq!(doc["attestation"]["mode"], "uids", "{doc}");
         assert_ne!(fuid, buid);
-        assert_eq!(u64::from(fuid), doc["attestation"]["frontend"].as_u64().unwrap());
-        assert_eq!(u64::from(buid), doc["attestation"]["backend"].as_u64().unwrap());
+        assert_eq!(
+            u64::from(fuid),
+            doc["attestation"]["frontend"].as_u64().unwrap()
+        );
+        assert_eq!(
+            u64::from(buid),
+            doc["attestation"]["backend"].as_u64().unwrap()
+        );
         assert_ne!(fuid, 0);
         assert!(
-            doc["runtime_note"].as_str().is_some_and(|n| n.contains("/run")),
+            doc["runtime_note"]
+                .as_str()
+                .is_some_and(|n| n.contains("/run")),
             "the 0700 tempdir locks the service uids out of the data dir: {doc}"
         );
     } else {
@@ -262,7 +279,10 @@ async fn up_serves_the_allowed_and_denied_calls_follows_policy_edits_and_down_st
         "{text}"
     );
     assert!(!text.contains("Runtime:"), "{text}");
-    assert!(text.contains("every 1s"), "up says how fast edits apply: {text}");
+    assert!(
+        text.contains("every 1s"),
+        "up says how fast edits apply: {text}"
+    );
     let urls = printed_curls(&text);
     assert_eq!(urls.len(), 2, "{text}");
     let (status, body) = call(&urls[0]).await;
@@ -296,8 +316,9 @@ fn up_refuses_a_data_dir_it_did_not_make() {
 
 /// The shell code blocks of README.md, in order.
 fn readme_commands() -> Vec<String> {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
-        .expect("README.md");
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README.md");
     let mut blocks = Vec::new();
     let mut current: Option<String> = None;
     for line in readme.lines() {
@@ -331,7 +352,12 @@ fn readme_first_command_builds_every_binary_up_runs_and_the_second_is_cis_test_c
     // up runs citadel, citadel-agent and citadel-proxy from next to itself.
     assert_eq!(
         packages,
-        ["citadel-ca", "citadel-agent", "citadel-proxy", "citadel-mesh"],
+        [
+            "citadel-ca",
+            "citadel-agent",
+            "citadel-proxy",
+            "citadel-mesh"
+        ],
         "{first}"
     );
     assert_eq!(run, "target/release/citadel-mesh up");
