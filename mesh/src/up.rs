@@ -590,3 +590,65 @@ pub async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
         .ok()
         .flatten()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_a_runtime_dir_that_is_not_a_private_directory_of_ours() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fresh = tmp.path().join("fresh");
+        ensure_root_dir(&fresh).unwrap();
+        assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o755);
+        ensure_root_dir(&fresh).expect("ours, reused");
+
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(
+            ensure_root_dir(&open),
+            Err(MeshError::UnsafeDir { .. })
+        ));
+
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        assert!(matches!(
+            ensure_root_dir(&link),
+            Err(MeshError::UnsafeDir { .. })
+        ));
+
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        assert!(matches!(
+            ensure_root_dir(&file),
+            Err(MeshError::UnsafeDir { .. })
+        ));
+
+        // Someone else's directory (needs root to make one).
+        if std::fs::metadata("/proc/self").unwrap().uid() == 0 {
+            let theirs = tmp.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).unwrap();
+            assert!(matches!(
+                ensure_root_dir(&theirs),
+                Err(MeshError::UnsafeDir { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn rejects_a_non_empty_data_dir_without_mesh_json() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("precious"), "x").unwrap();
+        assert!(matches!(
+            claim_data_dir(tmp.path()),
+            Err(MeshError::NotOurs { .. })
+        ));
+        let new = tmp.path().join("new");
+        claim_data_dir(&new).unwrap();
+        assert!(new.join("mesh.json").exists(), "marked as ours");
+        claim_data_dir(&new).expect("ours");
+    }
+}

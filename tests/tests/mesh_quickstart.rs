@@ -6,7 +6,8 @@
 //! explains both; editing the sample policy turns the 403 into a 200 within
 //! seconds; `down` stops every recorded process; a second `up` (text output)
 //! reuses the data directory, the agent's saved identity and the edited
-//! policy; a second `down` stops it again.
+//! policy; a second `down` stops it again; with the agent's saved identity
+//! damaged, a third `up` lets it re-join with a fresh token.
 //!
 //! As root the services run as two uids of their own (checked in
 //! /proc/<pid>/status) and the first `up` runs from a data directory inside a
@@ -213,6 +214,15 @@ async fn up_serves_the_allowed_and_denied_calls_follows_policy_edits_and_down_st
         );
     }
 
+    // A second `up` while this one runs is refused and changes nothing.
+    let twice = mesh(&["up", "--data-dir", &data_arg]);
+    assert!(!twice.status.success());
+    let err = String::from_utf8_lossy(&twice.stderr);
+    assert!(err.contains("a mesh is already up"), "{err}");
+    for pid in &first_pids {
+        assert!(!gone(*pid), "pid {pid} survived the refused up");
+    }
+
     // 1. Allowed: 200, and backend saw frontend's identity over mutual TLS.
     let (status, body) = call(&allowed).await;
     assert_eq!(status, 200, "{body}");
@@ -294,8 +304,27 @@ async fn up_serves_the_allowed_and_denied_calls_follows_policy_edits_and_down_st
         serde_json::from_str(&std::fs::read_to_string(data_dir.join("mesh.json")).unwrap())
             .unwrap();
     check_down(&data_dir, &pids(&state));
-    let again = must(mesh(&["down", "--data-dir", &data_arg]), "third down");
+    let again = must(
+        mesh(&["down", "--data-dir", &data_arg]),
+        "down with nothing up",
+    );
     assert!(again.contains("nothing to stop"), "{again}");
+
+    // A damaged saved node identity: the agent exits 2 without a token, and
+    // `up` lets it re-join with a fresh one.
+    std::fs::write(
+        data_dir.join("agent/data/node-identity.pem"),
+        "-----BEGIN GARBAGE-----\n",
+    )
+    .unwrap();
+    let text = must(mesh(&["up", "--data-dir", &data_arg]), "up after damage");
+    assert!(text.contains("re-joined with a fresh token"), "{text}");
+    let (status, body) = call(&printed_curls(&text)[0]).await;
+    assert_eq!(status, 200, "{body}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data_dir.join("mesh.json")).unwrap())
+            .unwrap();
+    check_down(&data_dir, &pids(&state));
 }
 
 #[test]
