@@ -347,6 +347,12 @@ fn prepare_files(
 /// copy. Either way `dst` is a path of its own, which is what the agent's
 /// executable-path selector sees (`/proc/<pid>/exe` names the path used).
 fn install(src: &Path, dst: &Path) -> Result<(), MeshError> {
+    // `up` run from one of these very copies: removing it would lose the source.
+    if let (Ok(a), Ok(b)) = (src.canonicalize(), dst.canonicalize())
+        && a == b
+    {
+        return Ok(());
+    }
     match std::fs::remove_file(dst) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -636,6 +642,20 @@ mod tests {
                 Err(MeshError::UnsafeDir { .. })
             ));
         }
+    }
+
+    #[test]
+    fn install_gives_each_copy_a_path_of_its_own_and_never_deletes_its_source() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("citadel-proxy");
+        std::fs::write(&src, "binary").unwrap();
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dst = tmp.path().join("copy");
+        install(&src, &dst).unwrap();
+        install(&src, &dst).expect("replaces an earlier copy");
+        assert_eq!(std::fs::read_to_string(&dst).unwrap(), "binary");
+        install(&src, &src).expect("run from the copy itself");
+        assert_eq!(std::fs::read_to_string(&src).unwrap(), "binary");
     }
 
     #[test]
