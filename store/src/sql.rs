@@ -23,6 +23,7 @@ use crate::model::{
 };
 use crate::nodes::{NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord};
 use crate::sql_agents::bump_bundle_sequence;
+use crate::key_blobs::KeyBlobStore;
 use crate::store::Store;
 
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -117,6 +118,19 @@ fn url_password(url: &str) -> Option<String> {
 /// 3 s, after which the call fails with [`StoreError::Unavailable`]. Any other URL is a
 /// [`StoreError::Config`]. Error messages never contain the URL's password.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    sqlx::any::install_default_drivers();
+    let store = match parse_url(url)? {
+        Target::Sqlite(path) => connect_sqlite(&path).await?,
+        Target::Postgres { url, password } => connect_postgres(&url)
+            .await
+            .map_err(|e| scrub(e, password.as_deref()))?,
+    };
+    Ok(Arc::new(store))
+}
+
+/// Opens the sealed-key table of the store at `url` (same URLs, migrations and errors as
+/// [`connect`]), on a pool of its own: the CA uses it only when a key-encryption key is configured.
+pub async fn connect_key_blobs(url: &str) -> Result<Arc<dyn KeyBlobStore>, StoreError> {
     sqlx::any::install_default_drivers();
     let store = match parse_url(url)? {
         Target::Sqlite(path) => connect_sqlite(&path).await?,
