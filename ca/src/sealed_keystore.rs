@@ -22,7 +22,7 @@
 //! go to the store only.
 
 use std::fmt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -127,13 +127,15 @@ impl Kek {
             reason: e.to_string(),
         };
         let meta = std::fs::metadata(path).map_err(io)?;
-        let kind = meta.file_type();
-        if !kind.is_file() || kind.is_fifo() {
+        if !meta.file_type().is_file() {
             return Err(KekError::NotAFile(shown()));
         }
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(KekError::LoosePermissions { path: shown(), mode });
+            return Err(KekError::LoosePermissions {
+                path: shown(),
+                mode,
+            });
         }
         let text = std::fs::read(path).map_err(io)?;
         let text = std::str::from_utf8(&text).map_err(|_| KekError::NotBase64(shown()))?;
@@ -292,12 +294,7 @@ impl SealedKeyStore {
 impl KeyStore for SealedKeyStore {
     async fn load(&self, key_ref: &str) -> Result<KeyPem, KeyStoreError> {
         check_ref(key_ref)?;
-        if let Some(sealed) = self
-            .blobs
-            .find_key_blob(key_ref)
-            .await
-            .map_err(store_err)?
-        {
+        if let Some(sealed) = self.blobs.find_key_blob(key_ref).await.map_err(store_err)? {
             return unseal(&self.kek, key_ref, &sealed);
         }
         let Some(files) = &self.files else {
@@ -307,7 +304,10 @@ impl KeyStore for SealedKeyStore {
         // A key written before the KEK was configured: seal it into the store so the other
         // replicas can load it. Failing to do so does not stop this replica.
         match self.insert(key_ref, &key).await {
-            Ok(()) => tracing::info!(key_ref, "sealed a key from the data directory into the store"),
+            Ok(()) => tracing::info!(
+                key_ref,
+                "sealed a key from the data directory into the store"
+            ),
             Err(KeyStoreError::Exists(_)) => {}
             Err(e) => {
                 tracing::warn!(key_ref, error = %e, "could not seal a key from the data directory into the store")
@@ -334,7 +334,8 @@ pub async fn open_key_store(
     use anyhow::Context;
     let key_dir: PathBuf = data_dir.join("keys");
     let Some(kek_file) = kek_file else {
-        let files = FileKeyStore::open(&key_dir).context("opening the key store in the data directory")?;
+        let files =
+            FileKeyStore::open(&key_dir).context("opening the key store in the data directory")?;
         return Ok(Arc::new(files));
     };
     let kek = Kek::read_file(kek_file).context("--key-encryption-key-file")?;
@@ -347,7 +348,10 @@ pub async fn open_key_store(
             FileKeyStore::open(&key_dir).context("opening the key store in the data directory")?,
         );
     }
-    tracing::info!(kek = sealed.kek.id(), "authority keys are sealed in the store");
+    tracing::info!(
+        kek = sealed.kek.id(),
+        "authority keys are sealed in the store"
+    );
     Ok(Arc::new(sealed))
 }
 

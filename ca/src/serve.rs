@@ -33,11 +33,11 @@ use crate::csr::KeyKind;
 use crate::http::{OpsState, router};
 use crate::issuer::CertificateIssuer;
 use crate::keystore::KeyStore;
-use crate::sealed_keystore::open_key_store;
 use crate::metrics::CaMetrics;
 use crate::policy_service::{MAX_POLICY_ACK_BYTES, PolicyStreamService};
 use crate::policy_set::PolicySnapshot;
 use crate::policy_source::{DirectorySource, PolicyPoller, PolicySource, load_initial};
+use crate::sealed_keystore::open_key_store;
 use crate::service::{IstioCaService, MAX_REQUEST_BYTES};
 use crate::tls::{CertResolver, provider, server_config, tls_incoming};
 

@@ -143,7 +143,10 @@ async fn never_plaintext(url: String) {
     assert!(text.starts_with("citadel-sealed-key:v1:"), "{text}");
     assert!(!text.contains("PRIVATE KEY"));
     for line in key.expose().lines().filter(|l| l.len() > 16) {
-        assert!(!text.contains(line), "a PEM line of the key is in the store");
+        assert!(
+            !text.contains(line),
+            "a PEM line of the key is in the store"
+        );
     }
     assert!(!text.contains(&pem_body[..32]));
     // Neither the DER nor any 16-byte window of it is in the decoded blob.
@@ -171,7 +174,12 @@ async fn conformance(url: String) {
     ));
     // Another process with the same KEK reads it; one with another KEK is told so.
     assert_eq!(
-        sealed(&url, 5).await.load("a.key.pem").await.unwrap().expose(),
+        sealed(&url, 5)
+            .await
+            .load("a.key.pem")
+            .await
+            .unwrap()
+            .expose(),
         key.expose()
     );
     let err = sealed(&url, 6).await.load("a.key.pem").await.unwrap_err();
@@ -266,7 +274,10 @@ async fn await_bundle(h: &mut Harness, roots: usize) {
             h.bundle_pem = text;
             return;
         }
-        assert!(Instant::now() < deadline, "the prepared root was not published");
+        assert!(
+            Instant::now() < deadline,
+            "the prepared root was not published"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -427,5 +438,8 @@ async fn a_replica_with_another_kek_cannot_load_the_active_authority_and_says_wh
     .await
     .unwrap_err();
     let err = format!("{err:#}");
-    assert!(err.contains(first.id()) && err.contains("same KEK"), "{err}");
+    assert!(
+        err.contains(first.id()) && err.contains("same KEK"),
+        "{err}"
+    );
 }

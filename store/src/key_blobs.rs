@@ -40,9 +40,9 @@ impl KeyBlobStore for SqlStore {
             .execute(&self.pool)
             .await
             .map_err(|e| match from_sqlx(e) {
-                StoreError::Conflict(_) => {
-                    StoreError::Conflict(format!("a sealed key is already stored under {key_ref:?}"))
-                }
+                StoreError::Conflict(_) => StoreError::Conflict(format!(
+                    "a sealed key is already stored under {key_ref:?}"
+                )),
                 other => other,
             })?;
         Ok(())

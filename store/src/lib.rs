@@ -42,6 +42,7 @@ pub use agents::{
 pub use chain::{GENESIS_HASH, row_hash};
 pub use error::StoreError;
 pub use group_commit::GroupCommitLedger;
+pub use key_blobs::{KeyBlobStore, MemoryKeyBlobs};
 pub use model::{
     AuthorityRecord, AuthorityState, LedgerEntry, LedgerFault, LedgerFilter, LedgerVerification,
     NewIssuance, ParseAuthorityStateError,
@@ -50,6 +51,5 @@ pub use nodes::{
     LAST_SEEN_GRANULARITY_SECS, NodeCertificateRole, NodeCertificateUse, NodeGrant,
     NodeIssuanceOutcome, NodeRecord, NodeRefusal,
 };
-pub use key_blobs::{KeyBlobStore, MemoryKeyBlobs};
 pub use sql::{connect, connect_key_blobs};
 pub use store::Store;

@@ -18,12 +18,12 @@ use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection, Executor, Row};
 use crate::agents::{BundleAck, JoinTokenRecord, PolicyAck};
 use crate::chain::{ChainVerifier, chain_batch};
 use crate::error::{StoreError, from_sqlx, scrub};
+use crate::key_blobs::KeyBlobStore;
 use crate::model::{
     AuthorityRecord, AuthorityState, LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance,
 };
 use crate::nodes::{NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord};
 use crate::sql_agents::bump_bundle_sequence;
-use crate::key_blobs::KeyBlobStore;
 use crate::store::Store;
 
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use citadel_store::memory::MemoryStore;
-use citadel_store::{KeyBlobStore, MemoryKeyBlobs, connect_key_blobs};
 use citadel_store::{
     AuthorityRecord, AuthorityState, BundleAck, GENESIS_HASH, GroupCommitLedger, JoinTokenRecord,
     JoinTokenRefusal, LAST_SEEN_GRANULARITY_SECS, LedgerEntry, LedgerFilter,
     MAX_POLICY_VERSION_LEN, NewIssuance, NodeCertificateRole, NodeCertificateUse, NodeGrant,
     NodeIssuanceOutcome, NodeRecord, NodeRefusal, PolicyAck, Store, StoreError, connect, row_hash,
 };
+use citadel_store::{KeyBlobStore, MemoryKeyBlobs, connect_key_blobs};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
@@ -275,6 +275,7 @@ conformance! {
         upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count,
         upgrade_from_schema_2_takes_node_serials_from_the_ledger,
         upgrade_from_schema_3_adds_empty_policy_acks,
+        upgrade_from_schema_4_adds_an_empty_sealed_key_table,
         sealed_key_blobs_are_shared_by_every_connection,
     ],
 }
@@ -1461,7 +1462,7 @@ async fn upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count
     // Back to schema version 1, as a database written by the previous release.
     b.raw_sql(
         "DROP TABLE join_tokens; DROP TABLE nodes; DROP TABLE bundle_state; \
-         DROP TABLE bundle_acks; DROP TABLE policy_acks; \
+         DROP TABLE bundle_acks; DROP TABLE policy_acks; DROP TABLE sealed_keys; \
          DELETE FROM _sqlx_migrations WHERE version >= 2",
     )
     .await;
@@ -1490,6 +1491,24 @@ async fn upgrade_from_schema_3_adds_empty_policy_acks(b: Backend) {
         .await
         .unwrap();
     assert_eq!(upgraded.list_policy_acks().await.unwrap().len(), 1);
+}
+
+async fn upgrade_from_schema_4_adds_an_empty_sealed_key_table(b: Backend) {
+    b.store
+        .insert_authority(&authority("aa", AuthorityState::Active, 1))
+        .await
+        .unwrap();
+    // Back to schema version 4, as a database written by the previous release.
+    b.raw_sql("DROP TABLE sealed_keys; DELETE FROM _sqlx_migrations WHERE version = 5")
+        .await;
+    let blobs = connect_key_blobs(b.url()).await.unwrap();
+    assert_eq!(blobs.find_key_blob("aa.key.pem").await.unwrap(), None);
+    blobs
+        .insert_key_blob("aa.key.pem", "citadel-sealed-key:v1:x:AAAA", 2)
+        .await
+        .unwrap();
+    let upgraded = connect(b.url()).await.unwrap();
+    assert_eq!(upgraded.list_authorities().await.unwrap().len(), 1);
 }
 
 async fn upgrade_from_schema_2_takes_node_serials_from_the_ledger(b: Backend) {

@@ -25,7 +25,11 @@ fn sealed_store(kek: Kek) -> (SealedKeyStore, Arc<MemoryKeyBlobs>) {
 #[test]
 fn reads_a_base64_kek_file() {
     let dir = tempfile::tempdir().unwrap();
-    let path = kek_file(dir.path(), &format!("{}\n", STANDARD.encode([7u8; 32])), 0o600);
+    let path = kek_file(
+        dir.path(),
+        &format!("{}\n", STANDARD.encode([7u8; 32])),
+        0o600,
+    );
     let read = Kek::read_file(&path).unwrap();
     assert_eq!(read.id(), kek(7).id());
     assert!(!format!("{read:?}").contains(&STANDARD.encode([7u8; 32])));
@@ -89,7 +93,10 @@ fn rejects_a_kek_path_that_is_not_a_file() {
 #[tokio::test]
 async fn sealed_keys_round_trip_and_are_never_overwritten() {
     let (store, _) = sealed_store(kek(1));
-    store.save("a.key.pem", &KeyPem::new(PEM.into())).await.unwrap();
+    store
+        .save("a.key.pem", &KeyPem::new(PEM.into()))
+        .await
+        .unwrap();
     assert_eq!(store.load("a.key.pem").await.unwrap().expose(), PEM);
     assert!(matches!(
         store.save("a.key.pem", &KeyPem::new("other".into())).await,
@@ -119,7 +126,10 @@ async fn each_seal_draws_a_fresh_nonce() {
 #[tokio::test]
 async fn rejects_a_blob_moved_to_another_key_reference() {
     let (store, blobs) = sealed_store(kek(1));
-    store.save("a.key.pem", &KeyPem::new(PEM.into())).await.unwrap();
+    store
+        .save("a.key.pem", &KeyPem::new(PEM.into()))
+        .await
+        .unwrap();
     let blob = blobs.find_key_blob("a.key.pem").await.unwrap().unwrap();
     blobs.overwrite("b.key.pem", &blob);
     let err = store.load("b.key.pem").await.unwrap_err();
@@ -145,13 +155,22 @@ async fn rejects_a_tampered_blob() {
         bad[i] ^= 0x01;
         blobs.overwrite("a", &format!("{head}:{}", STANDARD.encode(&bad)));
         let err = store.load("a").await.unwrap_err();
-        assert!(err.to_string().contains("authentication failed"), "{i}: {err}");
+        assert!(
+            err.to_string().contains("authentication failed"),
+            "{i}: {err}"
+        );
     }
     blobs.overwrite("a", &format!("{head}:{}", STANDARD.encode(&raw[..20])));
-    assert!(matches!(store.load("a").await, Err(KeyStoreError::Unseal { .. })));
+    assert!(matches!(
+        store.load("a").await,
+        Err(KeyStoreError::Unseal { .. })
+    ));
     blobs.overwrite("a", &blob.replacen(":v1:", ":v2:", 1));
     let err = store.load("a").await.unwrap_err();
-    assert!(err.to_string().contains("unsupported sealed-key format"), "{err}");
+    assert!(
+        err.to_string().contains("unsupported sealed-key format"),
+        "{err}"
+    );
     blobs.overwrite("a", &blob);
     assert_eq!(store.load("a").await.unwrap().expose(), PEM);
 }
@@ -163,7 +182,10 @@ async fn a_wrong_kek_fails_with_a_clear_error() {
     right.save("a", &KeyPem::new(PEM.into())).await.unwrap();
     let wrong = SealedKeyStore::new(kek(2), blobs.clone());
     let err = wrong.load("a").await.unwrap_err().to_string();
-    assert!(err.contains(kek(1).id()) && err.contains(kek(2).id()), "{err}");
+    assert!(
+        err.contains(kek(1).id()) && err.contains(kek(2).id()),
+        "{err}"
+    );
     assert!(err.contains("same KEK"), "{err}");
     // Even with the id forged to match, the wrong KEK cannot open the blob.
     let blob = blobs.find_key_blob("a").await.unwrap().unwrap();
@@ -176,7 +198,10 @@ async fn a_wrong_kek_fails_with_a_clear_error() {
 async fn reads_through_to_file_keys_and_seals_them_into_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let files = FileKeyStore::open(dir.path().join("keys")).unwrap();
-    files.save("old.key.pem", &KeyPem::new(PEM.into())).await.unwrap();
+    files
+        .save("old.key.pem", &KeyPem::new(PEM.into()))
+        .await
+        .unwrap();
     let blobs = Arc::new(MemoryKeyBlobs::default());
     let store = SealedKeyStore::new(kek(1), blobs.clone()).with_file_fallback(files);
     assert_eq!(store.load("old.key.pem").await.unwrap().expose(), PEM);
@@ -184,7 +209,10 @@ async fn reads_through_to_file_keys_and_seals_them_into_the_store() {
     let other = SealedKeyStore::new(kek(1), blobs.clone());
     assert_eq!(other.load("old.key.pem").await.unwrap().expose(), PEM);
     // New keys go to the store, not to the data directory.
-    store.save("new.key.pem", &KeyPem::new(PEM.into())).await.unwrap();
+    store
+        .save("new.key.pem", &KeyPem::new(PEM.into()))
+        .await
+        .unwrap();
     assert!(!dir.path().join("keys").join("new.key.pem").exists());
     assert_eq!(other.load("new.key.pem").await.unwrap().expose(), PEM);
 }
@@ -193,9 +221,19 @@ async fn reads_through_to_file_keys_and_seals_them_into_the_store() {
 async fn open_key_store_refuses_a_bad_kek_file_before_touching_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let path = kek_file(dir.path(), &STANDARD.encode([1u8; 32]), 0o644);
-    let err = open_key_store(dir.path(), "sqlite:///nonexistent/dir/db", Some(&path), true)
-        .await
-        .unwrap_err();
-    assert!(format!("{err:#}").contains("--key-encryption-key-file"), "{err:#}");
+    let Err(err) = open_key_store(
+        dir.path(),
+        "sqlite:///nonexistent/dir/db",
+        Some(&path),
+        true,
+    )
+    .await
+    else {
+        panic!("a KEK file readable by others was accepted");
+    };
+    assert!(
+        format!("{err:#}").contains("--key-encryption-key-file"),
+        "{err:#}"
+    );
     assert!(format!("{err:#}").contains("chmod 600"), "{err:#}");
 }
