@@ -443,3 +443,66 @@ async fn a_replica_with_another_kek_cannot_load_the_active_authority_and_says_wh
         "{err}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The CLI flag
+// ---------------------------------------------------------------------------------------------
+
+fn citadel(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_citadel"))
+        .args(args)
+        .env_remove("CITADEL_TRUST_DOMAIN")
+        .env_remove("CITADEL_DATABASE_URL")
+        .env_remove("CITADEL_DATA_DIR")
+        .env_remove("CITADEL_KEY_ENCRYPTION_KEY_FILE")
+        .output()
+        .expect("run citadel")
+}
+
+#[tokio::test]
+async fn root_prepare_with_a_kek_file_seals_the_key_and_refuses_a_loose_kek_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path());
+    drop(citadel_store::connect(&url).await.unwrap());
+    let kek = kek_file(dir.path(), 4);
+    let data_dir = dir.path().to_str().unwrap();
+
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = citadel(&[
+        "root",
+        "prepare",
+        "--data-dir",
+        data_dir,
+        "--key-encryption-key-file",
+        kek.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--key-encryption-key-file") && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+    assert!(raw_rows(&url).await.is_empty(), "nothing was stored");
+
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = citadel(&[
+        "root",
+        "prepare",
+        "--data-dir",
+        data_dir,
+        "--key-encryption-key-file",
+        kek.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let rows = raw_rows(&url).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].0, format!("{id}.key.pem"));
+    assert_eq!(key_files(dir.path()), Vec::<String>::new(), "no key file");
+    // The CA's key store with the same KEK loads it.
+    sealed(&url, 4).await.load(&rows[0].0).await.unwrap();
+}
