@@ -33,6 +33,7 @@ pub mod policy_set;
 pub mod policy_source;
 pub mod root_cmd;
 pub mod rotation;
+pub mod sealed_keystore;
 pub mod serve;
 pub mod service;
 pub mod tls;
