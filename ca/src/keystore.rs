@@ -1,8 +1,10 @@
 //! Where authority private keys live.
 //!
-//! Keys never enter the SQL store and never reach a log. The file store keeps
+//! Keys never enter the SQL store in plaintext and never reach a log. The file store keeps
 //! one PEM file per key in a 0700 directory, each file 0600, written
-//! atomically. A Kubernetes Secret store will implement the same trait.
+//! atomically (the single-node default). [`crate::sealed_keystore`] keeps keys in the SQL
+//! store sealed under a key-encryption key, for replicas. A Kubernetes Secret store will
+//! implement the same trait.
 
 use std::fmt;
 use std::io::Write;
@@ -56,6 +58,17 @@ pub enum KeyStoreError {
         /// Its permission bits.
         mode: u32,
     },
+    /// The CA's store (where sealed keys live) failed.
+    #[error("sealed key store: {0}")]
+    Store(String),
+    /// A sealed key could not be opened (wrong key-encryption key, altered or moved blob).
+    #[error("cannot unseal the key stored under {key_ref:?}: {reason}")]
+    Unseal {
+        /// The key reference.
+        key_ref: String,
+        /// Why, without any key material.
+        reason: String,
+    },
     /// The operating system refused.
     #[error("key store I/O error on {path}: {reason}")]
     Io {
@@ -75,7 +88,7 @@ pub trait KeyStore: Send + Sync {
     async fn save(&self, key_ref: &str, key: &KeyPem) -> Result<(), KeyStoreError>;
 }
 
-fn check_ref(key_ref: &str) -> Result<(), KeyStoreError> {
+pub(crate) fn check_ref(key_ref: &str) -> Result<(), KeyStoreError> {
     let ok = !key_ref.is_empty()
         && !key_ref.starts_with('.')
         && key_ref

@@ -34,6 +34,7 @@ pub mod policy_source;
 pub mod root_cmd;
 pub mod rotation;
 pub mod rotation_driver;
+pub mod sealed_keystore;
 pub mod serve;
 pub mod service;
 pub mod tls;

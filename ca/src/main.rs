@@ -126,6 +126,16 @@ struct RootCommon {
     json: bool,
 }
 
+/// Where `root prepare` and `root rotate` put the new authority's key.
+#[derive(clap::Args, Debug)]
+struct RootKeyArgs {
+    /// Seal the new authority's key into the store under the key-encryption key in this file
+    /// (base64 of 32 random bytes, mode 0600), as `citadel serve --key-encryption-key-file`
+    /// reads it; without it the key goes to <data-dir>/keys.
+    #[arg(long, env = "CITADEL_KEY_ENCRYPTION_KEY_FILE", value_name = "PATH")]
+    key_encryption_key_file: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 enum RootCommand {
     /// Show each authority (ID, state, subject, expiry, live certificates it signed), the
@@ -140,10 +150,13 @@ enum RootCommand {
     },
     /// Add a new authority to the trust bundle as `prepared` (not signing yet) and print
     /// its ID: a new self-signed root, or the operator's CA from --ca-dir (checked with a
-    /// probe certificate). Its key goes to <data-dir>/keys, where the CA replicas load it.
+    /// probe certificate). Its key goes to <data-dir>/keys, or sealed into the store with
+    /// --key-encryption-key-file (where replicas with other data directories load it).
     Prepare {
         #[command(flatten)]
         common: RootCommon,
+        #[command(flatten)]
+        keys: RootKeyArgs,
         /// Import this CA directory (Istio cacerts layout or tls.crt/tls.key/ca.crt).
         #[arg(long, value_name = "DIR")]
         ca_dir: Option<PathBuf>,
@@ -194,6 +207,8 @@ enum RootCommand {
     Rotate {
         #[command(flatten)]
         common: RootCommon,
+        #[command(flatten)]
+        keys: RootKeyArgs,
         /// Stop (exit 1, naming what blocks) when one phase waits longer than this.
         #[arg(long, default_value = "30m", value_parser = parse_duration_secs)]
         timeout: i64,
@@ -214,9 +229,18 @@ impl RootCommon {
         TrustDomain::new(&self.trust_domain).context("--trust-domain")
     }
 
-    fn keys(&self) -> anyhow::Result<citadel_ca::keystore::FileKeyStore> {
-        citadel_ca::keystore::FileKeyStore::open(self.store.data_dir.join("keys"))
-            .context("opening the key store in the data directory")
+    async fn keys(
+        &self,
+        args: &RootKeyArgs,
+    ) -> anyhow::Result<std::sync::Arc<dyn citadel_ca::keystore::KeyStore>> {
+        // These commands only save new keys: no read-through to the data directory.
+        citadel_ca::sealed_keystore::open_key_store(
+            &self.store.data_dir,
+            &self.store.url(),
+            args.key_encryption_key_file.as_deref(),
+            false,
+        )
+        .await
     }
 }
 
@@ -241,18 +265,19 @@ async fn run_root(command: RootCommand, stdout: &mut dyn Write) -> anyhow::Resul
         }
         RootCommand::Prepare {
             common,
+            keys,
             ca_dir,
             root_ttl,
         } => {
             let td = common.trust_domain()?;
             let store = common.store.open().await?;
-            let keys = common.keys()?;
+            let keys = common.keys(&keys).await?;
             let args = root_cmd::PrepareArgs {
                 trust_domain: &td,
                 ca_dir: ca_dir.as_deref(),
                 root_lifetime_secs: root_ttl,
             };
-            let id = root_cmd::prepare(store.as_ref(), &keys, &args, unix_now()).await?;
+            let id = root_cmd::prepare(store.as_ref(), keys.as_ref(), &args, unix_now()).await?;
             if common.json {
                 writeln!(
                     stdout,
@@ -291,6 +316,7 @@ async fn run_root(command: RootCommand, stdout: &mut dyn Write) -> anyhow::Resul
         }
         RootCommand::Rotate {
             common,
+            keys,
             timeout,
             stale_after,
             root_ttl,
@@ -303,7 +329,7 @@ async fn run_root(command: RootCommand, stdout: &mut dyn Write) -> anyhow::Resul
             );
             let td = common.trust_domain()?;
             let store = common.store.open().await?;
-            let keys = common.keys()?;
+            let keys = common.keys(&keys).await?;
             let opts = root_cmd::RotateOptions {
                 timeout: std::time::Duration::from_secs(timeout.unsigned_abs()),
                 poll: std::time::Duration::from_secs(poll_interval.unsigned_abs()),
@@ -312,7 +338,7 @@ async fn run_root(command: RootCommand, stdout: &mut dyn Write) -> anyhow::Resul
                 json: common.json || !std::io::stdout().is_terminal(),
             };
             tokio::select! {
-                end = root_cmd::rotate(store.as_ref(), &keys, &td, &opts, stdout) => match end? {
+                end = root_cmd::rotate(store.as_ref(), keys.as_ref(), &td, &opts, stdout) => match end? {
                     root_cmd::RotateEnd::Completed => Ok(ExitCode::SUCCESS),
                     root_cmd::RotateEnd::TimedOut(_) => Ok(ExitCode::FAILURE),
                 },
@@ -380,6 +406,12 @@ struct ServeArgs {
     /// ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem; or tls.crt, tls.key, ca.crt).
     #[arg(long, env = "CITADEL_CA_DIR")]
     ca_dir: Option<PathBuf>,
+    /// Seal authority keys into the store (AES-256-GCM) under the key-encryption key in this
+    /// file, so every replica sharing the database can sign (base64 of 32 random bytes, mode
+    /// 0600). Keys already in <data-dir>/keys are still read, and sealed into the store on first
+    /// use. Without it, keys are files in <data-dir>/keys (single node).
+    #[arg(long, env = "CITADEL_KEY_ENCRYPTION_KEY_FILE", value_name = "PATH")]
+    key_encryption_key_file: Option<PathBuf>,
     /// Leaf lifetime when the request asks for none.
     #[arg(long, default_value = "24h", value_parser = parse_duration_secs)]
     default_ttl: i64,
@@ -480,6 +512,7 @@ impl ServeArgs {
             dns_names: self.dns_names,
             ip_addresses,
             ca_dir: self.ca_dir,
+            key_encryption_key_file: self.key_encryption_key_file,
             lifetime,
             root_lifetime_secs: self.root_ttl,
             jwt,

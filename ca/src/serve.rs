@@ -32,11 +32,12 @@ use crate::bundle_watch::load_snapshot;
 use crate::csr::KeyKind;
 use crate::http::{OpsState, router};
 use crate::issuer::CertificateIssuer;
-use crate::keystore::{FileKeyStore, KeyStore};
+use crate::keystore::KeyStore;
 use crate::metrics::CaMetrics;
 use crate::policy_service::{MAX_POLICY_ACK_BYTES, PolicyStreamService};
 use crate::policy_set::PolicySnapshot;
 use crate::policy_source::{DirectorySource, PolicyPoller, PolicySource, load_initial};
+use crate::sealed_keystore::open_key_store;
 use crate::service::{IstioCaService, MAX_REQUEST_BYTES};
 use crate::tls::{CertResolver, provider, server_config, tls_incoming};
 
@@ -66,6 +67,10 @@ pub struct ServeConfig {
     pub ip_addresses: Vec<IpAddr>,
     /// Operator CA directory (plug-in mode).
     pub ca_dir: Option<PathBuf>,
+    /// Key-encryption key file: authority keys are sealed into the store under it (so every
+    /// replica can load them) instead of written to `<data_dir>/keys`; keys already there are
+    /// still read (see [`crate::sealed_keystore`]). `None` = the file key store.
+    pub key_encryption_key_file: Option<PathBuf>,
     /// Leaf lifetime rules.
     pub lifetime: LifetimePolicy,
     /// Lifetime of a self-signed root.
@@ -221,7 +226,13 @@ pub async fn start_with_store(
     store: Arc<dyn Store>,
 ) -> anyhow::Result<RunningCa> {
     prepare_data_dir(&config.data_dir)?;
-    let keys: Arc<dyn KeyStore> = Arc::new(FileKeyStore::open(config.data_dir.join("keys"))?);
+    let keys: Arc<dyn KeyStore> = open_key_store(
+        &config.data_dir,
+        &config.store_url(),
+        config.key_encryption_key_file.as_deref(),
+        true,
+    )
+    .await?;
     let loader = AuthorityLoader {
         keys: keys.clone(),
         ca_dir: config.ca_dir.clone(),

@@ -1,8 +1,11 @@
-//! Citadel's durable state: the signing authorities (certificates and state, never keys),
+//! Citadel's durable state: the signing authorities (certificates and state; keys only sealed),
 //! the append-only, hash-chained issuance ledger, and what node agents leave behind: one-time
 //! join tokens (hashed), joined nodes with the serials of their node certificates (see
 //! [`NodeRecord`]), the trust-bundle sequence and bundle acknowledgements, and the policy-set version each agent
 //! acknowledged.
+//!
+//! Sealed authority keys (wrapped by the CA, opaque here) sit behind the narrow
+//! [`KeyBlobStore`] seam ([`connect_key_blobs`]).
 //!
 //! [`connect`] opens SQLite (`sqlite://PATH`, the default) or PostgreSQL (`postgres://…`, for
 //! several replicas) behind the [`Store`] trait, applying the embedded migrations.
@@ -23,6 +26,7 @@ mod agents;
 mod chain;
 mod error;
 mod group_commit;
+mod key_blobs;
 mod lease;
 pub mod memory;
 mod model;
@@ -40,6 +44,7 @@ pub use agents::{
 pub use chain::{GENESIS_HASH, row_hash};
 pub use error::StoreError;
 pub use group_commit::GroupCommitLedger;
+pub use key_blobs::{KeyBlobStore, MemoryKeyBlobs};
 pub use lease::{Lease, LeaseStore};
 pub use model::{
     AuthorityRecord, AuthorityState, LedgerEntry, LedgerFault, LedgerFilter, LedgerVerification,
@@ -49,5 +54,5 @@ pub use nodes::{
     LAST_SEEN_GRANULARITY_SECS, NodeCertificateRole, NodeCertificateUse, NodeGrant,
     NodeIssuanceOutcome, NodeRecord, NodeRefusal,
 };
-pub use sql::connect;
+pub use sql::{connect, connect_key_blobs};
 pub use store::Store;

@@ -18,6 +18,7 @@ use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection, Executor, Row};
 use crate::agents::{BundleAck, JoinTokenRecord, PolicyAck};
 use crate::chain::{ChainVerifier, chain_batch};
 use crate::error::{StoreError, from_sqlx, scrub};
+use crate::key_blobs::KeyBlobStore;
 use crate::model::{
     AuthorityRecord, AuthorityState, LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance,
 };
@@ -117,6 +118,19 @@ fn url_password(url: &str) -> Option<String> {
 /// 3 s, after which the call fails with [`StoreError::Unavailable`]. Any other URL is a
 /// [`StoreError::Config`]. Error messages never contain the URL's password.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    sqlx::any::install_default_drivers();
+    let store = match parse_url(url)? {
+        Target::Sqlite(path) => connect_sqlite(&path).await?,
+        Target::Postgres { url, password } => connect_postgres(&url)
+            .await
+            .map_err(|e| scrub(e, password.as_deref()))?,
+    };
+    Ok(Arc::new(store))
+}
+
+/// Opens the sealed-key table of the store at `url` (same URLs, migrations and errors as
+/// [`connect`]), on a pool of its own: the CA uses it only when a key-encryption key is configured.
+pub async fn connect_key_blobs(url: &str) -> Result<Arc<dyn KeyBlobStore>, StoreError> {
     sqlx::any::install_default_drivers();
     let store = match parse_url(url)? {
         Target::Sqlite(path) => connect_sqlite(&path).await?,

@@ -16,6 +16,7 @@ use citadel_store::{
     MAX_POLICY_VERSION_LEN, NewIssuance, NodeCertificateRole, NodeCertificateUse, NodeGrant,
     NodeIssuanceOutcome, NodeRecord, NodeRefusal, PolicyAck, Store, StoreError, connect, row_hash,
 };
+use citadel_store::{KeyBlobStore, MemoryKeyBlobs, connect_key_blobs};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
@@ -269,6 +270,7 @@ conformance! {
         an_expired_lease_can_be_taken_over,
         only_the_holder_renews_or_releases_a_lease,
         concurrent_takers_of_a_lapsed_lease_exactly_one_wins,
+        sealed_key_blobs_round_trip_and_are_never_replaced,
     ],
     sql: [
         ledger_verify_detects_missing_head,
@@ -278,6 +280,8 @@ conformance! {
         upgrade_from_schema_2_takes_node_serials_from_the_ledger,
         upgrade_from_schema_3_adds_empty_policy_acks,
         upgrade_to_schema_6_adds_an_empty_lease_table,
+        upgrade_from_schema_4_adds_an_empty_sealed_key_table,
+        sealed_key_blobs_are_shared_by_every_connection,
     ],
 }
 
@@ -1463,7 +1467,7 @@ async fn upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count
     // Back to schema version 1, as a database written by the previous release.
     b.raw_sql(
         "DROP TABLE join_tokens; DROP TABLE nodes; DROP TABLE bundle_state; \
-         DROP TABLE bundle_acks; DROP TABLE policy_acks; DROP TABLE leases; \
+         DROP TABLE bundle_acks; DROP TABLE policy_acks; DROP TABLE sealed_keys; DROP TABLE leases; \
          DELETE FROM _sqlx_migrations WHERE version >= 2",
     )
     .await;
@@ -1512,6 +1516,24 @@ async fn upgrade_to_schema_6_adds_an_empty_lease_table(b: Backend) {
             .await
             .unwrap()
     );
+}
+
+async fn upgrade_from_schema_4_adds_an_empty_sealed_key_table(b: Backend) {
+    b.store
+        .insert_authority(&authority("aa", AuthorityState::Active, 1))
+        .await
+        .unwrap();
+    // Back to schema version 4, as a database written by the previous release.
+    b.raw_sql("DROP TABLE sealed_keys; DELETE FROM _sqlx_migrations WHERE version = 5")
+        .await;
+    let blobs = connect_key_blobs(b.url()).await.unwrap();
+    assert_eq!(blobs.find_key_blob("aa.key.pem").await.unwrap(), None);
+    blobs
+        .insert_key_blob("aa.key.pem", "citadel-sealed-key:v1:x:AAAA", 2)
+        .await
+        .unwrap();
+    let upgraded = connect(b.url()).await.unwrap();
+    assert_eq!(upgraded.list_authorities().await.unwrap().len(), 1);
 }
 
 async fn upgrade_from_schema_2_takes_node_serials_from_the_ledger(b: Backend) {
@@ -1801,4 +1823,72 @@ async fn futures_join<T: Send + 'static>(
         out.push(h.await.unwrap());
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sealed key blobs
+// ---------------------------------------------------------------------------------------------
+
+/// The sealed-key seam of the backend under test.
+async fn key_blobs(b: &Backend) -> Arc<dyn KeyBlobStore> {
+    match &b.url {
+        Some(url) => connect_key_blobs(url).await.unwrap(),
+        None => Arc::new(MemoryKeyBlobs::default()),
+    }
+}
+
+async fn sealed_key_blobs_round_trip_and_are_never_replaced(b: Backend) {
+    let blobs = key_blobs(&b).await;
+    assert_eq!(blobs.find_key_blob("a.key.pem").await.unwrap(), None);
+    blobs
+        .insert_key_blob("a.key.pem", "citadel-sealed-key:v1:x:AAAA", 7)
+        .await
+        .unwrap();
+    blobs
+        .insert_key_blob("b.key.pem", "citadel-sealed-key:v1:x:BBBB", 8)
+        .await
+        .unwrap();
+    assert!(matches!(
+        blobs
+            .insert_key_blob("a.key.pem", "citadel-sealed-key:v1:x:CCCC", 9)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        blobs.find_key_blob("a.key.pem").await.unwrap().as_deref(),
+        Some("citadel-sealed-key:v1:x:AAAA"),
+        "a conflicting insert leaves the first blob"
+    );
+    assert_eq!(
+        blobs.find_key_blob("b.key.pem").await.unwrap().as_deref(),
+        Some("citadel-sealed-key:v1:x:BBBB")
+    );
+}
+
+async fn sealed_key_blobs_are_shared_by_every_connection(b: Backend) {
+    let first = connect_key_blobs(b.url()).await.unwrap();
+    first
+        .insert_key_blob("r.key.pem", "citadel-sealed-key:v1:x:RRRR", 1)
+        .await
+        .unwrap();
+    let second = connect_key_blobs(b.url()).await.unwrap();
+    assert_eq!(
+        second.find_key_blob("r.key.pem").await.unwrap().as_deref(),
+        Some("citadel-sealed-key:v1:x:RRRR")
+    );
+    let pool = raw_pool(b.url()).await;
+    let rows: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT key_ref, sealed, created_at FROM sealed_keys")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    assert_eq!(
+        rows,
+        vec![(
+            "r.key.pem".to_string(),
+            "citadel-sealed-key:v1:x:RRRR".to_string(),
+            1
+        )]
+    );
 }

@@ -77,6 +77,7 @@ impl Harness {
             dns_names: vec!["localhost".into()],
             ip_addresses: vec!["127.0.0.1".parse().unwrap()],
             ca_dir: None,
+            key_encryption_key_file: None,
             lifetime: LifetimePolicy::default(),
             root_lifetime_secs: 10 * 365 * 86_400,
             jwt: Some(JwtConfig {
