@@ -278,10 +278,18 @@ fn activation_step(input: &PlanInput<'_>, active: &AuthorityRecord) -> Option<Pl
 /// Rule 3 of [`plan`]: remove the oldest removable retired authority, or wait for the first
 /// blocked one; `None` when none is retired.
 fn removal_step(input: &PlanInput<'_>) -> Option<Plan> {
+    removal_step_of(input, |_| true)
+}
+
+/// [`removal_step`] over the retired authorities `eligible` accepts.
+fn removal_step_of(
+    input: &PlanInput<'_>,
+    eligible: impl Fn(&AuthorityRecord) -> bool,
+) -> Option<Plan> {
     let mut retired: Vec<&AuthorityRecord> = input
         .authorities
         .iter()
-        .filter(|a| a.state == AuthorityState::Retired)
+        .filter(|a| a.state == AuthorityState::Retired && eligible(a))
         .collect();
     retired.sort_by_key(|a| (a.created_at, a.id.clone()));
     let mut first_blocked = None;
@@ -392,7 +400,12 @@ pub fn plan_renewal(input: &PlanInput<'_>, policy: &RenewalPolicy) -> RenewalPla
     if due && let Some(step) = activation_step(input, active) {
         return RenewalPlan::Step(step);
     }
-    if let Some(step) = removal_step(input) {
+    // Only a retired root that had itself reached its renewal point is removed
+    // automatically: that is the one renewal replaced. A root an operator retired
+    // early (by `root activate` of a successor) stays for the operator's
+    // `root remove` or `root rotate`, so a roll-back stays possible and the two
+    // never race for the same step.
+    if let Some(step) = removal_step_of(input, |a| input.now >= policy.due_at(a)) {
         return RenewalPlan::Step(step);
     }
     let authority = active.id.clone();
@@ -863,10 +876,12 @@ mod tests {
 
     #[test]
     fn a_retired_root_is_removed_when_allowed_even_when_nothing_is_due() {
-        let a = [
-            root("old", AuthorityState::Retired, 1),
-            root("cur", AuthorityState::Active, 2),
-        ];
+        // "old" lived 0..NOW, so it was due at NOW / 2; "cur" is not due yet.
+        let old = AuthorityRecord {
+            not_after: NOW,
+            ..root("old", AuthorityState::Retired, 1)
+        };
+        let a = [old, root("cur", AuthorityState::Active, 2)];
         let live = [leaf(1, "old", "spiffe://td/web", "n", NOW + 50)];
         let early = NOW - 10;
         match plan_renewal(&at(input(&a, 3, &[], &live), early), &POLICY) {
@@ -878,6 +893,22 @@ mod tests {
         assert_eq!(
             plan_renewal(&at(input(&a, 3, &[], &[]), early), &POLICY),
             RenewalPlan::Step(Plan::Next(Transition::Remove("old".into())))
+        );
+    }
+
+    #[test]
+    fn a_retired_root_that_was_not_due_is_left_to_the_operator() {
+        // Retired early by an operator's activation of "cur": neither is due.
+        let a = [
+            root("old", AuthorityState::Retired, 1),
+            root("cur", AuthorityState::Active, 2),
+        ];
+        assert_eq!(
+            plan_renewal(&at(input(&a, 3, &[], &[]), NOW - 10), &POLICY),
+            RenewalPlan::Idle(Idle::NotDue {
+                authority: "cur".into(),
+                due_at: NOW
+            })
         );
     }
 
