@@ -24,6 +24,23 @@ pub struct PolicyState {
     pub set: PolicySet,
 }
 
+impl PolicyState {
+    /// Runs `f` with this workload as the policy engine names it (namespace and
+    /// borrowed labels): the one place that builds it for the mTLS mode, request
+    /// authentication and authorization.
+    pub fn with_workload<R>(&self, f: impl FnOnce(&Workload<'_>) -> R) -> R {
+        let labels: Vec<(&str, &str)> = self
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        f(&Workload {
+            namespace: &self.namespace,
+            labels: &labels,
+        })
+    }
+}
+
 /// What the first bytes of an inbound connection say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sniffed {
@@ -171,16 +188,16 @@ pub fn admit_request(
     facts: &ConnFacts,
     http: Option<&HttpAttrs>,
 ) -> Admission {
-    let labels: Vec<(&str, &str)> = state
-        .labels
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let workload = Workload {
-        namespace: &state.namespace,
-        labels: &labels,
-    };
-    let mode = state.set.effective_mtls(&workload, facts.app_port);
+    state.with_workload(|workload| admit_workload(state, workload, facts, http))
+}
+
+fn admit_workload(
+    state: &PolicyState,
+    workload: &Workload<'_>,
+    facts: &ConnFacts,
+    http: Option<&HttpAttrs>,
+) -> Admission {
+    let mode = state.set.effective_mtls(workload, facts.app_port);
     if !transport_allowed(mode, facts.tls) {
         let what = if facts.tls { "mTLS" } else { "plaintext" };
         return Admission {
@@ -219,7 +236,7 @@ pub fn admit_request(
             remote_ip: None,
         },
         destination: Destination {
-            workload,
+            workload: *workload,
             ip: None,
             port: facts.app_port,
         },

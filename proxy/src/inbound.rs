@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use citadel_policy::{Mode, Workload, principal_from_spiffe_id};
+use citadel_policy::{Mode, principal_from_spiffe_id};
 use citadel_tls::{alpn, peer_spiffe_id};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -290,18 +290,7 @@ impl Inbound {
             }
         };
         let mut tls = kind == Sniffed::Tls;
-        let labels: Vec<(&str, &str)> = state
-            .labels
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let mode = state.set.effective_mtls(
-            &Workload {
-                namespace: &state.namespace,
-                labels: &labels,
-            },
-            app_port,
-        );
+        let mode = state.with_workload(|w| state.set.effective_mtls(w, app_port));
         let mut offered: Vec<Vec<u8>> = Vec::new();
         if tls {
             match tokio::time::timeout(self.handshake_timeout, peek_hello(&stream)).await {

@@ -20,7 +20,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{StatusCode, Uri};
 
-use citadel_policy::{AuthnOutcome, OwnedJwt, TokenLocation, Workload, authenticate};
+use citadel_policy::{AuthnOutcome, OwnedJwt, TokenLocation, authenticate};
 
 use crate::decide::PolicyState;
 
@@ -86,16 +86,7 @@ pub fn authenticate_request(
     parts: &Parts,
     now: i64,
 ) -> Result<Passed, Refused> {
-    let labels: Vec<(&str, &str)> = state
-        .labels
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let workload = Workload {
-        namespace: &state.namespace,
-        labels: &labels,
-    };
-    let providers = state.set.jwt_providers(&workload);
+    let providers = state.with_workload(|w| state.set.jwt_providers(w));
     let find = |loc: &TokenLocation| match loc {
         TokenLocation::Header { .. } => header_token(parts, loc),
         TokenLocation::Param(name) => param_token(&parts.uri, name),
