@@ -1,7 +1,7 @@
 //! Loading the signing authority at start-up and publishing the trust bundle.
 
 use citadel_identity::{TrustBundle, TrustDomain};
-use citadel_store::{AuthorityRecord, AuthorityState, Store, StoreError};
+use citadel_store::{AuthorityRecord, AuthorityState, AuthorityStore, StoreError};
 use rustls_pki_types::CertificateDer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -105,27 +105,59 @@ pub async fn save_key(
     }
 }
 
-/// Imports the operator's CA from `dir` (checked, including a probe leaf) and records it:
-/// a new one enters as `prepared` (its key copied into the key store), and is activated
-/// only when no authority is active at all (the first start). An authority the store
-/// already knows keeps its state, so restarting with `--ca-dir` never undoes an
-/// activation, retirement or removal made from the CLI.
+/// Reads the operator's CA from `dir` and checks it as a signing set: a complete layout,
+/// the key matching the signing certificate, the chain to the root, and a probe leaf signed
+/// with it and verified by our own chain verifier. Changes nothing.
+pub fn check_ca_dir(
+    dir: &Path,
+    trust_domain: &TrustDomain,
+    now: i64,
+) -> Result<(Authority, KeyPem), crate::authority::AuthorityError> {
+    let (authority, key) = Authority::import_dir(dir)?;
+    crate::authority::probe(&authority, trust_domain, now)?;
+    Ok((authority, key))
+}
+
+/// Imports the operator's CA from `dir` (checked with [`check_ca_dir`]) and records it
+/// ([`record_ca_dir`]); returns its ID.
 pub async fn import_ca_dir(
-    store: &dyn Store,
+    store: &dyn AuthorityStore,
     keys: &dyn KeyStore,
     trust_domain: &TrustDomain,
     dir: &Path,
     now: i64,
 ) -> anyhow::Result<String> {
-    let (authority, key) = Authority::import_dir(dir)?;
-    crate::authority::probe(&authority, trust_domain, now)?;
+    let (authority, key) = check_ca_dir(dir, trust_domain, now)?;
+    record_ca_dir(store, keys, &authority, &key, dir, now).await?;
+    Ok(authority.id().to_owned())
+}
+
+/// Records a checked operator CA: a new one enters as `prepared` (its key copied into the
+/// key store), and is activated here only when no authority is active at all (the first
+/// start); otherwise the running CA activates it once every live agent's proxies hold its
+/// root ([`crate::ca_dir_watch`]). An authority the store already knows keeps its state, so
+/// restarting with `--ca-dir`, or importing the same set twice (two replicas, or one round
+/// after another), never undoes an activation, retirement or removal made from the CLI.
+pub async fn record_ca_dir(
+    store: &dyn AuthorityStore,
+    keys: &dyn KeyStore,
+    authority: &Authority,
+    key: &KeyPem,
+    dir: &Path,
+    now: i64,
+) -> anyhow::Result<()> {
     let records = store.list_authorities().await?;
     let no_active = !records.iter().any(|r| r.state == AuthorityState::Active);
     match records.iter().find(|r| r.id == authority.id()) {
         None => {
-            let key_ref = save_key(keys, &authority, &key).await?;
-            let rec = record_of(&authority, AuthorityState::Prepared, &key_ref, now);
-            store.insert_authority(&rec).await?;
+            let key_ref = save_key(keys, authority, key).await?;
+            let rec = record_of(authority, AuthorityState::Prepared, &key_ref, now);
+            match store.insert_authority(&rec).await {
+                Ok(()) => {}
+                // Another replica recorded the same set first: it keeps the state it has.
+                Err(StoreError::Conflict(_)) if !no_active => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
             if no_active {
                 store
                     .set_authority_state(authority.id(), AuthorityState::Active)
@@ -135,7 +167,7 @@ pub async fn import_ca_dir(
                 tracing::info!(
                     authority = authority.id(),
                     dir = %dir.display(),
-                    "the operator's CA entered the trust bundle as prepared; activate it with `citadel root activate` or `citadel root rotate`"
+                    "the operator's CA entered the trust bundle as prepared; it signs once every live agent's proxies hold its root"
                 );
             }
         }
@@ -145,16 +177,16 @@ pub async fn import_ca_dir(
                 .await?;
         }
         Some(r) => {
-            tracing::info!(authority = authority.id(), state = %r.state, "the operator's CA is known to the store; its state stays");
+            tracing::debug!(authority = authority.id(), state = %r.state, "the operator's CA is known to the store; its state stays");
         }
     }
-    Ok(authority.id().to_owned())
+    Ok(())
 }
 
 /// Finds the active authority, creating a self-signed root on first start
 /// or importing the operator's CA from `ca_dir` ([`import_ca_dir`]).
 pub async fn load_or_create(
-    store: &dyn Store,
+    store: &dyn AuthorityStore,
     loader: &AuthorityLoader,
     trust_domain: &TrustDomain,
     root_lifetime_secs: i64,
@@ -221,7 +253,7 @@ pub fn in_bundle(state: AuthorityState) -> bool {
 
 /// The trust bundle: the roots of every prepared, active or retired authority.
 pub async fn current_bundle(
-    store: &dyn Store,
+    store: &dyn AuthorityStore,
     trust_domain: &TrustDomain,
 ) -> anyhow::Result<TrustBundle> {
     bundle_of(&store.list_authorities().await?, trust_domain)

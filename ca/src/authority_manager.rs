@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use citadel_identity::{TrustBundle, TrustDomain};
-use citadel_store::{AuthorityState, Store};
+use citadel_store::{AuthorityState, AuthorityStore};
 use tokio::sync::watch;
 
 use crate::authorities::{AuthorityLoader, bundle_of, write_bundle};
@@ -22,7 +22,7 @@ use crate::bundle_watch::{BundleSnapshot, read_authorities};
 /// The polling task and the channels it publishes to.
 pub struct StoreFollower {
     /// Where authorities and the bundle come from.
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn AuthorityStore>,
     /// Trust domain of the bundle.
     pub trust_domain: TrustDomain,
     /// Time between two reads of the sequence.
@@ -152,7 +152,7 @@ mod tests {
     );
 
     struct Fixture {
-        store: Arc<dyn Store>,
+        store: Arc<dyn AuthorityStore>,
         keys: Arc<dyn KeyStore>,
         td: TrustDomain,
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use citadel_proto::citadel::v1::trust_bundle_service_server::TrustBundleService;
 use citadel_proto::citadel::v1::{TrustBundleAck, TrustBundleUpdate};
-use citadel_store::Store;
+use citadel_store::AckStore;
 use futures::Stream;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
@@ -62,7 +62,7 @@ pub fn judge_ack(applied: u64, current: u64, last_recorded: u64) -> AckDecision 
 /// Serves `WatchTrustBundle`.
 pub struct TrustBundleStreamService {
     auth: AuthChain,
-    store: Arc<dyn Store>,
+    store: Arc<dyn AckStore>,
     snapshots: watch::Receiver<Arc<BundleSnapshot>>,
     shutdown: watch::Receiver<bool>,
 }
@@ -72,7 +72,7 @@ impl TrustBundleStreamService {
     /// every stream ends when `shutdown` turns true.
     pub fn new(
         auth: AuthChain,
-        store: Arc<dyn Store>,
+        store: Arc<dyn AckStore>,
         snapshots: watch::Receiver<Arc<BundleSnapshot>>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
@@ -131,7 +131,7 @@ where
 async fn record_acks(
     mut acks: Streaming<TrustBundleAck>,
     agent: String,
-    store: Arc<dyn Store>,
+    store: Arc<dyn AckStore>,
     snapshots: watch::Receiver<Arc<BundleSnapshot>>,
     mut shutdown: watch::Receiver<bool>,
 ) {

@@ -4,7 +4,7 @@
 
 use citadel_identity::{TrustBundle, TrustDomain};
 use citadel_proto::citadel::v1::TrustBundleUpdate;
-use citadel_store::{AuthorityRecord, AuthorityState, Store};
+use citadel_store::{AuthorityRecord, AuthorityState, AuthorityStore};
 
 use crate::authorities::bundle_of;
 
@@ -35,14 +35,19 @@ impl BundleSnapshot {
 /// never older than the sequence they are published with, so a change racing with the read
 /// shows up as a newer sequence at the next poll, never as an acknowledged sequence whose
 /// roots were missed.
-pub async fn read_authorities(store: &dyn Store) -> anyhow::Result<(u64, Vec<AuthorityRecord>)> {
+pub async fn read_authorities(
+    store: &dyn AuthorityStore,
+) -> anyhow::Result<(u64, Vec<AuthorityRecord>)> {
     let sequence = store.bundle_sequence().await?;
     let records = store.list_authorities().await?;
     Ok((sequence, records))
 }
 
 /// The snapshot of the store as it is, naming the store's active authority.
-pub async fn load_snapshot(store: &dyn Store, td: &TrustDomain) -> anyhow::Result<BundleSnapshot> {
+pub async fn load_snapshot(
+    store: &dyn AuthorityStore,
+    td: &TrustDomain,
+) -> anyhow::Result<BundleSnapshot> {
     let (sequence, records) = read_authorities(store).await?;
     let bundle = bundle_of(&records, td)?;
     let active_authority_id = records

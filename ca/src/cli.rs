@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use citadel_identity::TrustDomain;
-use citadel_store::{BundleAck, LedgerFilter, NodeRecord, PolicyAck, Store, StoreError};
+use citadel_store::{
+    AckStore, BundleAck, LedgerFilter, LedgerStore, NodeRecord, NodeStore, PolicyAck, Store,
+    StoreError,
+};
 
 use crate::node::{node_identity, validate_node_name};
 
@@ -58,7 +61,7 @@ pub fn fmt_time(t: i64) -> String {
 }
 
 /// `citadel ledger verify`: `Ok(true)` when the chain is intact.
-pub async fn ledger_verify(store: &dyn Store, out: &mut dyn Write) -> anyhow::Result<bool> {
+pub async fn ledger_verify(store: &dyn LedgerStore, out: &mut dyn Write) -> anyhow::Result<bool> {
     let v = store.verify_ledger().await?;
     match v.first_bad {
         None => {
@@ -78,7 +81,7 @@ pub async fn ledger_verify(store: &dyn Store, out: &mut dyn Write) -> anyhow::Re
 
 /// `citadel certs list`.
 pub async fn certs_list(
-    store: &dyn Store,
+    store: &dyn LedgerStore,
     filter: &LedgerFilter,
     json: bool,
     out: &mut dyn Write,
@@ -191,8 +194,8 @@ fn fmt_opt_time(t: Option<i64>) -> String {
 
 /// `citadel node list`: every joined node, as a table or (`json`) a JSON array whose fields
 /// are documented in docs/ca.md.
-pub async fn node_list(
-    store: &dyn Store,
+pub async fn node_list<S: NodeStore + AckStore + ?Sized>(
+    store: &S,
     trust_domain: &TrustDomain,
     json: bool,
     out: &mut dyn Write,
@@ -260,7 +263,7 @@ pub async fn node_list(
 /// workload certificates, the trust-bundle stream) until it joins again with a new token.
 /// An unknown or malformed node name is an error.
 pub async fn node_evict(
-    store: &dyn Store,
+    store: &dyn NodeStore,
     node: &str,
     now: i64,
     out: &mut dyn Write,

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use citadel_store::Store;
+use citadel_store::HealthStore;
 use tokio::sync::watch;
 
 use crate::authority::Authority;
@@ -19,7 +19,7 @@ pub struct OpsState {
     /// The metrics registry.
     pub metrics: Arc<CaMetrics>,
     /// The store, pinged by `/readyz`.
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn HealthStore>,
     /// The active authority, for the expiry gauges.
     pub authority: watch::Receiver<Arc<Authority>>,
 }

@@ -8,7 +8,8 @@ use std::time::Instant;
 use citadel_identity::lifetime::{LifetimeError, LifetimePolicy, leaf_validity};
 use citadel_identity::{SpiffeId, TrustDomain};
 use citadel_store::{
-    GroupCommitLedger, LedgerEntry, NewIssuance, NodeGrant, NodeIssuanceOutcome, Store, StoreError,
+    GroupCommitLedger, LedgerEntry, NewIssuance, NodeGrant, NodeIssuanceOutcome, NodeStore,
+    StoreError,
 };
 use tokio::sync::watch;
 
@@ -247,7 +248,7 @@ pub struct CertificateIssuer {
     trust_domain: TrustDomain,
     authority: watch::Receiver<Arc<Authority>>,
     auth: AuthChain,
-    store: Arc<dyn Store>,
+    store: Arc<dyn NodeStore>,
     ledger: GroupCommitLedger,
     lifetime: LifetimePolicy,
     metrics: Arc<CaMetrics>,
@@ -261,7 +262,7 @@ impl CertificateIssuer {
         trust_domain: TrustDomain,
         authority: watch::Receiver<Arc<Authority>>,
         auth: AuthChain,
-        store: Arc<dyn Store>,
+        store: Arc<dyn NodeStore>,
         ledger: GroupCommitLedger,
         lifetime: LifetimePolicy,
         metrics: Arc<CaMetrics>,

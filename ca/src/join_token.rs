@@ -7,7 +7,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use citadel_identity::{SpiffeId, TrustDomain};
-use citadel_store::{JoinTokenRecord, Store, StoreError};
+use citadel_store::{JoinTokenRecord, NodeStore, StoreError};
 use ring::rand::SecureRandom;
 
 use crate::node::{InvalidNodeName, is_reserved, validate_node_name};
@@ -138,7 +138,7 @@ pub fn record_for(token: &str, grant: &JoinTokenGrant, now: i64) -> JoinTokenRec
 /// `citadel token create`, after [`validate_grant`]: generates a token, stores its hash and
 /// returns the token (shown once, never stored) with what was stored.
 pub async fn create(
-    store: &dyn Store,
+    store: &dyn NodeStore,
     grant: &JoinTokenGrant,
     now: i64,
 ) -> Result<(String, JoinTokenRecord), JoinTokenError> {

@@ -16,6 +16,7 @@ pub mod authority;
 pub mod authority_manager;
 pub mod bundle_service;
 pub mod bundle_watch;
+pub mod ca_dir_watch;
 pub mod cli;
 pub mod clock;
 pub mod csr;

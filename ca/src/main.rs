@@ -404,6 +404,8 @@ struct ServeArgs {
     ip_addresses: Vec<IpAddr>,
     /// Sign with the operator's CA from this directory (Istio cacerts layout:
     /// ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem; or tls.crt, tls.key, ca.crt).
+    /// Watched while running: a replaced set enters the bundle as prepared and takes over
+    /// once every live agent holds its root; a bad set is logged and ignored.
     #[arg(long, env = "CITADEL_CA_DIR")]
     ca_dir: Option<PathBuf>,
     /// Seal authority keys into the store (AES-256-GCM) under the key-encryption key in this

@@ -45,6 +45,9 @@ pub struct CaMetrics {
     pub root_expiry_seconds: Gauge,
     /// Seconds until the active signing certificate expires (set at scrape time).
     pub signer_expiry_seconds: Gauge,
+    /// `citadel_ca_dir_rejected_total`: sets found in `--ca-dir` while running that could not
+    /// sign (each distinct set counted once); the last good set stayed.
+    pub ca_dir_rejected: Counter,
 }
 
 impl Default for CaMetrics {
@@ -84,6 +87,13 @@ impl CaMetrics {
             "Seconds until the active signing certificate expires",
             signer_expiry_seconds.clone(),
         );
+        let ca_dir_rejected = Counter::default();
+        // Under the `citadel_ca` prefix: `citadel_ca_dir_rejected_total`.
+        registry.register(
+            "dir_rejected",
+            "Sets found in --ca-dir while running that could not sign (chain, key, probe leaf or missing files); the last good set stayed",
+            ca_dir_rejected.clone(),
+        );
         let mut policy_registry = Registry::with_prefix("citadel_policy");
         let policy_reload_errors = Counter::default();
         let policy_objects = Gauge::default();
@@ -121,6 +131,7 @@ impl CaMetrics {
             issuance_seconds,
             root_expiry_seconds,
             signer_expiry_seconds,
+            ca_dir_rejected,
         }
     }
 

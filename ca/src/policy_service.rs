@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use citadel_proto::citadel::v1::policy_service_server::PolicyService;
 use citadel_proto::citadel::v1::{PolicyAck, PolicySet};
-use citadel_store::Store;
+use citadel_store::AckStore;
 use futures::Stream;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
@@ -68,7 +68,7 @@ impl Sent {
 /// Serves `WatchPolicies`.
 pub struct PolicyStreamService {
     auth: crate::auth::AuthChain,
-    store: Arc<dyn Store>,
+    store: Arc<dyn AckStore>,
     snapshots: watch::Receiver<Arc<PolicySnapshot>>,
     shutdown: watch::Receiver<bool>,
 }
@@ -78,7 +78,7 @@ impl PolicyStreamService {
     /// every stream ends when `shutdown` turns true.
     pub fn new(
         auth: crate::auth::AuthChain,
-        store: Arc<dyn Store>,
+        store: Arc<dyn AckStore>,
         snapshots: watch::Receiver<Arc<PolicySnapshot>>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
@@ -110,7 +110,7 @@ fn updates(
 async fn record_acks(
     mut acks: Streaming<PolicyAck>,
     agent: String,
-    store: Arc<dyn Store>,
+    store: Arc<dyn AckStore>,
     sent: Arc<Sent>,
     mut shutdown: watch::Receiver<bool>,
 ) {

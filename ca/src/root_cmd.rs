@@ -7,7 +7,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use citadel_identity::TrustDomain;
-use citadel_store::{AuthorityRecord, AuthorityState, BundleAck, LedgerEntry, LedgerFilter, Store};
+use citadel_store::{
+    AckStore, AuthorityRecord, AuthorityState, AuthorityStore, BundleAck, LedgerEntry,
+    LedgerFilter, LedgerStore,
+};
 use serde_json::json;
 
 use crate::authorities::{bundle_of, record_of, save_key};
@@ -19,6 +22,12 @@ use crate::rotation::{
     AgentView, Blocker, Plan, PlanInput, Transition, agent_views, check_activate, check_remove,
     check_retire, plan,
 };
+
+/// The seams a rotation reads and changes: the authorities, the agents' acknowledgements and
+/// the live certificates (any [`citadel_store::Store`] is one).
+pub trait RotationStore: AuthorityStore + AckStore + LedgerStore {}
+
+impl<T: AuthorityStore + AckStore + LedgerStore + ?Sized> RotationStore for T {}
 
 /// Everything the planner needs, read from the store at one moment.
 #[derive(Debug, Clone)]
@@ -37,7 +46,10 @@ pub struct StoreState {
 
 impl StoreState {
     /// Reads the store at `now`.
-    pub async fn read(store: &dyn Store, now: i64) -> anyhow::Result<StoreState> {
+    pub async fn read<S: RotationStore + ?Sized>(
+        store: &S,
+        now: i64,
+    ) -> anyhow::Result<StoreState> {
         let bundle_sequence = store.bundle_sequence().await?;
         let authorities = store.list_authorities().await?;
         let acks = store.list_bundle_acks().await?;
@@ -114,8 +126,8 @@ fn leaf_json(l: &LedgerEntry) -> serde_json::Value {
 /// `citadel root status`: each authority (ID, state, subject, expiry, live certificates it
 /// signed), the trust-bundle sequence, each agent (live or stale, the sequence it
 /// acknowledged), then the trust bundle PEM. With `json`, one JSON object.
-pub async fn status(
-    store: &dyn Store,
+pub async fn status<S: RotationStore + ?Sized>(
+    store: &S,
     trust_domain: &TrustDomain,
     stale_after_secs: i64,
     json_out: bool,
@@ -278,8 +290,8 @@ pub struct PrepareArgs<'a> {
 /// `citadel root prepare`: a new self-signed root (or the operator's CA from `ca_dir`,
 /// checked with a probe leaf), its key in the key store, added to the bundle as prepared.
 /// Returns its ID.
-pub async fn prepare(
-    store: &dyn Store,
+pub async fn prepare<S: AuthorityStore + ?Sized>(
+    store: &S,
     keys: &dyn KeyStore,
     args: &PrepareArgs<'_>,
     now: i64,
@@ -340,8 +352,8 @@ fn emit(
 
 /// `citadel root activate ID [--force]`: refuses, naming every live agent that has not
 /// acknowledged the current bundle (stale agents are listed, not blocking), unless `force`.
-pub async fn activate(
-    store: &dyn Store,
+pub async fn activate<S: RotationStore + ?Sized>(
+    store: &S,
     id: &str,
     force: bool,
     stale_after_secs: i64,
@@ -429,8 +441,8 @@ fn stale_note(stale: &[AgentView]) -> String {
 
 /// `citadel root retire ID`: a prepared authority is withdrawn from activation (its root
 /// stays in the bundle until removed); the active one is refused (activate its successor).
-pub async fn retire(
-    store: &dyn Store,
+pub async fn retire<S: RotationStore + ?Sized>(
+    store: &S,
     id: &str,
     json_out: bool,
     out: &mut dyn Write,
@@ -459,8 +471,8 @@ pub async fn retire(
 
 /// `citadel root remove ID [--force]`: takes the authority's root out of the bundle;
 /// refuses while a certificate it signed is neither expired nor superseded, unless `force`.
-pub async fn remove(
-    store: &dyn Store,
+pub async fn remove<S: RotationStore + ?Sized>(
+    store: &S,
     id: &str,
     force: bool,
     json_out: bool,
@@ -514,8 +526,8 @@ pub enum StepTaken {
 
 /// Takes one transition the planner decided, on the store: the one place where `root rotate`
 /// and the running CA's automatic renewal act, so both take exactly the same steps.
-pub async fn take_step(
-    store: &dyn Store,
+pub async fn take_step<S: AuthorityStore + ?Sized>(
+    store: &S,
     keys: &dyn KeyStore,
     trust_domain: &TrustDomain,
     state: &StoreState,
@@ -588,8 +600,8 @@ pub enum RotateEnd {
 /// authority) → wait until every certificate of the old one is re-issued or expired →
 /// remove. Every step is decided by [`plan`] from the store alone, so a run that stops
 /// (Ctrl-C, crash, timeout) is continued by the next one.
-pub async fn rotate(
-    store: &dyn Store,
+pub async fn rotate<S: RotationStore + ?Sized>(
+    store: &S,
     keys: &dyn KeyStore,
     trust_domain: &TrustDomain,
     opts: &RotateOptions,

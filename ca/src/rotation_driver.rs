@@ -1,7 +1,11 @@
 //! The automatic root renewal inside the running CA: a thin task that, every poll interval,
-//! takes the renewal lease, asks the pure planner ([`plan_renewal`]) what to do, and takes
-//! that one step with the same code as `citadel root rotate` ([`take_step`]). Only the
-//! replica holding the lease acts; the others follow the store like for any CLI change.
+//! takes the renewal lease, asks the pure planners what to do, and takes that one step with
+//! the same code as `citadel root rotate` ([`take_step`]). Only the replica holding the
+//! lease acts; the others follow the store like for any CLI change.
+//!
+//! Each round first looks at the operator's `--ca-dir` ([`CaDirWatch`]: a changed set is
+//! imported as prepared, then activated once propagated, [`plugin_activation`]), then, if
+//! automatic renewal is on, at the active root's age ([`plan_renewal`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +14,7 @@ use citadel_identity::TrustDomain;
 use citadel_store::Store;
 use tokio::sync::watch;
 
+use crate::ca_dir_watch::{CaDirWatch, plugin_activation};
 use crate::clock::unix_now;
 use crate::keystore::KeyStore;
 use crate::root_cmd::{StepTaken, StoreState, describe_blocker, take_step};
@@ -26,8 +31,11 @@ pub struct RenewalDriver {
     pub keys: Arc<dyn KeyStore>,
     /// Trust domain of new roots.
     pub trust_domain: TrustDomain,
-    /// When a root is due.
-    pub policy: RenewalPolicy,
+    /// When a root is due; `None` = automatic renewal off (the task then only watches
+    /// `ca_dir`).
+    pub policy: Option<RenewalPolicy>,
+    /// The operator's CA directory, watched for a new set.
+    pub ca_dir: Option<CaDirWatch>,
     /// Lifetime of a new root.
     pub root_lifetime_secs: i64,
     /// An agent not heard from for longer than this does not block activation.
@@ -57,7 +65,7 @@ pub fn new_holder_id() -> String {
 impl RenewalDriver {
     /// Runs rounds until `shutdown`, then gives the lease up so another replica can take
     /// over at once.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut ticks = tokio::time::interval(self.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -79,8 +87,8 @@ impl RenewalDriver {
     }
 
     /// One round: take or renew the lease, then at most one step. `Ok(None)` when another
-    /// replica holds the lease.
-    pub async fn round(&self) -> anyhow::Result<Option<RenewalPlan>> {
+    /// replica holds the lease, or when renewal is off and the CA directory asks for nothing.
+    pub async fn round(&mut self) -> anyhow::Result<Option<RenewalPlan>> {
         let now = unix_now();
         let held = self
             .store
@@ -94,8 +102,32 @@ impl RenewalDriver {
         if !held {
             return Ok(None);
         }
+        if let Some(watch) = self.ca_dir.as_mut() {
+            // A failure here (unreadable directory, store error) must not stop renewal.
+            if let Err(e) = watch
+                .poll(
+                    self.store.as_ref(),
+                    self.keys.as_ref(),
+                    &self.trust_domain,
+                    now,
+                )
+                .await
+            {
+                tracing::warn!(error = %format!("{e:#}"), "CA directory round failed; retrying at the next one");
+            }
+        }
         let state = StoreState::read(self.store.as_ref(), now).await?;
-        let decided = plan_renewal(&state.input(self.stale_after_secs), &self.policy);
+        let input = state.input(self.stale_after_secs);
+        let plugin = self
+            .ca_dir
+            .as_ref()
+            .and_then(|w| w.authority())
+            .and_then(|id| plugin_activation(&input, id));
+        let decided = match (plugin, &self.policy) {
+            (Some(step), _) => RenewalPlan::Step(step),
+            (None, Some(policy)) => plan_renewal(&input, policy),
+            (None, None) => return Ok(None),
+        };
         match &decided {
             RenewalPlan::Step(Plan::Next(step)) => {
                 let taken = take_step(
@@ -112,7 +144,7 @@ impl RenewalDriver {
                         tracing::info!(authority = %id, "root renewal: prepared a new root; it is activated once every live agent's proxies hold it")
                     }
                     StepTaken::Activated { id, retired } => {
-                        tracing::info!(authority = %id, retired = ?retired, "root renewal: activated the new root; the previous one is retired")
+                        tracing::info!(authority = %id, retired = ?retired, "activated the new authority once every live agent held its root; the previous one is retired")
                     }
                     StepTaken::Removed(id) => {
                         tracing::info!(authority = %id, "root renewal: removed the old root from the trust bundle")
@@ -120,7 +152,7 @@ impl RenewalDriver {
                 }
             }
             RenewalPlan::Step(Plan::Wait(blocker)) => {
-                tracing::debug!(blocker = %describe_blocker(blocker), "root renewal waiting");
+                tracing::debug!(blocker = %describe_blocker(blocker), "root renewal or CA directory waiting");
             }
             RenewalPlan::Idle(Idle::PlugIn { authority, due_at }) => {
                 tracing::debug!(%authority, due_at, "the active authority is an operator's CA: not renewed automatically");
@@ -146,7 +178,8 @@ mod tests {
             store,
             keys: Arc::new(MemoryKeyStore::default()),
             trust_domain: TrustDomain::new("cluster.local").unwrap(),
-            policy: RenewalPolicy::new(0.5).unwrap(),
+            policy: Some(RenewalPolicy::new(0.5).unwrap()),
+            ca_dir: None,
             root_lifetime_secs: 3_600,
             stale_after_secs: 60,
             interval: Duration::from_secs(1),
@@ -161,7 +194,7 @@ mod tests {
         // A root that began long ago and ends soon: due.
         let now = unix_now();
         let (root, key) = Authority::create_root(&td, now - 1_000, 1_010).unwrap();
-        let a = driver(store.clone(), "a").await;
+        let mut a = driver(store.clone(), "a").await;
         let key_ref = save_key(a.keys.as_ref(), &root, &key).await.unwrap();
         store
             .insert_authority(&record_of(
@@ -172,7 +205,7 @@ mod tests {
             ))
             .await
             .unwrap();
-        let b = driver(store.clone(), "b").await;
+        let mut b = driver(store.clone(), "b").await;
         assert_eq!(
             a.round().await.unwrap(),
             Some(RenewalPlan::Step(Plan::Next(Transition::Prepare)))

@@ -373,6 +373,7 @@ pub async fn start_with_store(
     }));
 
     let metrics_for_policies = metrics.clone();
+    let ca_dir_rejected = metrics.ca_dir_rejected.clone();
     let ops = router(OpsState {
         metrics,
         store: store.clone(),
@@ -434,15 +435,20 @@ pub async fn start_with_store(
         .run(shutdown_rx.clone()),
     ));
 
-    if let Some(policy) = config.root_renewal {
+    // One task owns the root lifecycle: automatic renewal and the watched --ca-dir.
+    if config.root_renewal.is_some() || config.ca_dir.is_some() {
         let holder = crate::rotation_driver::new_holder_id();
-        tracing::info!(prepare_at = policy.prepare_at, %holder, "automatic root renewal on");
+        tracing::info!(prepare_at = ?config.root_renewal.map(|p| p.prepare_at), ca_dir = ?config.ca_dir, %holder, "root renewal task on");
         tasks.push(tokio::spawn(
             crate::rotation_driver::RenewalDriver {
                 store: store.clone(),
                 keys,
                 trust_domain: config.trust_domain.clone(),
-                policy,
+                policy: config.root_renewal,
+                ca_dir: config
+                    .ca_dir
+                    .clone()
+                    .map(|dir| crate::ca_dir_watch::CaDirWatch::new(dir, ca_dir_rejected.clone())),
                 root_lifetime_secs: config.root_lifetime_secs,
                 stale_after_secs: crate::rotation::DEFAULT_STALE_AFTER_SECS,
                 interval: config.bundle_poll_interval,

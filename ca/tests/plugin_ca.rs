@@ -2,20 +2,31 @@
 //! repeated DN attribute is refused by the probe with a clear message, a good one enters as
 //! `prepared`, and importing `--ca-dir` again never undoes an activation made from the CLI.
 //! The sets are made with OpenSSL, which (unlike rcgen) can write repeated attributes.
+//!
+//! A running CA watches `--ca-dir`: a replaced set enters as prepared and takes over once the
+//! (agent-like) acknowledger holds its root; a bad set is rejected, counted and changes
+//! nothing.
+
+mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use citadel_ca::authorities::{import_ca_dir, record_of, save_key};
 use citadel_ca::authority::Authority;
 use citadel_ca::keystore::{KeyStore, MemoryKeyStore};
 use citadel_ca::root_cmd::{PrepareArgs, prepare};
+use citadel_e2e::client::{connect, create, request};
+use citadel_e2e::csr::p256_csr;
 use citadel_e2e::unix_now;
 use citadel_identity::TrustDomain;
 use citadel_store::memory::MemoryStore;
-use citadel_store::{AuthorityState, Store};
+use citadel_store::{AuthorityRecord, AuthorityState, AuthorityStore, Store};
+use support::{Harness, WEB, chain_der};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -236,4 +247,256 @@ async fn a_plugin_ca_enters_as_prepared_and_a_restart_never_undoes_a_cli_activat
         .unwrap();
     assert_eq!(state(later).await, Some(AuthorityState::Active));
     assert_eq!(state(plugin).await, Some(AuthorityState::Retired));
+}
+
+/// Copies the CA files of `from` into `to`, one file at a time (as an operator would).
+fn copy_set(from: &Path, to: &Path) {
+    for name in [
+        "ca-cert.pem",
+        "cert-chain.pem",
+        "root-cert.pem",
+        "ca-key.pem",
+    ] {
+        std::fs::copy(from.join(name), to.join(name)).unwrap();
+    }
+    std::fs::set_permissions(
+        to.join("ca-key.pem"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+}
+
+/// A CA signing with the operator's set in `<tmp>/live` (renewal off, 100 ms rounds).
+async fn plugin_harness(tmp: &Path) -> Harness {
+    let live = tmp.join("live");
+    make_cacerts(&live, "/O=Operator/OU=mesh/CN=Operator Intermediate CA");
+    Harness::start_custom(
+        |s| s,
+        |c| {
+            c.ca_dir = Some(live.clone());
+            c.root_renewal = None;
+        },
+    )
+    .await
+}
+
+async fn authorities(h: &Harness) -> Vec<AuthorityRecord> {
+    h.store.list_authorities().await.unwrap()
+}
+
+async fn rejected_total(h: &Harness) -> u64 {
+    let addr = h.ca.as_ref().unwrap().http_addr;
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("citadel_ca_dir_rejected_total "))
+        .unwrap_or_else(|| panic!("no citadel_ca_dir_rejected_total in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Waits up to `secs` for `what` to hold of the store's authorities.
+async fn wait_for(
+    h: &Harness,
+    secs: u64,
+    what: &str,
+    cond: impl Fn(&[AuthorityRecord]) -> bool,
+) -> Vec<AuthorityRecord> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let records = authorities(h).await;
+        if cond(&records) {
+            return records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} within {secs} s: {:?}",
+            records.iter().map(|r| (&r.id, r.state)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn state_of(records: &[AuthorityRecord], id: &str) -> Option<AuthorityState> {
+    records.iter().find(|r| r.id == id).map(|r| r.state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_ca_dir_is_prepared_then_activated_once_propagated_and_signs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = plugin_harness(tmp.path()).await;
+    let first = authorities(&h).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].state, AuthorityState::Active);
+    let original = first[0].id.clone();
+
+    // An agent-like acknowledger, holding back (heartbeats with its old sequence) while
+    // `hold` is set, as an agent whose proxies have not ACKed the new bundle yet.
+    const AGENT: &str = "spiffe://cluster.local/citadel/node/acker";
+    let hold = Arc::new(AtomicBool::new(true));
+    let (acker_store, acker_hold) = (h.store.clone(), hold.clone());
+    let acker = tokio::spawn(async move {
+        let mut acked = acker_store.bundle_sequence().await.unwrap();
+        loop {
+            if !acker_hold.load(Ordering::SeqCst) {
+                acked = acker_store.bundle_sequence().await.unwrap();
+            }
+            acker_store
+                .record_bundle_ack(AGENT, acked, unix_now())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+
+    // The operator replaces the files with an intermediate under a new root.
+    let next = tmp.path().join("next");
+    make_cacerts(&next, "/O=Operator/OU=mesh/CN=Operator Intermediate CA 2");
+    let (next_ca, _) = Authority::import_dir(&next).unwrap();
+    let next_id = next_ca.id().to_owned();
+    copy_set(&next, &tmp.path().join("live"));
+
+    let records = wait_for(&h, 10, "the new set prepared", |r| {
+        state_of(r, &next_id).is_some()
+    })
+    .await;
+    assert_eq!(state_of(&records, &next_id), Some(AuthorityState::Prepared));
+    // A live agent behind blocks activation: 1 s is ten rounds.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = authorities(&h).await;
+    assert_eq!(
+        state_of(&during, &next_id),
+        Some(AuthorityState::Prepared),
+        "activated before the live agent held the new root"
+    );
+    assert_eq!(state_of(&during, &original), Some(AuthorityState::Active));
+
+    hold.store(false, Ordering::SeqCst);
+    let records = wait_for(&h, 10, "the new set activated", |r| {
+        state_of(r, &next_id) == Some(AuthorityState::Active)
+    })
+    .await;
+    assert_eq!(state_of(&records, &original), Some(AuthorityState::Retired));
+    acker.abort();
+
+    // The CA signs with it (its serving certificate too: the bundle file now holds both roots).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let chain = loop {
+        let bundle_pem = std::fs::read_to_string(h.data_dir.join("bundle.pem")).unwrap();
+        let csr = p256_csr(&[WEB]).unwrap();
+        let token = h.tokens.token("shop", "web");
+        if let Ok(mut client) = connect(h.addr(), &bundle_pem, None).await
+            && let Ok(resp) = create(&mut client, request(&csr.pem, 0, Some(&token), None)).await
+        {
+            let chain = chain_der(&resp.cert_chain);
+            if chain.get(1) == Some(next_ca.signer()) {
+                break chain;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the CA does not sign with the new set"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(chain.last(), Some(next_ca.root()));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_ca_dir_set_is_rejected_counted_once_and_changes_nothing_until_a_good_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = plugin_harness(tmp.path()).await;
+    let before = authorities(&h).await;
+    let seq_before = h.store.bundle_sequence().await.unwrap();
+    assert_eq!(rejected_total(&h).await, 0);
+
+    // A key that does not match the signing certificate (as when only ca-key.pem of a new
+    // set has been copied).
+    let other = tmp.path().join("other");
+    make_cacerts(&other, "/O=Operator/OU=mesh/CN=Another Intermediate CA");
+    let live = tmp.path().join("live");
+    std::fs::copy(other.join("ca-key.pem"), live.join("ca-key.pem")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rejected_total(&h).await == 0 {
+        assert!(Instant::now() < deadline, "the bad set was not rejected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Ten more rounds: counted (and logged) once, nothing changed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(rejected_total(&h).await, 1);
+    assert_eq!(authorities(&h).await, before);
+    assert_eq!(h.store.bundle_sequence().await.unwrap(), seq_before);
+
+    // A good set is taken afterwards; with no agents it signs at once.
+    let (other_ca, _) = Authority::import_dir(&other).unwrap();
+    copy_set(&other, &live);
+    let records = wait_for(&h, 10, "the good set activated", |r| {
+        state_of(r, other_ca.id()) == Some(AuthorityState::Active)
+    })
+    .await;
+    assert_eq!(
+        state_of(&records, &before[0].id),
+        Some(AuthorityState::Retired)
+    );
+    assert_eq!(rejected_total(&h).await, 1);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_or_restarted_ca_never_undoes_a_cli_activation_away_from_its_ca_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let live = tmp.path().join("live");
+    make_cacerts(&live, "/O=Operator/OU=mesh/CN=Operator Intermediate CA");
+    let data_dir = tmp.path().join("data");
+    let start = || {
+        let (live, data_dir) = (live.clone(), data_dir.clone());
+        Harness::start_custom(
+            |s| s,
+            move |c| {
+                c.ca_dir = Some(live);
+                c.data_dir = data_dir;
+                c.root_renewal = None;
+            },
+        )
+    };
+    let h = start().await;
+    let plugin = authorities(&h).await[0].id.clone();
+    // The operator rotates away from the CA directory's set from the CLI.
+    let keys = citadel_ca::keystore::FileKeyStore::open(data_dir.join("keys")).unwrap();
+    let td = td();
+    let cli = prepare(
+        h.store.as_ref(),
+        &keys,
+        &PrepareArgs {
+            trust_domain: &td,
+            ca_dir: None,
+            root_lifetime_secs: 86_400 * 365,
+        },
+        unix_now(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    citadel_ca::root_cmd::activate(h.store.as_ref(), &cli, false, 60, true, &mut out)
+        .await
+        .unwrap();
+    // Twenty rounds of the watch: the directory's set stays retired.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let records = authorities(&h).await;
+    assert_eq!(state_of(&records, &cli), Some(AuthorityState::Active));
+    assert_eq!(state_of(&records, &plugin), Some(AuthorityState::Retired));
+    h.stop().await;
+    // Nor does a restart with the same directory.
+    let h = start().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let records = authorities(&h).await;
+    assert_eq!(state_of(&records, &cli), Some(AuthorityState::Active));
+    assert_eq!(state_of(&records, &plugin), Some(AuthorityState::Retired));
+    h.stop().await;
 }

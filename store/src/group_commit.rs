@@ -1,7 +1,7 @@
 //! Group commit for the ledger: many concurrent issuances, few transactions.
 //!
 //! One writer task owns the appends. It waits for a request, takes whatever else is already
-//! queued (up to `max_batch`), appends the lot with one [`Store::append_issuances`] call and
+//! queued (up to `max_batch`), appends the lot with one [`LedgerStore::append_issuances`] call and
 //! answers each waiter. A waiter is answered only after its row is committed; if the
 //! transaction fails, every waiter of that batch gets the error and nothing was written.
 
@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::StoreError;
 use crate::model::{LedgerEntry, NewIssuance};
-use crate::store::Store;
+use crate::store::LedgerStore;
 
 /// Upper bound on `max_batch`, which also bounds the request queue.
 const MAX_BATCH_LIMIT: usize = 4096;
@@ -34,7 +34,7 @@ impl GroupCommitLedger {
     /// Spawns the writer task on the current Tokio runtime (so it must be called from within
     /// one). Each transaction carries at most `max_batch` issuances (clamped to 1..=4096); up
     /// to twice that many requests wait in the queue before `record` callers wait to enqueue.
-    pub fn spawn(store: Arc<dyn Store>, max_batch: usize) -> GroupCommitLedger {
+    pub fn spawn(store: Arc<dyn LedgerStore>, max_batch: usize) -> GroupCommitLedger {
         let max_batch = max_batch.clamp(1, MAX_BATCH_LIMIT);
         let (requests, queue) = mpsc::channel(max_batch * 2);
         tokio::spawn(run_writer(store, queue, max_batch));
@@ -69,7 +69,11 @@ async fn next_batch(queue: &mut mpsc::Receiver<Request>, max_batch: usize) -> Op
     Some(batch)
 }
 
-async fn run_writer(store: Arc<dyn Store>, mut queue: mpsc::Receiver<Request>, max_batch: usize) {
+async fn run_writer(
+    store: Arc<dyn LedgerStore>,
+    mut queue: mpsc::Receiver<Request>,
+    max_batch: usize,
+) {
     while let Some(batch) = next_batch(&mut queue, max_batch).await {
         let (issuances, replies): (Vec<NewIssuance>, Vec<Reply>) =
             batch.into_iter().map(|r| (r.issuance, r.reply)).unzip();
@@ -107,10 +111,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::agents::{BundleAck, JoinTokenRecord, PolicyAck};
     use crate::memory::MemoryStore;
-    use crate::model::{AuthorityRecord, AuthorityState, LedgerFilter, LedgerVerification};
-    use crate::nodes::{NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord};
+    use crate::model::{LedgerFilter, LedgerVerification};
 
     /// A store that delegates to [`MemoryStore`], records the size of every append, takes
     /// (virtual) time per append, and fails appends on demand.
@@ -136,44 +138,7 @@ mod tests {
     }
 
     #[async_trait::async_trait]
-    impl crate::LeaseStore for RecordingStore {
-        async fn acquire_lease(
-            &self,
-            name: &str,
-            holder: &str,
-            now: i64,
-            expires_at: i64,
-        ) -> Result<bool, StoreError> {
-            self.inner
-                .acquire_lease(name, holder, now, expires_at)
-                .await
-        }
-        async fn release_lease(&self, name: &str, holder: &str) -> Result<bool, StoreError> {
-            self.inner.release_lease(name, holder).await
-        }
-        async fn get_lease(&self, name: &str) -> Result<Option<crate::Lease>, StoreError> {
-            self.inner.get_lease(name).await
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl Store for RecordingStore {
-        async fn ping(&self) -> Result<(), StoreError> {
-            self.inner.ping().await
-        }
-        async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
-            self.inner.list_authorities().await
-        }
-        async fn insert_authority(&self, rec: &AuthorityRecord) -> Result<(), StoreError> {
-            self.inner.insert_authority(rec).await
-        }
-        async fn set_authority_state(
-            &self,
-            id: &str,
-            state: AuthorityState,
-        ) -> Result<(), StoreError> {
-            self.inner.set_authority_state(id, state).await
-        }
+    impl LedgerStore for RecordingStore {
         async fn append_issuances(
             &self,
             batch: &[NewIssuance],
@@ -204,68 +169,6 @@ mod tests {
             now: i64,
         ) -> Result<Vec<(String, u64)>, StoreError> {
             self.inner.live_counts_by_authority(now).await
-        }
-        async fn bundle_sequence(&self) -> Result<u64, StoreError> {
-            self.inner.bundle_sequence().await
-        }
-        async fn insert_join_token(&self, rec: &JoinTokenRecord) -> Result<(), StoreError> {
-            self.inner.insert_join_token(rec).await
-        }
-        async fn find_join_token(
-            &self,
-            hash: &[u8; 32],
-        ) -> Result<Option<JoinTokenRecord>, StoreError> {
-            self.inner.find_join_token(hash).await
-        }
-        async fn append_node_issuance(
-            &self,
-            node: &str,
-            grant: &NodeGrant,
-            issuance: &NewIssuance,
-            now: i64,
-        ) -> Result<NodeIssuanceOutcome, StoreError> {
-            self.inner
-                .append_node_issuance(node, grant, issuance, now)
-                .await
-        }
-        async fn use_node_certificate(
-            &self,
-            node: &str,
-            serial: &str,
-            now: i64,
-        ) -> Result<NodeCertificateUse, StoreError> {
-            self.inner.use_node_certificate(node, serial, now).await
-        }
-        async fn evict_node(&self, node: &str, now: i64) -> Result<bool, StoreError> {
-            self.inner.evict_node(node, now).await
-        }
-        async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-            self.inner.list_nodes().await
-        }
-        async fn node_allowed_ids(&self, node: &str) -> Result<Option<Vec<String>>, StoreError> {
-            self.inner.node_allowed_ids(node).await
-        }
-        async fn record_bundle_ack(
-            &self,
-            agent_id: &str,
-            sequence: u64,
-            now: i64,
-        ) -> Result<(), StoreError> {
-            self.inner.record_bundle_ack(agent_id, sequence, now).await
-        }
-        async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
-            self.inner.list_bundle_acks().await
-        }
-        async fn record_policy_ack(
-            &self,
-            agent_id: &str,
-            version: &str,
-            now: i64,
-        ) -> Result<(), StoreError> {
-            self.inner.record_policy_ack(agent_id, version, now).await
-        }
-        async fn list_policy_acks(&self) -> Result<Vec<PolicyAck>, StoreError> {
-            self.inner.list_policy_acks().await
         }
     }
 
@@ -397,42 +300,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn record_fails_cleanly_when_the_store_returns_the_wrong_count() {
         struct ShortStore;
+
         #[async_trait::async_trait]
-        impl crate::LeaseStore for ShortStore {
-            async fn acquire_lease(
-                &self,
-                _: &str,
-                _: &str,
-                _: i64,
-                _: i64,
-            ) -> Result<bool, StoreError> {
-                Ok(false)
-            }
-            async fn release_lease(&self, _: &str, _: &str) -> Result<bool, StoreError> {
-                Ok(false)
-            }
-            async fn get_lease(&self, _: &str) -> Result<Option<crate::Lease>, StoreError> {
-                Ok(None)
-            }
-        }
-        #[async_trait::async_trait]
-        impl Store for ShortStore {
-            async fn ping(&self) -> Result<(), StoreError> {
-                Ok(())
-            }
-            async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
-                Ok(Vec::new())
-            }
-            async fn insert_authority(&self, _: &AuthorityRecord) -> Result<(), StoreError> {
-                Ok(())
-            }
-            async fn set_authority_state(
-                &self,
-                _: &str,
-                _: AuthorityState,
-            ) -> Result<(), StoreError> {
-                Ok(())
-            }
+        impl LedgerStore for ShortStore {
             async fn append_issuances(
                 &self,
                 _: &[NewIssuance],
@@ -457,57 +327,8 @@ mod tests {
             ) -> Result<Vec<(String, u64)>, StoreError> {
                 Ok(Vec::new())
             }
-            async fn bundle_sequence(&self) -> Result<u64, StoreError> {
-                Ok(0)
-            }
-            async fn insert_join_token(&self, _: &JoinTokenRecord) -> Result<(), StoreError> {
-                Ok(())
-            }
-            async fn find_join_token(
-                &self,
-                _: &[u8; 32],
-            ) -> Result<Option<JoinTokenRecord>, StoreError> {
-                Ok(None)
-            }
-            async fn append_node_issuance(
-                &self,
-                _: &str,
-                _: &NodeGrant,
-                _: &NewIssuance,
-                _: i64,
-            ) -> Result<NodeIssuanceOutcome, StoreError> {
-                Err(StoreError::Unavailable("not implemented".into()))
-            }
-            async fn use_node_certificate(
-                &self,
-                _: &str,
-                _: &str,
-                _: i64,
-            ) -> Result<NodeCertificateUse, StoreError> {
-                Err(StoreError::Unavailable("not implemented".into()))
-            }
-            async fn evict_node(&self, _: &str, _: i64) -> Result<bool, StoreError> {
-                Ok(false)
-            }
-            async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-                Ok(Vec::new())
-            }
-            async fn node_allowed_ids(&self, _: &str) -> Result<Option<Vec<String>>, StoreError> {
-                Ok(None)
-            }
-            async fn record_bundle_ack(&self, _: &str, _: u64, _: i64) -> Result<(), StoreError> {
-                Ok(())
-            }
-            async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
-                Ok(Vec::new())
-            }
-            async fn record_policy_ack(&self, _: &str, _: &str, _: i64) -> Result<(), StoreError> {
-                Ok(())
-            }
-            async fn list_policy_acks(&self) -> Result<Vec<PolicyAck>, StoreError> {
-                Ok(Vec::new())
-            }
         }
+
         let ledger = GroupCommitLedger::spawn(Arc::new(ShortStore), 4);
         assert!(matches!(
             ledger.record(issuance(1)).await,

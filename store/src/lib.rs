@@ -16,7 +16,7 @@
 //! Row `seq` (from 1, no gaps) stores `prev_hash` (the previous row's hash, or
 //! [`GENESIS_HASH`]) and `row_hash = `[`row_hash`]`(seq, prev_hash, issuance)`. A one-row head
 //! records the last seq and hash; every append locks it first, so appends from several
-//! processes sharing one database still form one chain. [`Store::verify_ledger`] recomputes
+//! processes sharing one database still form one chain. [`LedgerStore::verify_ledger`] recomputes
 //! the chain and compares the head, detecting edited, deleted and truncated rows.
 
 #![forbid(unsafe_code)]
@@ -33,7 +33,9 @@ mod model;
 mod nodes;
 mod sql;
 mod sql_agents;
+mod sql_authorities;
 mod sql_lease;
+mod sql_ledger;
 mod sql_nodes;
 mod store;
 
@@ -55,4 +57,4 @@ pub use nodes::{
     NodeIssuanceOutcome, NodeRecord, NodeRefusal,
 };
 pub use sql::{connect, connect_key_blobs};
-pub use store::Store;
+pub use store::{AckStore, AuthorityStore, HealthStore, LedgerStore, NodeStore, Store};

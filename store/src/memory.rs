@@ -1,4 +1,4 @@
-//! An in-memory [`Store`] for tests: same semantics as the SQL backends (it passes the same
+//! An in-memory [`crate::Store`] for tests: same semantics as the SQL backends (it passes the same
 //! conformance suite), nothing durable.
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,9 +17,9 @@ use crate::nodes::{
     NodeCertificateRole, NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord,
     NodeRefusal,
 };
-use crate::store::Store;
+use crate::store::{AckStore, AuthorityStore, HealthStore, LedgerStore, NodeStore};
 
-/// A [`Store`] held in memory, for tests of code that uses a store. Not durable.
+/// A [`crate::Store`] held in memory, for tests of code that uses a store. Not durable.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
@@ -115,11 +115,14 @@ fn matches(filter: &LedgerFilter, e: &LedgerEntry) -> bool {
 }
 
 #[async_trait::async_trait]
-impl Store for MemoryStore {
+impl HealthStore for MemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+}
 
+#[async_trait::async_trait]
+impl AuthorityStore for MemoryStore {
     async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
         let mut out = self.lock().authorities.clone();
         out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
@@ -176,6 +179,13 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn bundle_sequence(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().bundle_sequence)
+    }
+}
+
+#[async_trait::async_trait]
+impl LedgerStore for MemoryStore {
     async fn append_issuances(
         &self,
         batch: &[NewIssuance],
@@ -216,11 +226,10 @@ impl Store for MemoryStore {
         }
         Ok(counts.into_iter().collect())
     }
+}
 
-    async fn bundle_sequence(&self) -> Result<u64, StoreError> {
-        Ok(self.lock().bundle_sequence)
-    }
-
+#[async_trait::async_trait]
+impl NodeStore for MemoryStore {
     async fn insert_join_token(&self, rec: &JoinTokenRecord) -> Result<(), StoreError> {
         let mut state = self.lock();
         if state.join_tokens.contains_key(&rec.token_sha256) {
@@ -356,7 +365,10 @@ impl Store for MemoryStore {
             .get(node_name)
             .map(|node| node.allowed_ids.clone()))
     }
+}
 
+#[async_trait::async_trait]
+impl AckStore for MemoryStore {
     async fn record_bundle_ack(
         &self,
         agent_id: &str,

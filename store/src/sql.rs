@@ -2,6 +2,10 @@
 //!
 //! The SQL is shared (`$N` placeholders work on both); only the migrations, the statement
 //! that opens a transaction and the connection set-up differ per dialect.
+//!
+//! This file opens the store; each seam's statements live beside it: `sql_authorities`,
+//! `sql_ledger`, `sql_nodes` (and join tokens in `sql_agents`), `sql_agents` (acknowledgements),
+//! `sql_lease`.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -13,18 +17,11 @@ use std::time::{Duration, Instant};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection, Executor, Row};
+use sqlx::{AnyPool, ConnectOptions, Connection, Executor, Row};
 
-use crate::agents::{BundleAck, JoinTokenRecord, PolicyAck};
-use crate::chain::{ChainVerifier, chain_batch};
 use crate::error::{StoreError, from_sqlx, scrub};
 use crate::key_blobs::KeyBlobStore;
-use crate::model::{
-    AuthorityRecord, AuthorityState, LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance,
-};
-use crate::nodes::{NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord};
-use crate::sql_agents::bump_bundle_sequence;
-use crate::store::Store;
+use crate::store::{HealthStore, Store};
 
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");
 static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("../migrations/postgres");
@@ -33,15 +30,6 @@ static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("../migrations/postgres");
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long SQLite waits for another writer's lock.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Rows per multi-row INSERT (12 parameters each, below SQLite's historic 999 limit).
-const INSERT_CHUNK: usize = 64;
-/// Rows read per page while verifying the ledger.
-const VERIFY_PAGE: i64 = 1_000;
-
-const ISSUANCE_COLUMNS: &str = "seq, serial_hex, spiffe_id, authority_id, not_before, not_after, \
-     requester, node, der_sha256, issued_at, prev_hash, row_hash";
-const AUTHORITY_COLUMNS: &str =
-    "id, state, cert_pem, chain_pem, root_pem, not_before, not_after, key_ref, created_at";
 
 /// What a database URL points at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,7 +250,7 @@ impl Dialect {
     }
 
     /// Opens a read-only transaction that sees one consistent snapshot.
-    fn begin_snapshot(self) -> &'static str {
+    pub(crate) fn begin_snapshot(self) -> &'static str {
         match self {
             Dialect::Sqlite => "BEGIN",
             Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
@@ -291,462 +279,14 @@ where
         .map_err(|e| format!("column {name} cannot be read: {e}"))
 }
 
-fn decode_entry(row: &AnyRow) -> Result<LedgerEntry, String> {
-    let issuance = NewIssuance {
-        serial_hex: column(row, "serial_hex")?,
-        spiffe_id: column(row, "spiffe_id")?,
-        authority_id: column(row, "authority_id")?,
-        not_before: column(row, "not_before")?,
-        not_after: column(row, "not_after")?,
-        requester: column(row, "requester")?,
-        node: column(row, "node")?,
-        der_sha256: decode_hash(&column::<String>(row, "der_sha256")?, "der_sha256")?,
-        issued_at: column(row, "issued_at")?,
-    };
-    Ok(LedgerEntry {
-        seq: column(row, "seq")?,
-        issuance,
-        prev_hash: decode_hash(&column::<String>(row, "prev_hash")?, "prev_hash")?,
-        row_hash: decode_hash(&column::<String>(row, "row_hash")?, "row_hash")?,
-    })
-}
-
-fn decode_authority(row: &AnyRow) -> Result<AuthorityRecord, StoreError> {
-    let read = || -> Result<AuthorityRecord, String> {
-        let state: String = column(row, "state")?;
-        Ok(AuthorityRecord {
-            id: column(row, "id")?,
-            state: state.parse().map_err(|e| format!("{e}"))?,
-            cert_pem: column(row, "cert_pem")?,
-            chain_pem: column(row, "chain_pem")?,
-            root_pem: column(row, "root_pem")?,
-            not_before: column(row, "not_before")?,
-            not_after: column(row, "not_after")?,
-            key_ref: column(row, "key_ref")?,
-            created_at: column(row, "created_at")?,
-        })
-    };
-    read().map_err(|reason| StoreError::Corrupt(format!("authority row: {reason}")))
-}
-
-/// A parameter of a dynamically built query.
-enum Param {
-    Text(String),
-    Int(i64),
-}
-
-/// The `SELECT` for `filter`, with its parameters in placeholder order.
-fn issuance_query(filter: &LedgerFilter) -> (String, Vec<Param>) {
-    let mut conditions = Vec::new();
-    let mut params = Vec::new();
-    let next = |p: Param, params: &mut Vec<Param>| {
-        params.push(p);
-        format!("${}", params.len())
-    };
-    if let Some(id) = &filter.spiffe_id {
-        let p = next(Param::Text(id.clone()), &mut params);
-        conditions.push(format!("spiffe_id = {p}"));
-    }
-    if let Some(id) = &filter.authority_id {
-        let p = next(Param::Text(id.clone()), &mut params);
-        conditions.push(format!("authority_id = {p}"));
-    }
-    if let Some(t) = filter.live_at {
-        let a = next(Param::Int(t), &mut params);
-        let b = next(Param::Int(t), &mut params);
-        conditions.push(format!("not_before <= {a} AND not_after > {b}"));
-    }
-    let mut sql = format!("SELECT {ISSUANCE_COLUMNS} FROM issuances");
-    if !conditions.is_empty() {
-        sql.push_str(" WHERE ");
-        sql.push_str(&conditions.join(" AND "));
-    }
-    sql.push_str(" ORDER BY seq");
-    if let Some(limit) = filter.limit {
-        let p = next(Param::Int(i64::from(limit)), &mut params);
-        sql.push_str(&format!(" LIMIT {p}"));
-    }
-    (sql, params)
-}
-
-/// `INSERT INTO issuances … VALUES (…), (…)` for `rows` rows.
-fn insert_sql(rows: usize) -> String {
-    let mut sql = format!("INSERT INTO issuances ({ISSUANCE_COLUMNS}) VALUES ");
-    for r in 0..rows {
-        if r > 0 {
-            sql.push_str(", ");
-        }
-        sql.push('(');
-        for c in 0..12 {
-            if c > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!("${}", r * 12 + c + 1));
-        }
-        sql.push(')');
-    }
-    sql
-}
-
-/// Appends `batch` to the ledger inside the caller's write transaction, chained to the head.
-/// The head row is locked first: concurrent appenders (other tasks or other replicas) queue
-/// there, so each one reads the head only after the previous one committed. Every writer that
-/// appends to the ledger as part of a larger transaction takes the head lock last.
-pub(crate) async fn append_chained(
-    conn: &mut AnyConnection,
-    batch: &[NewIssuance],
-) -> Result<Vec<LedgerEntry>, StoreError> {
-    // Lock the head first: concurrent appenders (other tasks or other replicas) queue here,
-    // so each one reads the head only after the previous one committed.
-    let locked = sqlx::query("UPDATE ledger_head SET last_seq = last_seq WHERE id = 1")
-        .execute(&mut *conn)
-        .await
-        .map_err(from_sqlx)?
-        .rows_affected();
-    if locked != 1 {
-        return Err(StoreError::Corrupt("the ledger head row is missing".into()));
-    }
-    let head = sqlx::query("SELECT last_seq, last_hash FROM ledger_head WHERE id = 1")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(from_sqlx)?;
-    let last_seq: i64 = head.try_get("last_seq").map_err(from_sqlx)?;
-    let last_hash: String = head.try_get("last_hash").map_err(from_sqlx)?;
-    let last_hash = decode_hash(&last_hash, "ledger head hash").map_err(StoreError::Corrupt)?;
-
-    let entries = chain_batch(last_seq, last_hash, batch);
-    for chunk in entries.chunks(INSERT_CHUNK) {
-        let sql = insert_sql(chunk.len());
-        let mut query = sqlx::query(&sql);
-        for e in chunk {
-            let i = &e.issuance;
-            query = query
-                .bind(e.seq)
-                .bind(i.serial_hex.as_str())
-                .bind(i.spiffe_id.as_str())
-                .bind(i.authority_id.as_str())
-                .bind(i.not_before)
-                .bind(i.not_after)
-                .bind(i.requester.as_str())
-                .bind(i.node.clone())
-                .bind(hex::encode(i.der_sha256))
-                .bind(i.issued_at)
-                .bind(hex::encode(e.prev_hash))
-                .bind(hex::encode(e.row_hash));
-        }
-        // A unique violation (a serial number repeated for one authority) is a Conflict that
-        // names the constraint; the transaction rolls back and nothing is written.
-        query.execute(&mut *conn).await.map_err(from_sqlx)?;
-    }
-    if let Some(last) = entries.last() {
-        sqlx::query("UPDATE ledger_head SET last_seq = $1, last_hash = $2 WHERE id = 1")
-            .bind(last.seq)
-            .bind(hex::encode(last.row_hash))
-            .execute(&mut *conn)
-            .await
-            .map_err(from_sqlx)?;
-    }
-    Ok(entries)
-}
-
 #[async_trait::async_trait]
-impl Store for SqlStore {
+impl HealthStore for SqlStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
             .await
             .map_err(from_sqlx)?;
         Ok(())
-    }
-
-    async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
-        let rows = sqlx::query(&format!("SELECT {AUTHORITY_COLUMNS} FROM authorities"))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(from_sqlx)?;
-        let mut out = rows
-            .iter()
-            .map(decode_authority)
-            .collect::<Result<Vec<_>, _>>()?;
-        // Sorted here rather than in SQL so both backends agree on string order.
-        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        Ok(out)
-    }
-
-    async fn insert_authority(&self, rec: &AuthorityRecord) -> Result<(), StoreError> {
-        let mut tx = self
-            .pool
-            .begin_with(self.dialect.begin_write())
-            .await
-            .map_err(from_sqlx)?;
-        let existing = sqlx::query("SELECT id FROM authorities WHERE id = $1")
-            .bind(rec.id.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(from_sqlx)?;
-        if existing.is_some() {
-            return Err(StoreError::Conflict(format!(
-                "authority {} already exists",
-                rec.id
-            )));
-        }
-        if rec.state == AuthorityState::Active {
-            let active = sqlx::query("SELECT id FROM authorities WHERE state = 'active'")
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(from_sqlx)?;
-            if let Some(row) = active {
-                let other: String = row.try_get("id").map_err(from_sqlx)?;
-                return Err(StoreError::Conflict(format!(
-                    "authority {other} is already active"
-                )));
-            }
-        }
-        sqlx::query(&format!(
-            "INSERT INTO authorities ({AUTHORITY_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-        ))
-        .bind(rec.id.as_str())
-        .bind(rec.state.as_str())
-        .bind(rec.cert_pem.as_str())
-        .bind(rec.chain_pem.as_str())
-        .bind(rec.root_pem.as_str())
-        .bind(rec.not_before)
-        .bind(rec.not_after)
-        .bind(rec.key_ref.as_str())
-        .bind(rec.created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| match from_sqlx(e) {
-            StoreError::Conflict(_) => StoreError::Conflict(format!(
-                "authority {} conflicts with one written concurrently",
-                rec.id
-            )),
-            other => other,
-        })?;
-        bump_bundle_sequence(&mut tx).await?;
-        tx.commit().await.map_err(from_sqlx)
-    }
-
-    async fn set_authority_state(&self, id: &str, state: AuthorityState) -> Result<(), StoreError> {
-        let mut tx = self
-            .pool
-            .begin_with(self.dialect.begin_write())
-            .await
-            .map_err(from_sqlx)?;
-        let existing = sqlx::query("SELECT id FROM authorities WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(from_sqlx)?;
-        if existing.is_none() {
-            return Err(StoreError::NotFound(format!("authority {id}")));
-        }
-        let mut changed = 0;
-        if state == AuthorityState::Active {
-            changed += sqlx::query(
-                "UPDATE authorities SET state = 'retired' WHERE state = 'active' AND id <> $1",
-            )
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(from_sqlx)?
-            .rows_affected();
-        }
-        changed += sqlx::query("UPDATE authorities SET state = $1 WHERE id = $2 AND state <> $3")
-            .bind(state.as_str())
-            .bind(id)
-            .bind(state.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| match from_sqlx(e) {
-                StoreError::Conflict(_) => StoreError::Conflict(format!(
-                    "another authority was activated concurrently with {id}; retry"
-                )),
-                other => other,
-            })?
-            .rows_affected();
-        // A no-op (the authority already had that state) is not a change of the bundle.
-        if changed > 0 {
-            bump_bundle_sequence(&mut tx).await?;
-        }
-        tx.commit().await.map_err(from_sqlx)
-    }
-
-    async fn append_issuances(
-        &self,
-        batch: &[NewIssuance],
-    ) -> Result<Vec<LedgerEntry>, StoreError> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut tx = self
-            .pool
-            .begin_with(self.dialect.begin_write())
-            .await
-            .map_err(from_sqlx)?;
-        let entries = append_chained(&mut tx, batch).await?;
-        tx.commit().await.map_err(from_sqlx)?;
-        Ok(entries)
-    }
-
-    async fn list_issuances(&self, filter: &LedgerFilter) -> Result<Vec<LedgerEntry>, StoreError> {
-        let (sql, params) = issuance_query(filter);
-        let mut query = sqlx::query(&sql);
-        for p in params {
-            query = match p {
-                Param::Text(s) => query.bind(s),
-                Param::Int(n) => query.bind(n),
-            };
-        }
-        let rows = query.fetch_all(&self.pool).await.map_err(from_sqlx)?;
-        rows.iter()
-            .map(|row| {
-                decode_entry(row)
-                    .map_err(|reason| StoreError::Corrupt(format!("ledger row: {reason}")))
-            })
-            .collect()
-    }
-
-    async fn verify_ledger(&self) -> Result<LedgerVerification, StoreError> {
-        let mut tx = self
-            .pool
-            .begin_with(self.dialect.begin_snapshot())
-            .await
-            .map_err(from_sqlx)?;
-        let head = sqlx::query("SELECT last_seq, last_hash FROM ledger_head WHERE id = 1")
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(from_sqlx)?;
-        let head = match head {
-            None => None,
-            Some(row) => {
-                let seq: i64 = row.try_get("last_seq").map_err(from_sqlx)?;
-                let hash: String = row.try_get("last_hash").map_err(from_sqlx)?;
-                let hash = decode_hash(&hash, "ledger head hash").map_err(StoreError::Corrupt)?;
-                Some((seq, hash))
-            }
-        };
-
-        let mut verifier = ChainVerifier::new();
-        let mut after = i64::MIN;
-        'pages: loop {
-            let rows = sqlx::query(&format!(
-                "SELECT {ISSUANCE_COLUMNS} FROM issuances WHERE seq > $1 ORDER BY seq LIMIT $2"
-            ))
-            .bind(after)
-            .bind(VERIFY_PAGE)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(from_sqlx)?;
-            for row in &rows {
-                let seq: i64 = row.try_get("seq").map_err(from_sqlx)?;
-                after = seq;
-                if !verifier.check(seq, decode_entry(row)) {
-                    break 'pages;
-                }
-            }
-            if (rows.len() as i64) < VERIFY_PAGE {
-                break;
-            }
-        }
-        tx.rollback().await.map_err(from_sqlx)?;
-        Ok(verifier.finish(head))
-    }
-
-    async fn live_counts_by_authority(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT authority_id, COUNT(*) AS live FROM issuances \
-             WHERE not_after > $1 GROUP BY authority_id",
-        )
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(from_sqlx)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let id: String = row.try_get("authority_id").map_err(from_sqlx)?;
-            let live: i64 = row.try_get("live").map_err(from_sqlx)?;
-            let live = u64::try_from(live)
-                .map_err(|_| StoreError::Corrupt("negative certificate count".into()))?;
-            out.push((id, live));
-        }
-        out.sort();
-        Ok(out)
-    }
-
-    async fn bundle_sequence(&self) -> Result<u64, StoreError> {
-        self.sql_bundle_sequence().await
-    }
-
-    async fn insert_join_token(&self, rec: &JoinTokenRecord) -> Result<(), StoreError> {
-        self.sql_insert_join_token(rec).await
-    }
-
-    async fn find_join_token(
-        &self,
-        token_sha256: &[u8; 32],
-    ) -> Result<Option<JoinTokenRecord>, StoreError> {
-        self.sql_find_join_token(token_sha256).await
-    }
-
-    async fn append_node_issuance(
-        &self,
-        node_name: &str,
-        grant: &NodeGrant,
-        issuance: &NewIssuance,
-        now: i64,
-    ) -> Result<NodeIssuanceOutcome, StoreError> {
-        self.sql_append_node_issuance(node_name, grant, issuance, now)
-            .await
-    }
-
-    async fn use_node_certificate(
-        &self,
-        node_name: &str,
-        serial_hex: &str,
-        now: i64,
-    ) -> Result<NodeCertificateUse, StoreError> {
-        self.sql_use_node_certificate(node_name, serial_hex, now)
-            .await
-    }
-
-    async fn evict_node(&self, node_name: &str, now: i64) -> Result<bool, StoreError> {
-        self.sql_evict_node(node_name, now).await
-    }
-
-    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        self.sql_list_nodes().await
-    }
-
-    async fn node_allowed_ids(&self, node_name: &str) -> Result<Option<Vec<String>>, StoreError> {
-        self.sql_node_allowed_ids(node_name).await
-    }
-
-    async fn record_bundle_ack(
-        &self,
-        agent_id: &str,
-        sequence: u64,
-        now: i64,
-    ) -> Result<(), StoreError> {
-        self.sql_record_bundle_ack(agent_id, sequence, now).await
-    }
-
-    async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
-        self.sql_list_bundle_acks().await
-    }
-
-    async fn record_policy_ack(
-        &self,
-        agent_id: &str,
-        version: &str,
-        now: i64,
-    ) -> Result<(), StoreError> {
-        self.sql_record_policy_ack(agent_id, version, now).await
-    }
-
-    async fn list_policy_acks(&self) -> Result<Vec<PolicyAck>, StoreError> {
-        self.sql_list_policy_acks().await
     }
 }
 
@@ -818,25 +358,6 @@ mod tests {
         assert_eq!(url_password("postgres://db/citadel"), None);
     }
 
-    #[test]
-    fn filter_query_numbers_its_placeholders_in_order() {
-        let filter = LedgerFilter {
-            spiffe_id: Some("s".into()),
-            authority_id: Some("a".into()),
-            live_at: Some(5),
-            limit: Some(10),
-        };
-        let (sql, params) = issuance_query(&filter);
-        assert!(sql.ends_with(
-            "WHERE spiffe_id = $1 AND authority_id = $2 AND not_before <= $3 AND not_after > $4 \
-             ORDER BY seq LIMIT $5"
-        ), "{sql}");
-        assert_eq!(params.len(), 5);
-        let (sql, params) = issuance_query(&LedgerFilter::default());
-        assert!(sql.ends_with("FROM issuances ORDER BY seq"), "{sql}");
-        assert!(params.is_empty());
-    }
-
     #[tokio::test]
     async fn sqlite_connections_commit_durably_and_wait_for_locks() {
         sqlx::any::install_default_drivers();
@@ -861,12 +382,5 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(journal, "wal");
-    }
-
-    #[test]
-    fn insert_sql_has_twelve_placeholders_per_row() {
-        let sql = insert_sql(2);
-        assert!(sql.contains("($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12), ($13,"));
-        assert!(sql.ends_with("$24)"));
     }
 }

@@ -9,6 +9,7 @@ use crate::agents::{
 };
 use crate::error::{StoreError, from_sqlx};
 use crate::sql::SqlStore;
+use crate::store::AckStore;
 
 const TOKEN_COLUMNS: &str = "token_sha256, node_name, allowed_ids, created_at, expires_at, used_at";
 
@@ -211,5 +212,34 @@ impl SqlStore {
         // Sorted here rather than in SQL so both backends agree on string order.
         out.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
         Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl AckStore for SqlStore {
+    async fn record_bundle_ack(
+        &self,
+        agent_id: &str,
+        sequence: u64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.sql_record_bundle_ack(agent_id, sequence, now).await
+    }
+
+    async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
+        self.sql_list_bundle_acks().await
+    }
+
+    async fn record_policy_ack(
+        &self,
+        agent_id: &str,
+        version: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.sql_record_policy_ack(agent_id, version, now).await
+    }
+
+    async fn list_policy_acks(&self) -> Result<Vec<PolicyAck>, StoreError> {
+        self.sql_list_policy_acks().await
     }
 }

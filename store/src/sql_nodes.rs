@@ -5,15 +5,17 @@
 use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 
-use crate::agents::{JoinTokenRefusal, decode_ids, encode_ids};
+use crate::agents::{JoinTokenRecord, JoinTokenRefusal, decode_ids, encode_ids};
 use crate::error::{StoreError, from_sqlx};
 use crate::model::NewIssuance;
 use crate::nodes::{
     NodeCertificateRole, NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord,
     NodeRefusal,
 };
-use crate::sql::{SqlStore, append_chained, column};
+use crate::sql::{SqlStore, column};
 use crate::sql_agents::select_token;
+use crate::sql_ledger::append_chained;
+use crate::store::NodeStore;
 
 const NODE_COLUMNS: &str = "name, allowed_ids, joined_at, current_serial, current_not_after, \
      pending_serial, pending_not_after, last_seen, evicted_at";
@@ -273,6 +275,53 @@ impl SqlStore {
         // Sorted here rather than in SQL so both backends agree on string order.
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl NodeStore for SqlStore {
+    async fn insert_join_token(&self, rec: &JoinTokenRecord) -> Result<(), StoreError> {
+        self.sql_insert_join_token(rec).await
+    }
+
+    async fn find_join_token(
+        &self,
+        token_sha256: &[u8; 32],
+    ) -> Result<Option<JoinTokenRecord>, StoreError> {
+        self.sql_find_join_token(token_sha256).await
+    }
+
+    async fn append_node_issuance(
+        &self,
+        node_name: &str,
+        grant: &NodeGrant,
+        issuance: &NewIssuance,
+        now: i64,
+    ) -> Result<NodeIssuanceOutcome, StoreError> {
+        self.sql_append_node_issuance(node_name, grant, issuance, now)
+            .await
+    }
+
+    async fn use_node_certificate(
+        &self,
+        node_name: &str,
+        serial_hex: &str,
+        now: i64,
+    ) -> Result<NodeCertificateUse, StoreError> {
+        self.sql_use_node_certificate(node_name, serial_hex, now)
+            .await
+    }
+
+    async fn evict_node(&self, node_name: &str, now: i64) -> Result<bool, StoreError> {
+        self.sql_evict_node(node_name, now).await
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.sql_list_nodes().await
+    }
+
+    async fn node_allowed_ids(&self, node_name: &str) -> Result<Option<Vec<String>>, StoreError> {
+        self.sql_node_allowed_ids(node_name).await
     }
 }
 

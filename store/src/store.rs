@@ -1,4 +1,7 @@
-//! The `Store` trait: the one seam between the CA and its durable state.
+//! The store's seams: one narrow trait per kind of state ([`AuthorityStore`], [`LedgerStore`],
+//! [`NodeStore`], [`AckStore`], [`LeaseStore`], [`HealthStore`]), so each component of the CA
+//! is handed only the part it uses, and [`Store`], the umbrella that the composition root
+//! (`citadel serve`, the CLI) opens once and hands out as narrow seams (trait upcasting).
 
 #[cfg(doc)]
 use crate::agents::JoinTokenRefusal;
@@ -10,16 +13,17 @@ use crate::model::{
 };
 use crate::nodes::{NodeCertificateUse, NodeGrant, NodeIssuanceOutcome, NodeRecord};
 
-/// The CA's durable state: signing authorities, the issuance ledger, join tokens, joined nodes,
-/// the trust-bundle sequence and the agents' bundle acknowledgements.
-///
-/// Implemented by the SQL backends behind [`crate::connect`] and by
-/// [`crate::memory::MemoryStore`]; all pass the same conformance suite.
+/// Whether the database answers (`/readyz`).
 #[async_trait::async_trait]
-pub trait Store: LeaseStore + Send + Sync + 'static {
+pub trait HealthStore: Send + Sync {
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+}
 
+/// The signing authorities and the trust-bundle sequence their changes bump: what the
+/// authority manager follows, `citadel root` changes and the bundle streams publish.
+#[async_trait::async_trait]
+pub trait AuthorityStore: Send + Sync {
     /// Every authority, ordered by `created_at`, then `id`.
     async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError>;
 
@@ -34,6 +38,15 @@ pub trait Store: LeaseStore + Send + Sync + 'static {
     /// bundle sequence is bumped in the same transaction.
     async fn set_authority_state(&self, id: &str, state: AuthorityState) -> Result<(), StoreError>;
 
+    /// The trust-bundle sequence: 0 on an empty store, increased by every change of the
+    /// authority set ([`AuthorityStore::insert_authority`], [`AuthorityStore::set_authority_state`]).
+    async fn bundle_sequence(&self) -> Result<u64, StoreError>;
+}
+
+/// The append-only, hash-chained issuance ledger: written by [`crate::GroupCommitLedger`],
+/// read by `citadel ledger`, the rotation planner (live leaves) and `root status`.
+#[async_trait::async_trait]
+pub trait LedgerStore: Send + Sync {
     /// Appends `batch` to the ledger in one transaction, all or nothing, each row chained to
     /// the one before. Returns the committed entries in the order of `batch`.
     async fn append_issuances(&self, batch: &[NewIssuance])
@@ -49,11 +62,12 @@ pub trait Store: LeaseStore + Send + Sync + 'static {
     /// For each authority with live certificates (`not_after > now`), how many; ordered by
     /// authority id.
     async fn live_counts_by_authority(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError>;
+}
 
-    /// The trust-bundle sequence: 0 on an empty store, increased by every change of the
-    /// authority set ([`Store::insert_authority`], [`Store::set_authority_state`]).
-    async fn bundle_sequence(&self) -> Result<u64, StoreError>;
-
+/// Join tokens and joined nodes: the join-token and client-certificate authenticators, the
+/// issuer's node issuances, `citadel token` and `citadel node`.
+#[async_trait::async_trait]
+pub trait NodeStore: Send + Sync {
     /// Stores a new join token. [`StoreError::Conflict`] if a token with the same hash exists.
     async fn insert_join_token(&self, rec: &JoinTokenRecord) -> Result<(), StoreError>;
 
@@ -64,7 +78,7 @@ pub trait Store: LeaseStore + Send + Sync + 'static {
     ) -> Result<Option<JoinTokenRecord>, StoreError>;
 
     /// Records the issuance of a node certificate together with what it changes about the
-    /// node, in one transaction with the ledger row (chained like [`Store::append_issuances`]):
+    /// node, in one transaction with the ledger row (chained like [`LedgerStore::append_issuances`]):
     ///
     /// - [`NodeGrant::Join`]: consumes the join token (it must be unused, `expires_at > now`
     ///   and name `node_name`), records (or replaces) the node with the token's allowed IDs,
@@ -106,9 +120,14 @@ pub trait Store: LeaseStore + Send + Sync + 'static {
 
     /// The SPIFFE IDs the agent of node `node_name` may request for its workloads; `None` when
     /// the node has never joined. (Whether its certificate is still accepted is
-    /// [`Store::use_node_certificate`]'s business.)
+    /// [`NodeStore::use_node_certificate`]'s business.)
     async fn node_allowed_ids(&self, node_name: &str) -> Result<Option<Vec<String>>, StoreError>;
+}
 
+/// What agents acknowledged: trust-bundle sequences (recorded by the bundle stream, read by
+/// the rotation planner) and policy-set versions (recorded by the policy stream).
+#[async_trait::async_trait]
+pub trait AckStore: Send + Sync {
     /// Records that agent `agent_id` acknowledged bundle `sequence` at `now`. The stored
     /// sequence only grows (an older acknowledgement keeps the higher one); `acked_at` is
     /// always set to `now`. A sequence above `i64::MAX` is a [`StoreError::Conflict`].
@@ -135,4 +154,35 @@ pub trait Store: LeaseStore + Send + Sync + 'static {
 
     /// Every agent's latest policy acknowledgement, ordered by agent id.
     async fn list_policy_acks(&self) -> Result<Vec<PolicyAck>, StoreError>;
+}
+
+/// The CA's whole durable state: every seam above. Implemented by the SQL backends behind
+/// [`crate::connect`] and by [`crate::memory::MemoryStore`]; all pass the same conformance
+/// suite. Anything implementing every seam is a `Store` (blanket impl), so a test wrapper
+/// implements the seams and nothing else.
+pub trait Store:
+    HealthStore
+    + AuthorityStore
+    + LedgerStore
+    + NodeStore
+    + AckStore
+    + LeaseStore
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> Store for T where
+    T: HealthStore
+        + AuthorityStore
+        + LedgerStore
+        + NodeStore
+        + AckStore
+        + LeaseStore
+        + Send
+        + Sync
+        + 'static
+        + ?Sized
+{
 }

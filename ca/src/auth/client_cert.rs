@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use citadel_identity::{TrustBundle, TrustDomain};
-use citadel_store::{NodeCertificateRole, NodeCertificateUse, NodeRefusal, Store};
+use citadel_store::{NodeCertificateRole, NodeCertificateUse, NodeRefusal, NodeStore};
 use tokio::sync::watch;
 
 use super::{AuthError, AuthMethod, Authenticator, Caller, Credentials, Rejection};
@@ -25,7 +25,7 @@ use crate::node::node_name_of;
 /// effect without rebuilding the TLS configuration.
 pub struct ClientCertAuthenticator {
     bundle: watch::Receiver<TrustBundle>,
-    store: Arc<dyn Store>,
+    store: Arc<dyn NodeStore>,
     trust_domain: TrustDomain,
 }
 
@@ -34,7 +34,7 @@ impl ClientCertAuthenticator {
     /// certificates of `trust_domain` against the serials `store` records.
     pub fn new(
         bundle: watch::Receiver<TrustBundle>,
-        store: Arc<dyn Store>,
+        store: Arc<dyn NodeStore>,
         trust_domain: TrustDomain,
     ) -> Self {
         Self {

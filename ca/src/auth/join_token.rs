@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use citadel_identity::TrustDomain;
-use citadel_store::Store;
+use citadel_store::NodeStore;
 
 use super::{AuthError, AuthMethod, Authenticator, Caller, Credentials, Rejection};
 use crate::join_token::{is_join_token, token_hash};
@@ -19,13 +19,13 @@ use crate::node::node_identity;
 /// Accepts unused, unexpired join tokens; the caller is the token's node agent,
 /// `spiffe://<trust-domain>/citadel/node/<node>`.
 pub struct JoinTokenAuthenticator {
-    store: Arc<dyn Store>,
+    store: Arc<dyn NodeStore>,
     trust_domain: TrustDomain,
 }
 
 impl JoinTokenAuthenticator {
     /// Looks tokens up in `store`; node identities are minted in `trust_domain`.
-    pub fn new(store: Arc<dyn Store>, trust_domain: TrustDomain) -> Self {
+    pub fn new(store: Arc<dyn NodeStore>, trust_domain: TrustDomain) -> Self {
         Self {
             store,
             trust_domain,

@@ -314,11 +314,15 @@ impl citadel_store::LeaseStore for FlakyStore {
 }
 
 #[async_trait::async_trait]
-impl Store for FlakyStore {
+impl citadel_store::HealthStore for FlakyStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;
         self.inner.ping().await
     }
+}
+
+#[async_trait::async_trait]
+impl citadel_store::AuthorityStore for FlakyStore {
     async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
         self.inner.list_authorities().await
     }
@@ -328,6 +332,13 @@ impl Store for FlakyStore {
     async fn set_authority_state(&self, id: &str, state: AuthorityState) -> Result<(), StoreError> {
         self.inner.set_authority_state(id, state).await
     }
+    async fn bundle_sequence(&self) -> Result<u64, StoreError> {
+        self.inner.bundle_sequence().await
+    }
+}
+
+#[async_trait::async_trait]
+impl citadel_store::LedgerStore for FlakyStore {
     async fn append_issuances(
         &self,
         batch: &[NewIssuance],
@@ -344,9 +355,10 @@ impl Store for FlakyStore {
     async fn live_counts_by_authority(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError> {
         self.inner.live_counts_by_authority(now).await
     }
-    async fn bundle_sequence(&self) -> Result<u64, StoreError> {
-        self.inner.bundle_sequence().await
-    }
+}
+
+#[async_trait::async_trait]
+impl citadel_store::NodeStore for FlakyStore {
     async fn insert_join_token(&self, rec: &JoinTokenRecord) -> Result<(), StoreError> {
         self.inner.insert_join_token(rec).await
     }
@@ -385,6 +397,10 @@ impl Store for FlakyStore {
     async fn node_allowed_ids(&self, node: &str) -> Result<Option<Vec<String>>, StoreError> {
         self.inner.node_allowed_ids(node).await
     }
+}
+
+#[async_trait::async_trait]
+impl citadel_store::AckStore for FlakyStore {
     async fn record_bundle_ack(&self, agent: &str, seq: u64, now: i64) -> Result<(), StoreError> {
         self.inner.record_bundle_ack(agent, seq, now).await
     }
