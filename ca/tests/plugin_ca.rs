@@ -500,3 +500,63 @@ async fn a_running_or_restarted_ca_never_undoes_a_cli_activation_away_from_its_c
     assert_eq!(state_of(&records, &plugin), Some(AuthorityState::Retired));
     h.stop().await;
 }
+
+#[tokio::test]
+async fn only_the_lease_holder_imports_the_ca_dir_and_a_repeated_import_changes_nothing() {
+    use citadel_ca::ca_dir_watch::CaDirWatch;
+    use citadel_ca::rotation::{Plan, RenewalPlan, Transition};
+    use citadel_ca::rotation_driver::RenewalDriver;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cacerts");
+    make_cacerts(&dir, "/O=Operator/OU=mesh/CN=Operator Intermediate CA");
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let keys: Arc<dyn KeyStore> = Arc::new(MemoryKeyStore::default());
+    let td = td();
+    let now = unix_now();
+    let (first, key) = Authority::create_root(&td, now, 86_400 * 365).unwrap();
+    let key_ref = save_key(keys.as_ref(), &first, &key).await.unwrap();
+    store
+        .insert_authority(&record_of(&first, AuthorityState::Active, &key_ref, now))
+        .await
+        .unwrap();
+    let driver = |holder: &str| RenewalDriver {
+        store: store.clone(),
+        keys: keys.clone(),
+        trust_domain: td.clone(),
+        policy: None,
+        ca_dir: Some(CaDirWatch::new(dir.clone(), Default::default())),
+        root_lifetime_secs: 86_400,
+        stale_after_secs: 60,
+        interval: Duration::from_secs(1),
+        holder: holder.into(),
+    };
+    let (mut a, mut b) = (driver("a"), driver("b"));
+    // a takes the lease; the set is new to its watch: it settles for one round.
+    assert_eq!(a.round().await.unwrap(), None);
+    for _ in 0..3 {
+        assert_eq!(b.round().await.unwrap(), None, "b acted without the lease");
+    }
+    assert_eq!(b.ca_dir.as_ref().unwrap().authority(), None, "b imported");
+    assert_eq!(store.list_authorities().await.unwrap().len(), 1);
+    // Second round: imported as prepared, and (no agents) activated in the same round.
+    let plugin = match a.round().await.unwrap() {
+        Some(RenewalPlan::Step(Plan::Next(Transition::Activate(id)))) => id,
+        other => panic!("{other:?}"),
+    };
+    let records = store.list_authorities().await.unwrap();
+    assert_eq!(
+        records.iter().find(|r| r.id == plugin).map(|r| r.state),
+        Some(AuthorityState::Active)
+    );
+    // Importing the same set again (a restart, another replica) changes nothing.
+    let sequence = store.bundle_sequence().await.unwrap();
+    let again = import_ca_dir(store.as_ref(), keys.as_ref(), &td, &dir, unix_now())
+        .await
+        .unwrap();
+    assert_eq!(again, plugin);
+    assert_eq!(store.list_authorities().await.unwrap(), records);
+    assert_eq!(store.bundle_sequence().await.unwrap(), sequence);
+    // Later rounds: nothing to do.
+    assert_eq!(a.round().await.unwrap(), None);
+}
