@@ -121,7 +121,7 @@ pub struct LedgerEntry {
     pub row_hash: [u8; 32],
 }
 
-/// Which ledger rows [`crate::Store::list_issuances`] returns; every set field must match.
+/// Which ledger rows [`crate::LedgerStore::list_issuances`] returns; every set field must match.
 /// The default selects every row. Rows come in `seq` order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LedgerFilter {
@@ -135,7 +135,7 @@ pub struct LedgerFilter {
     pub limit: Option<u32>,
 }
 
-/// Outcome of [`crate::Store::verify_ledger`].
+/// Outcome of [`crate::LedgerStore::verify_ledger`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerVerification {
     /// Rows examined, including the first bad one if any.

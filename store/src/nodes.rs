@@ -122,7 +122,7 @@ impl NodeRecord {
     }
 }
 
-/// Outcome of [`crate::Store::use_node_certificate`].
+/// Outcome of [`crate::NodeStore::use_node_certificate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeCertificateUse {
     /// Accepted; `last_seen` is updated, and a pending certificate is now current.
@@ -146,7 +146,7 @@ pub enum NodeGrant {
     },
 }
 
-/// Outcome of [`crate::Store::append_node_issuance`].
+/// Outcome of [`crate::NodeStore::append_node_issuance`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeIssuanceOutcome {
     /// The ledger row is committed together with the node's new serial (and, for a join, the

@@ -3,7 +3,7 @@
 //!
 //! A node certificate (`spiffe://<td>/citadel/node/<NAME>`) is accepted only
 //! while the store records its serial as the node's current or pending one
-//! and the node is not evicted ([`citadel_store::Store::use_node_certificate`]);
+//! and the node is not evicted ([`citadel_store::NodeStore::use_node_certificate`]);
 //! every accepted use is recorded there (last seen, promotion of a pending
 //! certificate). This is the one place node certificates are judged, so it
 //! covers renewal, impersonation and the trust-bundle stream alike.
