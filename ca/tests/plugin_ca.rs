@@ -41,8 +41,15 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// An Istio `cacerts` directory whose intermediate has subject `subject`.
+/// An Istio `cacerts` directory whose intermediate has subject `subject`, under a new root.
 fn make_cacerts(dir: &Path, subject: &str) {
+    make_root(dir);
+    make_intermediate(dir, dir, subject);
+    std::fs::remove_file(dir.join("root-key.pem")).unwrap();
+}
+
+/// A self-signed root (`root-cert.pem`, `root-key.pem`) in `dir`.
+fn make_root(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     openssl(
         dir,
@@ -68,6 +75,14 @@ fn make_cacerts(dir: &Path, subject: &str) {
             "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );
+}
+
+/// An Istio `cacerts` directory in `dir` whose intermediate (subject `subject`) is signed by
+/// the root made by [`make_root`] in `root_dir`.
+fn make_intermediate(dir: &Path, root_dir: &Path, subject: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let root_cert = root_dir.join("root-cert.pem");
+    let root_key = root_dir.join("root-key.pem");
     openssl(
         dir,
         &[
@@ -106,9 +121,9 @@ fn make_cacerts(dir: &Path, subject: &str) {
             "-in",
             "ca.csr",
             "-CA",
-            "root-cert.pem",
+            root_cert.to_str().unwrap(),
             "-CAkey",
-            "root-key.pem",
+            root_key.to_str().unwrap(),
             "-CAcreateserial",
             "-out",
             "ca-cert.pem",
@@ -118,6 +133,9 @@ fn make_cacerts(dir: &Path, subject: &str) {
             "ext.cnf",
         ],
     );
+    if root_dir != dir {
+        std::fs::copy(&root_cert, dir.join("root-cert.pem")).unwrap();
+    }
     let chain = std::fs::read_to_string(dir.join("ca-cert.pem")).unwrap()
         + &std::fs::read_to_string(dir.join("root-cert.pem")).unwrap();
     std::fs::write(dir.join("cert-chain.pem"), chain).unwrap();
@@ -126,7 +144,6 @@ fn make_cacerts(dir: &Path, subject: &str) {
         std::fs::Permissions::from_mode(0o600),
     )
     .unwrap();
-    std::fs::remove_file(dir.join("root-key.pem")).unwrap();
 }
 
 fn td() -> TrustDomain {
@@ -559,4 +576,57 @@ async fn only_the_lease_holder_imports_the_ca_dir_and_a_repeated_import_changes_
     assert_eq!(store.bundle_sequence().await.unwrap(), sequence);
     // Later rounds: nothing to do.
     assert_eq!(a.round().await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_intermediate_under_the_same_root_takes_over_with_the_bundle_roots_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root_dir = tmp.path().join("root");
+    make_root(&root_dir);
+    let live = tmp.path().join("live");
+    make_intermediate(&live, &root_dir, "/O=Operator/OU=mesh/CN=Intermediate 1");
+    let h = Harness::start_custom(
+        |s| s,
+        |c| {
+            c.ca_dir = Some(live.clone());
+            c.root_renewal = None;
+        },
+    )
+    .await;
+    let original = authorities(&h).await[0].id.clone();
+    let next = tmp.path().join("next");
+    make_intermediate(&next, &root_dir, "/O=Operator/OU=mesh/CN=Intermediate 2");
+    let (next_ca, _) = Authority::import_dir(&next).unwrap();
+    copy_set(&next, &live);
+    // No agents: it signs as soon as it is recorded.
+    let records = wait_for(&h, 10, "the new intermediate activated", |r| {
+        state_of(r, next_ca.id()) == Some(AuthorityState::Active)
+    })
+    .await;
+    assert_eq!(state_of(&records, &original), Some(AuthorityState::Retired));
+    // One root, published once.
+    let bundle_pem = std::fs::read_to_string(h.data_dir.join("bundle.pem")).unwrap();
+    assert_eq!(
+        bundle_pem.matches("BEGIN CERTIFICATE").count(),
+        1,
+        "{bundle_pem}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let csr = p256_csr(&[WEB]).unwrap();
+        let token = h.tokens.token("shop", "web");
+        let mut client = connect(h.addr(), &bundle_pem, None).await.unwrap();
+        let resp = create(&mut client, request(&csr.pem, 0, Some(&token), None))
+            .await
+            .unwrap();
+        if chain_der(&resp.cert_chain).get(1) == Some(next_ca.signer()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the CA does not sign with the new intermediate"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.stop().await;
 }
