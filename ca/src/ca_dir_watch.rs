@@ -161,6 +161,8 @@ pub struct CaDirWatch {
     state: WatchState,
     /// The authority of the last good set imported.
     authority: Option<String>,
+    /// The last error reading the directory, logged once until it changes or clears.
+    read_error: Option<String>,
 }
 
 impl CaDirWatch {
@@ -172,6 +174,7 @@ impl CaDirWatch {
             rejected,
             state: WatchState::default(),
             authority: None,
+            read_error: None,
         }
     }
 
@@ -181,8 +184,9 @@ impl CaDirWatch {
     }
 
     /// One round: reads the directory and, on a settled change, checks the set and records
-    /// it as `prepared`. A bad set is logged and counted once; a store error is returned and
-    /// the set is tried again next round.
+    /// it as `prepared`. A bad set is logged and counted once; an unreadable directory is
+    /// logged once (until the error changes); a store error is returned and the set is tried
+    /// again next round.
     pub async fn poll(
         &mut self,
         store: &dyn AuthorityStore,
@@ -190,9 +194,21 @@ impl CaDirWatch {
         trust_domain: &TrustDomain,
         now: i64,
     ) -> anyhow::Result<()> {
-        let files = read_ca_dir(&self.dir).map_err(|e| {
-            anyhow::anyhow!("cannot read the CA directory {}: {e}", self.dir.display())
-        })?;
+        let files = match read_ca_dir(&self.dir) {
+            Ok(files) => {
+                self.read_error = None;
+                files
+            }
+            Err(e) => {
+                // Unreadable (not merely incomplete): nothing to judge; say so once.
+                let msg = e.to_string();
+                if self.read_error.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!(dir = %self.dir.display(), error = %msg, "cannot read the CA directory; the last good set stays");
+                    self.read_error = Some(msg);
+                }
+                return Ok(());
+            }
+        };
         let hash = content_hash(&files);
         let (decision, next) = decide(&self.state, hash);
         self.state = next;
