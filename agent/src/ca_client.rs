@@ -218,7 +218,9 @@ pub fn read_token_file(path: &Path) -> Result<String, tonic::Status> {
         return Err(fail("empty".to_owned()));
     }
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(fail("not a single token (whitespace or control characters inside)".to_owned()));
+        return Err(fail(
+            "not a single token (whitespace or control characters inside)".to_owned(),
+        ));
     }
     Ok(token.to_owned())
 }
@@ -302,10 +304,16 @@ mod tests {
         let path = dir.path().join("citadel-token");
         std::fs::write(&path, "first.token.jwt").unwrap();
         let ca = client(NodeCredential::TokenFile(path.clone()));
-        assert_eq!(bearer(&ca).unwrap().as_deref(), Some("Bearer first.token.jwt"));
+        assert_eq!(
+            bearer(&ca).unwrap().as_deref(),
+            Some("Bearer first.token.jwt")
+        );
         // The kubelet swaps the file (a symlink flip in reality) before expiry.
         std::fs::write(&path, "second.token.jwt\n").unwrap();
-        assert_eq!(bearer(&ca).unwrap().as_deref(), Some("Bearer second.token.jwt"));
+        assert_eq!(
+            bearer(&ca).unwrap().as_deref(),
+            Some("Bearer second.token.jwt")
+        );
     }
 
     #[tokio::test]

@@ -169,7 +169,11 @@ fn every_fixture_has_its_line_in_expected_tsv() {
                 [_, uid, id] => {
                     let got = got.unwrap_or_else(|| panic!("{name}: nothing found"));
                     assert_eq!(got.container_id, *id, "{name}");
-                    assert_eq!(got.pod_uid.as_deref(), (*uid != "-").then_some(*uid), "{name}");
+                    assert_eq!(
+                        got.pod_uid.as_deref(),
+                        (*uid != "-").then_some(*uid),
+                        "{name}"
+                    );
                 }
                 _ => panic!("bad EXPECTED.tsv line {line:?}"),
             }

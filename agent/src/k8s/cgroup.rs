@@ -151,10 +151,7 @@ fn last_pod_uid(path: &str) -> Option<String> {
         let Some(candidate) = bytes.get(uid_start..uid_start + UID_LEN) else {
             continue;
         };
-        let boundary_after = !bytes
-            .get(uid_start + UID_LEN)
-            .copied()
-            .is_some_and(is_word);
+        let boundary_after = !bytes.get(uid_start + UID_LEN).copied().is_some_and(is_word);
         if !boundary_before || !boundary_after {
             continue;
         }
@@ -201,7 +198,10 @@ mod tests {
 
     #[test]
     fn colons_in_the_path_belong_to_the_path() {
-        let line = format!("0::/kubepods-pod{}.slice:cri-containerd:{ID}", UID.replace('-', "_"));
+        let line = format!(
+            "0::/kubepods-pod{}.slice:cri-containerd:{ID}",
+            UID.replace('-', "_")
+        );
         let got = parse_line(&line).unwrap();
         assert_eq!(got.container_id, ID);
         assert_eq!(got.pod_uid.as_deref(), Some(UID));
@@ -224,8 +224,14 @@ mod tests {
     fn a_pod_word_needs_boundaries_and_the_exact_uid_shape() {
         assert_eq!(last_pod_uid(&format!("/xpod{UID}/")), None);
         assert_eq!(last_pod_uid(&format!("/pod{UID}0/")), None);
-        assert_eq!(last_pod_uid("/pod2c48913c-b29f-11e7-9350-02096814779/"), None);
-        assert_eq!(last_pod_uid("/pod2c48913c.b29f-11e7-9350-020968147796/"), None);
+        assert_eq!(
+            last_pod_uid("/pod2c48913c-b29f-11e7-9350-02096814779/"),
+            None
+        );
+        assert_eq!(
+            last_pod_uid("/pod2c48913c.b29f-11e7-9350-020968147796/"),
+            None
+        );
         assert_eq!(
             last_pod_uid("/POD/pod2C48913C_B29F_11E7_9350_020968147796.slice"),
             Some(UID.to_owned())

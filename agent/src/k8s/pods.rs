@@ -137,13 +137,14 @@ pub fn workload_of(
     } else {
         pod.service_account.as_str()
     };
-    let spiffe_id = SpiffeId::for_service_account(trust_domain, &pod.namespace, sa).map_err(
-        |e| PodMismatch::BadIdentity {
-            namespace: pod.namespace.clone(),
-            pod: pod.name.clone(),
-            reason: e.to_string(),
-        },
-    )?;
+    let spiffe_id =
+        SpiffeId::for_service_account(trust_domain, &pod.namespace, sa).map_err(|e| {
+            PodMismatch::BadIdentity {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                reason: e.to_string(),
+            }
+        })?;
     Ok(Workload {
         spiffe_id,
         labels: pod.labels.clone(),
@@ -176,7 +177,10 @@ mod tests {
     #[test]
     fn a_container_of_the_pod_gets_the_pods_service_account_identity_and_labels() {
         let w = workload_of(&pod(), ID, "node-a", &td()).unwrap();
-        assert_eq!(w.spiffe_id.as_str(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(
+            w.spiffe_id.as_str(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
         assert_eq!(w.labels.get("app").map(String::as_str), Some("web"));
     }
 
@@ -228,7 +232,10 @@ mod tests {
         let mut p = pod();
         p.service_account.clear();
         let w = workload_of(&p, ID, "node-a", &td()).unwrap();
-        assert_eq!(w.spiffe_id.as_str(), "spiffe://cluster.local/ns/shop/sa/default");
+        assert_eq!(
+            w.spiffe_id.as_str(),
+            "spiffe://cluster.local/ns/shop/sa/default"
+        );
     }
 
     #[test]
