@@ -1,7 +1,8 @@
 //! The agent's Kubernetes mode, in small pieces: [`cgroup`] maps a
 //! caller's `/proc/<pid>/cgroup` to a pod UID and container ID, [`pods`]
 //! decides which workload a pod vouches for (both pure), and [`attestor`]
-//! puts them together over a [`attestor::PodIndex`] of the node's pods.
+//! puts them together over a [`attestor::PodIndex`] of the node's pods,
+//! which [`pod_cache`] keeps from a node-scoped `kube` watch.
 //!
 //! The agent's credential towards the CA on Kubernetes (the projected
 //! service-account token, re-read on every request) is
@@ -9,4 +10,5 @@
 
 pub mod attestor;
 pub mod cgroup;
+pub mod pod_cache;
 pub mod pods;
