@@ -252,3 +252,60 @@ fn init_logging(format: &str) {
         builder.init();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(extra: &[&str]) -> Result<AgentConfig, clap::Error> {
+        let mut args = vec![
+            "citadel-agent",
+            "run",
+            "--ca",
+            "ca:15012",
+            "--ca-bundle",
+            "b.pem",
+        ];
+        args.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(args)?;
+        let Command::Run(run) = cli.command;
+        Ok(run.into_config())
+    }
+
+    #[test]
+    fn flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn kubernetes_mode_needs_node_name_and_token_file_and_no_entries() {
+        let k8s = [
+            "--kubernetes",
+            "--node-name",
+            "node-a",
+            "--token-file",
+            "/t",
+        ];
+        let cfg = parse(&k8s).unwrap();
+        let mode = cfg.kubernetes.expect("Kubernetes mode");
+        assert_eq!(mode.node_name, "node-a");
+        assert_eq!(mode.token_file, PathBuf::from("/t"));
+        assert_eq!(mode.proc_root, PathBuf::from("/proc"));
+        assert_eq!(mode.trust_domain.as_str(), "cluster.local");
+        assert!(parse(&["--kubernetes", "--node-name", "n"]).is_err());
+        assert!(parse(&["--kubernetes", "--token-file", "/t"]).is_err());
+        let mut with_entries = k8s.to_vec();
+        with_entries.extend(["--entries", "e.yaml"]);
+        assert!(parse(&with_entries).is_err());
+        // Off Kubernetes the entries file stays required, and the Kubernetes flags need the mode.
+        assert!(parse(&[]).is_err());
+        assert!(
+            parse(&["--entries", "e.yaml"])
+                .unwrap()
+                .kubernetes
+                .is_none()
+        );
+        assert!(parse(&["--entries", "e.yaml", "--token-file", "/t"]).is_err());
+    }
+}
