@@ -194,6 +194,17 @@ async fn a_deleted_pod_is_refused_and_the_watch_resumes_after_410_gone() {
         a.attest(&peer(7)).await.unwrap_err(),
         AttestError::NoPod { .. }
     ));
+    // The deletion came from a fresh list: the 410 made the watcher list again.
+    let lists = fake
+        .requests()
+        .iter()
+        .filter(|r| r.contains("/api/v1/pods") && !r.contains("watch="))
+        .count();
+    assert!(
+        lists >= 2,
+        "a re-list after 410 Gone: {:?}",
+        fake.requests()
+    );
 
     // A pod created after the resumption is seen.
     let other = id.replace('0', "e");
