@@ -15,8 +15,7 @@ use tokio::task::JoinHandle;
 use crate::attest::{EntriesAttestor, WorkloadAttestor, watch_entries_file};
 use crate::bundle::{follow_ca_bundle, load_saved_roots};
 use crate::ca_client::{CaEndpoint, CaError, GrpcCa, NodeCredential};
-use crate::k8s::attestor::{DEFAULT_POD_WAIT, PodAttestor, PodIndex};
-use crate::k8s::pod_cache::KubePodIndex;
+pub use crate::k8s::mode::KubernetesMode;
 use crate::manager::{CertManager, ManagerConfig};
 use crate::metrics::AgentMetrics;
 use crate::node::{self, NeedsJoinToken, NodeIdentity, Startup};
@@ -78,61 +77,6 @@ pub struct AgentConfig {
     /// Kubernetes mode: callers are attested by pod and the agent authenticates with its
     /// projected service-account token; `entries` and `join_token` are then unused.
     pub kubernetes: Option<KubernetesMode>,
-}
-
-/// The agent's settings on Kubernetes (`citadel-agent run --kubernetes`).
-#[derive(Clone)]
-pub struct KubernetesMode {
-    /// This node's name (`spec.nodeName`, from the downward API): only its
-    /// pods are watched and attested.
-    pub node_name: String,
-    /// The projected service-account token (audience `istio-ca`), read again
-    /// for every request to the CA.
-    pub token_file: PathBuf,
-    /// Where `/proc` of the node's processes is (`/proc` with `hostPID`).
-    pub proc_root: PathBuf,
-    /// The trust domain of the pods' SPIFFE IDs.
-    pub trust_domain: citadel_identity::TrustDomain,
-    /// The API server to use; `None`: in-cluster configuration or `KUBECONFIG`.
-    pub kube_config: Option<kube::Config>,
-    /// How long a caller whose pod the watch has not delivered yet is waited for.
-    pub pod_wait: Duration,
-}
-
-impl KubernetesMode {
-    /// The mode with the documented defaults (`/proc`, a 2 s pod wait,
-    /// the in-cluster API server).
-    pub fn new(
-        node_name: impl Into<String>,
-        token_file: PathBuf,
-        trust_domain: citadel_identity::TrustDomain,
-    ) -> Self {
-        Self {
-            node_name: node_name.into(),
-            token_file,
-            proc_root: PathBuf::from("/proc"),
-            trust_domain,
-            kube_config: None,
-            pod_wait: DEFAULT_POD_WAIT,
-        }
-    }
-}
-
-// By hand: the kube configuration may hold credentials.
-impl std::fmt::Debug for KubernetesMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubernetesMode")
-            .field("node_name", &self.node_name)
-            .field("token_file", &self.token_file)
-            .field("proc_root", &self.proc_root)
-            .field("trust_domain", &self.trust_domain.as_str())
-            .field(
-                "api_server",
-                &self.kube_config.as_ref().map(|c| c.cluster_url.to_string()),
-            )
-            .field("pod_wait", &self.pod_wait)
-            .finish()
-    }
 }
 
 impl AgentConfig {
@@ -278,7 +222,8 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
         Arc<dyn WorkloadAttestor>,
     ) = match &config.kubernetes {
         Some(k8s) => {
-            let (ca, attestor) = start_kubernetes(k8s, endpoint, &mut tasks, epoch_tx).await?;
+            let (ca, attestor) =
+                crate::k8s::mode::start(k8s, endpoint, &mut tasks, epoch_tx).await?;
             (ca, None, attestor)
         }
         None => {
@@ -437,49 +382,6 @@ async fn settle_node_identity(
     };
     tracing::info!(spiffe_id = %node_identity.spiffe_id(), not_after = node_identity.svid.not_after, "node identity");
     Ok(node_identity)
-}
-
-/// On Kubernetes: the CA client on the projected token, and the pod
-/// attestor over a watch of this node's pods (its task pushed on `tasks`;
-/// every pod event bumps `epoch`).
-async fn start_kubernetes(
-    k8s: &KubernetesMode,
-    endpoint: CaEndpoint,
-    tasks: &mut Vec<JoinHandle<()>>,
-    epoch: watch::Sender<u64>,
-) -> anyhow::Result<(Arc<GrpcCa>, Arc<dyn WorkloadAttestor>)> {
-    // The token must be there now; afterwards a read failure fails only the
-    // request that needed it.
-    crate::ca_client::read_token_file(&k8s.token_file)
-        .map_err(|e| anyhow!("--token-file: {}", e.message()))?;
-    let ca = Arc::new(
-        GrpcCa::new(endpoint, NodeCredential::TokenFile(k8s.token_file.clone()))
-            .map_err(|e| anyhow!("{e}"))?,
-    );
-    let kube_config = match &k8s.kube_config {
-        Some(c) => c.clone(),
-        None => kube::Config::infer()
-            .await
-            .context("Kubernetes API configuration (in-cluster or KUBECONFIG)")?,
-    };
-    let client = kube::Client::try_from(kube_config).context("Kubernetes client")?;
-    let (index, watch_task) = KubePodIndex::start(client, &k8s.node_name);
-    tasks.push(watch_task);
-    let mut changes = index.changes();
-    tasks.push(tokio::spawn(async move {
-        while changes.changed().await.is_ok() {
-            epoch.send_modify(|n| *n += 1);
-        }
-    }));
-    tracing::info!(node = %k8s.node_name, "attesting callers by pod; watching this node's pods");
-    let attestor = PodAttestor::new(
-        index,
-        k8s.proc_root.clone(),
-        k8s.node_name.clone(),
-        k8s.trust_domain.clone(),
-    )
-    .wait(k8s.pod_wait);
-    Ok((ca, Arc::new(attestor)))
 }
 
 /// The roots trusted for the CA's certificate and the saved node identity:
