@@ -12,9 +12,10 @@ use citadel_identity::SpiffeId;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::attest::{EntriesAttestor, watch_entries_file};
+use crate::attest::{EntriesAttestor, WorkloadAttestor, watch_entries_file};
 use crate::bundle::{follow_ca_bundle, load_saved_roots};
 use crate::ca_client::{CaEndpoint, CaError, GrpcCa, NodeCredential};
+pub use crate::k8s::mode::KubernetesMode;
 use crate::manager::{CertManager, ManagerConfig};
 use crate::metrics::AgentMetrics;
 use crate::node::{self, NeedsJoinToken, NodeIdentity, Startup};
@@ -73,6 +74,9 @@ pub struct AgentConfig {
     /// When the CA activates a new authority, every certificate signed by another one is
     /// re-issued at a random moment within this window (spreading the load on the CA).
     pub reissue_window: Duration,
+    /// Kubernetes mode: callers are attested by pod and the agent authenticates with its
+    /// projected service-account token; `entries` and `join_token` are then unused.
+    pub kubernetes: Option<KubernetesMode>,
 }
 
 impl AgentConfig {
@@ -95,6 +99,7 @@ impl AgentConfig {
             fetch_timeout: Duration::from_secs(30),
             root_namespace: "istio-system".to_owned(),
             reissue_window: crate::manager::DEFAULT_REISSUE_WINDOW,
+            kubernetes: None,
         }
     }
 
@@ -126,8 +131,9 @@ pub struct RunningAgent {
     pub socket_path: PathBuf,
     /// Where `/metrics` and the health endpoints are.
     pub http_addr: SocketAddr,
-    /// The node's identity.
-    pub node_id: SpiffeId,
+    /// The node's identity (off Kubernetes; on Kubernetes the agent has no
+    /// node certificate: it authenticates with its token).
+    pub node_id: Option<SpiffeId>,
     manager: CertManager,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -190,63 +196,62 @@ impl RunningAgent {
     }
 }
 
-/// Starts the agent: reads the entries, settles the node identity (saved,
-/// or through the join token), binds the HTTP endpoint and the socket,
-/// and spawns the trust-bundle and policy followers, node renewal and the
-/// server.
+/// Starts the agent: off Kubernetes it reads the entries and settles the
+/// node identity (saved, or through the join token); on Kubernetes it
+/// starts the node's pod watch and authenticates with the token file. Then
+/// it binds the HTTP endpoint and the socket, and spawns the trust-bundle
+/// and policy followers, node renewal (off Kubernetes) and the server.
 pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
     let server_name = config.server_name()?;
     let roots_pem = trusted_roots(&config.ca_bundle, &config.data_dir)?;
     tracing::info!(?config, "starting the agent");
     let metrics = AgentMetrics::new();
-    let m = metrics.clone();
-    let entries = watch_entries_file(config.entries.clone(), config.entries_poll, move || {
-        m.entries_reload_error()
-    })
-    .await?;
-
-    let saved = node::load(&config.data_dir, &roots_pem, unix_now())
-        .with_context(|| format!("--data-dir {}", config.data_dir.display()))?;
-    let token = config.join_token.as_ref().map(|t| t.0.as_str());
     let endpoint = CaEndpoint {
         address: config.ca_address.clone(),
         server_name,
         roots_pem: roots_pem.clone(),
     };
-    let node_identity = match node::decide_startup(saved, token, &config.data_dir)? {
-        Startup::UseSaved(n) => {
-            if token.is_some() {
-                tracing::info!(
-                    "the saved node identity came from this join token; the token is not used again"
-                );
-            }
-            *n
+    let mut tasks = Vec::new();
+    // Every change that may change attestation answers (an entries reload,
+    // a pod event) bumps the attestation epoch; open streams re-attest
+    // their caller on it, so a deleted pod's streams end.
+    let (epoch_tx, epoch_rx) = watch::channel(0u64);
+    let (ca, node_identity, attestor): (
+        Arc<GrpcCa>,
+        Option<NodeIdentity>,
+        Arc<dyn WorkloadAttestor>,
+    ) = match &config.kubernetes {
+        Some(k8s) => {
+            let (ca, attestor) =
+                crate::k8s::mode::start(k8s, endpoint, &mut tasks, epoch_tx).await?;
+            (ca, None, attestor)
         }
-        Startup::Join { replacing } => {
-            let token = token.ok_or_else(|| anyhow!("a join was decided without a token"))?;
-            if let Some(why) = &replacing {
-                tracing::warn!(reason = %why, "replacing the saved node identity by joining with the given token");
-            }
-            let joining = GrpcCa::new(endpoint.clone(), NodeCredential::JoinToken(token.into()))
-                .map_err(|e| anyhow!("{e}"))?;
-            let n = join_when_ca_answers(
-                &joining,
-                node::token_hash(token),
-                &roots_pem,
-                config.node_ttl,
+        None => {
+            let m = metrics.clone();
+            let entries =
+                watch_entries_file(config.entries.clone(), config.entries_poll, move || {
+                    m.entries_reload_error()
+                })
+                .await?;
+            let node_identity = settle_node_identity(&config, endpoint.clone(), &roots_pem).await?;
+            let ca = Arc::new(
+                GrpcCa::new(endpoint, node_identity.credential()).map_err(|e| anyhow!("{e}"))?,
+            );
+            let mut entries_changes = entries.clone();
+            tasks.push(tokio::spawn(async move {
+                while entries_changes.changed().await.is_ok() {
+                    epoch_tx.send_modify(|n| *n += 1);
+                }
+            }));
+            (
+                ca,
+                Some(node_identity),
+                Arc::new(EntriesAttestor::new(entries)),
             )
-            .await?;
-            node::save(&config.data_dir, &n)?;
-            tracing::info!(spiffe_id = %n.spiffe_id(), "joined with the join token");
-            n
         }
     };
-    tracing::info!(spiffe_id = %node_identity.spiffe_id(), not_after = node_identity.svid.not_after, "node identity");
-    let node_id = node_identity.spiffe_id().clone();
-    let ca =
-        Arc::new(GrpcCa::new(endpoint, node_identity.credential()).map_err(|e| anyhow!("{e}"))?);
+    let node_id = node_identity.as_ref().map(|n| n.spiffe_id().clone());
 
-    let mut tasks = Vec::new();
     let (bundle_tx, bundle_rx) = watch::channel(None);
     let propagation = Propagation::new();
     tasks.push(tokio::spawn(follow_ca_bundle(
@@ -256,14 +261,16 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
         config.data_dir.clone(),
         propagation.clone(),
     )));
-    tasks.push(tokio::spawn(node::keep_renewed(
-        ca.clone(),
-        node_identity,
-        config.data_dir.clone(),
-        bundle_rx.clone(),
-        config.node_ttl,
-        config.reissue_window,
-    )));
+    if let Some(node_identity) = node_identity {
+        tasks.push(tokio::spawn(node::keep_renewed(
+            ca.clone(),
+            node_identity,
+            config.data_dir.clone(),
+            bundle_rx.clone(),
+            config.node_ttl,
+            config.reissue_window,
+        )));
+    }
 
     let mesh = citadel_policy::MeshConfig {
         root_namespace: config.root_namespace.clone(),
@@ -287,18 +294,9 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
         },
         metrics.clone(),
     );
-    // Every entries reload bumps the attestation epoch; open streams
-    // re-attest their caller on it.
-    let (epoch_tx, epoch_rx) = watch::channel(0u64);
-    let mut entries_changes = entries.clone();
-    tasks.push(tokio::spawn(async move {
-        while entries_changes.changed().await.is_ok() {
-            epoch_tx.send_modify(|n| *n += 1);
-        }
-    }));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let state = Arc::new(AgentState {
-        attestor: Arc::new(EntriesAttestor::new(entries)),
+        attestor,
         manager: manager.clone(),
         bundle: bundle_rx.clone(),
         propagation,
@@ -342,6 +340,48 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, StartError> {
         server,
         tasks,
     })
+}
+
+/// Off Kubernetes: the saved node identity, or a new one through the join
+/// token.
+async fn settle_node_identity(
+    config: &AgentConfig,
+    endpoint: CaEndpoint,
+    roots_pem: &str,
+) -> Result<NodeIdentity, StartError> {
+    let saved = node::load(&config.data_dir, roots_pem, unix_now())
+        .with_context(|| format!("--data-dir {}", config.data_dir.display()))?;
+    let token = config.join_token.as_ref().map(|t| t.0.as_str());
+    let node_identity = match node::decide_startup(saved, token, &config.data_dir)? {
+        Startup::UseSaved(n) => {
+            if token.is_some() {
+                tracing::info!(
+                    "the saved node identity came from this join token; the token is not used again"
+                );
+            }
+            *n
+        }
+        Startup::Join { replacing } => {
+            let token = token.ok_or_else(|| anyhow!("a join was decided without a token"))?;
+            if let Some(why) = &replacing {
+                tracing::warn!(reason = %why, "replacing the saved node identity by joining with the given token");
+            }
+            let joining = GrpcCa::new(endpoint, NodeCredential::JoinToken(token.into()))
+                .map_err(|e| anyhow!("{e}"))?;
+            let n = join_when_ca_answers(
+                &joining,
+                node::token_hash(token),
+                roots_pem,
+                config.node_ttl,
+            )
+            .await?;
+            node::save(&config.data_dir, &n)?;
+            tracing::info!(spiffe_id = %n.spiffe_id(), "joined with the join token");
+            n
+        }
+    };
+    tracing::info!(spiffe_id = %node_identity.spiffe_id(), not_after = node_identity.svid.not_after, "node identity");
+    Ok(node_identity)
 }
 
 /// The roots trusted for the CA's certificate and the saved node identity:

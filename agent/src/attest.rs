@@ -63,6 +63,21 @@ pub enum AttestError {
         /// The pid the connection reported.
         pid: i32,
     },
+    /// Kubernetes: the caller's cgroup names no container (a host process).
+    #[error("the calling process (pid {pid}) is not in a container")]
+    NotInAPod {
+        /// The caller's pid.
+        pid: i32,
+    },
+    /// Kubernetes: no pod on this node vouches for the caller's container
+    /// (none found in time, or the one found does not list it).
+    #[error("no pod on this node vouches for the caller (pid {pid}): {reason}")]
+    NoPod {
+        /// The caller's pid.
+        pid: i32,
+        /// What was looked for and not found.
+        reason: String,
+    },
 }
 
 /// Turns a connection's peer into a workload identity. One implementation
@@ -143,7 +158,7 @@ pub fn parse_start_time(stat: &str) -> Option<u64> {
     after_comm.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
-fn check_same_process(proc_root: &Path, peer: &PeerInfo) -> Result<(), AttestError> {
+pub(crate) fn check_same_process(proc_root: &Path, peer: &PeerInfo) -> Result<(), AttestError> {
     let Some(pid) = peer.pid else {
         return Ok(());
     };

@@ -201,7 +201,7 @@ impl Follower<'_> {
             applied_sequence: *self.acked,
         });
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(ack_rx));
-        self.ca.authorize(&mut request);
+        self.ca.authorize(&mut request)?;
         let mut client = TrustBundleServiceClient::new(self.ca.channel());
         let mut updates = client.watch_trust_bundle(request).await?.into_inner();
         let mut delivered = self.propagation.subscribe();

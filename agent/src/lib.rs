@@ -21,6 +21,7 @@ pub mod entries;
 pub mod fake;
 pub mod files;
 pub mod http;
+pub mod k8s;
 pub mod manager;
 pub mod metrics;
 pub mod node;

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use citadel_agent::app::{self, AgentConfig, JoinToken, StartError};
+use citadel_agent::app::{self, AgentConfig, JoinToken, KubernetesMode, StartError};
+use citadel_identity::TrustDomain;
 use clap::{Parser, Subcommand};
 
 /// The Citadel node agent: attests workloads on a Unix socket and serves
@@ -52,8 +53,13 @@ struct RunArgs {
     /// beside it and does not separate processes of the same uid: such a
     /// process can exec the named binary and hand the socket to a child, so
     /// give workloads that must not share an identity distinct uids.
-    #[arg(long, env = "CITADEL_AGENT_ENTRIES")]
-    entries: PathBuf,
+    /// Required off Kubernetes.
+    #[arg(
+        long,
+        env = "CITADEL_AGENT_ENTRIES",
+        required_unless_present = "kubernetes"
+    )]
+    entries: Option<PathBuf>,
     /// How often the entries file is checked for changes.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     entries_poll: Duration,
@@ -98,6 +104,34 @@ struct RunArgs {
     /// window, and pushed to its workloads.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     reissue_window: Duration,
+    /// Kubernetes mode: a caller is attested by its pod (pid -> /proc/<pid>/cgroup ->
+    /// pod UID and container -> the pod from a watch of this node's pods, through the
+    /// in-cluster API configuration or KUBECONFIG) and gets
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>; the agent
+    /// authenticates to the CA with --token-file. No entries file, no join token.
+    #[arg(
+        long,
+        requires_all = ["node_name", "token_file"],
+        conflicts_with_all = ["entries", "join_token"]
+    )]
+    kubernetes: bool,
+    /// This node's name (Kubernetes mode; the pod's spec.nodeName from the downward API).
+    #[arg(long, env = "CITADEL_NODE_NAME", requires = "kubernetes")]
+    node_name: Option<String>,
+    /// The projected service-account token file (Kubernetes mode; audience istio-ca),
+    /// read again for every request to the CA and never logged.
+    #[arg(long, env = "CITADEL_AGENT_TOKEN_FILE", requires = "kubernetes")]
+    token_file: Option<PathBuf>,
+    /// Where the node's processes are (Kubernetes mode; the agent runs with hostPID).
+    #[arg(long, default_value = "/proc")]
+    proc_root: PathBuf,
+    /// Trust domain of the pods' SPIFFE IDs (Kubernetes mode); use the CA's.
+    #[arg(long, env = "CITADEL_TRUST_DOMAIN", default_value = "cluster.local", value_parser = parse_trust_domain)]
+    trust_domain: TrustDomain,
+}
+
+fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
+    TrustDomain::new(s).map_err(|e| e.to_string())
 }
 
 /// Parses `90s`, `15m`, `24h`, `7d` or plain seconds.
@@ -158,7 +192,7 @@ impl RunArgs {
             ca_server_name: self.ca_server_name,
             ca_bundle: self.ca_bundle,
             socket: self.socket,
-            entries: self.entries,
+            entries: self.entries.unwrap_or_default(),
             entries_poll: self.entries_poll,
             join_token: self.join_token.map(JoinToken),
             data_dir: self.data_dir,
@@ -169,6 +203,14 @@ impl RunArgs {
             fetch_timeout: Duration::from_secs(30),
             root_namespace: self.root_namespace,
             reissue_window: self.reissue_window,
+            kubernetes: match (self.kubernetes, self.node_name, self.token_file) {
+                (true, Some(node), Some(token_file)) => {
+                    let mut mode = KubernetesMode::new(node, token_file, self.trust_domain);
+                    mode.proc_root = self.proc_root;
+                    Some(mode)
+                }
+                _ => None,
+            },
         }
     }
 }
@@ -208,5 +250,62 @@ fn init_logging(format: &str) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(extra: &[&str]) -> Result<AgentConfig, clap::Error> {
+        let mut args = vec![
+            "citadel-agent",
+            "run",
+            "--ca",
+            "ca:15012",
+            "--ca-bundle",
+            "b.pem",
+        ];
+        args.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(args)?;
+        let Command::Run(run) = cli.command;
+        Ok(run.into_config())
+    }
+
+    #[test]
+    fn flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn kubernetes_mode_needs_node_name_and_token_file_and_no_entries() {
+        let k8s = [
+            "--kubernetes",
+            "--node-name",
+            "node-a",
+            "--token-file",
+            "/t",
+        ];
+        let cfg = parse(&k8s).unwrap();
+        let mode = cfg.kubernetes.expect("Kubernetes mode");
+        assert_eq!(mode.node_name, "node-a");
+        assert_eq!(mode.token_file, PathBuf::from("/t"));
+        assert_eq!(mode.proc_root, PathBuf::from("/proc"));
+        assert_eq!(mode.trust_domain.as_str(), "cluster.local");
+        assert!(parse(&["--kubernetes", "--node-name", "n"]).is_err());
+        assert!(parse(&["--kubernetes", "--token-file", "/t"]).is_err());
+        let mut with_entries = k8s.to_vec();
+        with_entries.extend(["--entries", "e.yaml"]);
+        assert!(parse(&with_entries).is_err());
+        // Off Kubernetes the entries file stays required, and the Kubernetes flags need the mode.
+        assert!(parse(&[]).is_err());
+        assert!(
+            parse(&["--entries", "e.yaml"])
+                .unwrap()
+                .kubernetes
+                .is_none()
+        );
+        assert!(parse(&["--entries", "e.yaml", "--token-file", "/t"]).is_err());
     }
 }

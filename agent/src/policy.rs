@@ -177,7 +177,7 @@ async fn follow_once(
         applied_version: applied,
     });
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(ack_rx));
-    ca.authorize(&mut request);
+    ca.authorize(&mut request)?;
     let mut client = PolicyServiceClient::new(ca.channel());
     let mut sets = client.watch_policies(request).await?.into_inner();
     while let Some(set) = sets.next().await {

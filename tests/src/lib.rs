@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod csr;
+pub mod fake_kube;
 pub mod load;
 pub mod mesh;
 pub mod mtls;

@@ -85,7 +85,19 @@ impl CaProcess {
         http_addr: SocketAddr,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_with_env(data_dir, grpc_addr, http_addr, extra, &[]).await
+    }
+
+    /// As [`Self::start_on`], with extra environment variables (e.g. `KUBECONFIG`).
+    pub async fn start_with_env(
+        data_dir: &Path,
+        grpc_addr: SocketAddr,
+        http_addr: SocketAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let child = Command::new(binary("citadel"))
+            .envs(env.iter().copied())
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)

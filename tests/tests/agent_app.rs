@@ -44,7 +44,11 @@ async fn agent_app_serves_and_its_shutdown_stops_every_task_it_spawned() {
     let agent = app::start(config).await.unwrap();
     assert_ne!(agent.http_addr.port(), 0, "the bound address is reported");
     assert_eq!(
-        agent.node_id.to_string(),
+        agent
+            .node_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         "spiffe://cluster.local/citadel/node/node-a"
     );
     let socket = agent.socket_path.clone();
