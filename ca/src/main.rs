@@ -465,6 +465,22 @@ struct ServeArgs {
     /// PEM file of CA certificates trusted for JWKS fetches, besides the webpki roots.
     #[arg(long, env = "CITADEL_JWKS_EXTRA_ROOTS", value_name = "PEM")]
     jwks_extra_roots: Option<PathBuf>,
+    /// Run on Kubernetes: check bearer tokens with the API server's TokenReview (after
+    /// local JWT verification, when configured) and let trusted node agents ask only for the
+    /// identities of pods on their own node. Connects with the in-cluster service account,
+    /// or KUBECONFIG.
+    #[arg(long, env = "CITADEL_KUBERNETES")]
+    kubernetes: bool,
+    /// Audience asked for in TokenReviews (repeatable); tokens must carry one of them.
+    #[arg(long = "token-review-audience", default_values = ["istio-ca"], value_name = "AUD", requires = "kubernetes")]
+    token_review_audiences: Vec<String>,
+    /// Service account of the node agents, NAMESPACE/NAME (repeatable): its pods may ask for
+    /// the identities of pods running on their own node.
+    #[arg(long = "trusted-agent", default_values = [citadel_ca::k8s::DEFAULT_TRUSTED_AGENT], value_name = "NS/SA", requires = "kubernetes")]
+    trusted_agents: Vec<String>,
+    /// Namespace the CA runs in (its Secret and Lease live there).
+    #[arg(long, env = "CITADEL_CA_NAMESPACE", default_value = citadel_ca::k8s::DEFAULT_CA_NAMESPACE, value_name = "NS")]
+    ca_namespace: String,
 }
 
 impl ServeArgs {
@@ -499,6 +515,27 @@ impl ServeArgs {
             }),
             _ => None,
         };
+        let kubernetes = if self.kubernetes {
+            anyhow::ensure!(
+                !self.token_review_audiences.is_empty(),
+                "--token-review-audience needs at least one audience"
+            );
+            let trusted_agents = self
+                .trusted_agents
+                .iter()
+                .map(|a| citadel_ca::k8s::TrustedAgent::parse(a))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)
+                .context("--trusted-agent")?;
+            let mut k8s =
+                citadel_ca::k8s::KubernetesConfig::new(citadel_ca::k8s::KubeConnection::Infer);
+            k8s.token_review_audiences = self.token_review_audiences;
+            k8s.trusted_agents = trusted_agents;
+            k8s.ca_namespace = self.ca_namespace;
+            Some(k8s)
+        } else {
+            None
+        };
         let mut ip_addresses = self.ip_addresses;
         if !self.listen.ip().is_unspecified() && !ip_addresses.contains(&self.listen.ip()) {
             ip_addresses.push(self.listen.ip());
@@ -524,6 +561,7 @@ impl ServeArgs {
                 self.policies_poll_interval.unsigned_abs(),
             ),
             root_namespace: self.root_namespace,
+            kubernetes,
             root_renewal: (!self.no_root_renewal)
                 .then(|| citadel_ca::rotation::RenewalPolicy::new(self.root_renewal_at))
                 .transpose()
@@ -610,6 +648,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 default_ttl_secs = config.lifetime.default_ttl_secs,
                 max_ttl_secs = config.lifetime.max_ttl_secs,
                 jwt = config.jwt.is_some(),
+                kubernetes = config.kubernetes.is_some(),
                 bundle_poll_interval_secs = config.bundle_poll_interval.as_secs(),
                 policies = ?config.policies_dir,
                 policies_poll_interval_secs = config.policies_poll_interval.as_secs(),

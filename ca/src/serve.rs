@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::auth::client_cert::ClientCertAuthenticator;
 use crate::auth::join_token::JoinTokenAuthenticator;
 use crate::auth::jwt::{JwtAuthenticator, JwtConfig};
+use crate::auth::token_review::{TokenReviewAuthenticator, TokenReviewConfig};
 use crate::auth::{AuthChain, Authenticator};
 use crate::authorities;
 use crate::authorities::AuthorityLoader;
@@ -32,8 +33,10 @@ use crate::bundle_watch::load_snapshot;
 use crate::csr::KeyKind;
 use crate::http::{OpsState, router};
 use crate::issuer::CertificateIssuer;
+use crate::k8s::{PodIndex, PodIndexAuthorizer};
 use crate::keystore::KeyStore;
 use crate::metrics::CaMetrics;
+use crate::node_authz::{AllowListAuthorizer, NodeAuthorizer, NodeAuthorizers};
 use crate::policy_service::{MAX_POLICY_ACK_BYTES, PolicyStreamService};
 use crate::policy_set::PolicySnapshot;
 use crate::policy_source::{DirectorySource, PolicyPoller, PolicySource, load_initial};
@@ -92,6 +95,9 @@ pub struct ServeConfig {
     /// Automatic renewal of a self-signed root (run every `bundle_poll_interval` by the one
     /// replica holding the lease; new roots live `root_lifetime_secs`); `None` = off.
     pub root_renewal: Option<crate::rotation::RenewalPolicy>,
+    /// `--kubernetes`: TokenReview authentication and node authorization from the pod index;
+    /// `None` = off Kubernetes.
+    pub kubernetes: Option<crate::k8s::KubernetesConfig>,
 }
 
 impl ServeConfig {
@@ -255,6 +261,7 @@ pub async fn start_with_store(
     authorities::write_bundle(&bundle_file, &snapshot.bundle)?;
     let (authority_tx, authority_rx) = watch::channel(authority.clone());
     let (bundle_tx, bundle_rx) = watch::channel(snapshot.bundle.clone());
+    let bundle_for_configmaps = bundle_tx.subscribe();
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(snapshot));
 
     let ledger = GroupCommitLedger::spawn(store.clone(), 256);
@@ -270,14 +277,49 @@ pub async fn start_with_store(
         )),
     ];
     match &config.jwt {
+        // Local verification first: no API-server round trip when it can decide.
         Some(jwt) => authenticators.push(Arc::new(
             JwtAuthenticator::new(jwt.clone())
                 .await
                 .context("configuring JWT verification")?,
         )),
-        None => tracing::warn!(
+        None if config.kubernetes.is_none() => tracing::warn!(
             "no JWT authenticator configured (--jwt-issuer/--jwt-jwks): only client certificates and join tokens will be accepted"
         ),
+        None => {}
+    }
+    let mut node_authorizers: Vec<Arc<dyn NodeAuthorizer>> = vec![Arc::new(
+        AllowListAuthorizer::new(store.clone(), config.trust_domain.clone()),
+    )];
+    let mut pod_index_task = None;
+    if let Some(k8s) = &config.kubernetes {
+        let client = k8s
+            .connection
+            .client()
+            .await
+            .context("connecting to the Kubernetes API server")?;
+        let mut review = TokenReviewConfig::new(
+            k8s.token_review_audiences.clone(),
+            config.trust_domain.clone(),
+        );
+        review.timeout = k8s.token_review_timeout;
+        authenticators.push(Arc::new(TokenReviewAuthenticator::new(
+            client.clone(),
+            review,
+        )));
+        let index = Arc::new(std::sync::RwLock::new(PodIndex::default()));
+        node_authorizers.push(Arc::new(PodIndexAuthorizer::new(
+            index.clone(),
+            k8s.trusted_agents.clone(),
+            config.trust_domain.clone(),
+        )));
+        pod_index_task = Some((client, index));
+        tracing::info!(
+            audiences = ?k8s.token_review_audiences,
+            trusted_agents = %k8s.trusted_agents.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            ca_namespace = %k8s.ca_namespace,
+            "Kubernetes mode: TokenReview authentication, node authorization from the pod index"
+        );
     }
     let auth = AuthChain::new(authenticators);
     let metrics = Arc::new(CaMetrics::new());
@@ -308,6 +350,7 @@ pub async fn start_with_store(
         config.trust_domain.clone(),
         authority_rx.clone(),
         auth.clone(),
+        NodeAuthorizers::new(node_authorizers),
         store.clone(),
         ledger.clone(),
         config.lifetime,
@@ -330,6 +373,27 @@ pub async fn start_with_store(
     let http_addr = http_listener.local_addr()?;
 
     let mut tasks = Vec::new();
+    if let Some((client, index)) = pod_index_task {
+        tasks.push(tokio::spawn(crate::k8s::run_pod_index(
+            client.clone(),
+            index,
+            shutdown_rx.clone(),
+        )));
+        let resync = config
+            .kubernetes
+            .as_ref()
+            .map_or(crate::k8s::root_configmap::DEFAULT_RESYNC, |k| {
+                k.configmap_resync
+            });
+        tasks.push(tokio::spawn(
+            crate::k8s::root_configmap::run_root_configmaps(
+                client,
+                bundle_for_configmaps,
+                resync,
+                shutdown_rx.clone(),
+            ),
+        ));
+    }
     let svc = IstioCertificateServiceServer::new(IstioCaService::new(issuer))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     // Bundle streams end by themselves on shutdown, so the graceful shutdown below does not
