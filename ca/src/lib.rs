@@ -25,6 +25,7 @@ pub mod issuer;
 pub mod join_token;
 pub mod k8s;
 pub mod keystore;
+pub mod leadership;
 pub mod metrics;
 pub mod node;
 pub mod node_authz;

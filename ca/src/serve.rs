@@ -35,6 +35,7 @@ use crate::http::{OpsState, router};
 use crate::issuer::CertificateIssuer;
 use crate::k8s::{PodIndex, PodIndexAuthorizer};
 use crate::keystore::KeyStore;
+use crate::leadership::{Leadership, StoreLease};
 use crate::metrics::CaMetrics;
 use crate::node_authz::{AllowListAuthorizer, NodeAuthorizer, NodeAuthorizers};
 use crate::policy_service::{MAX_POLICY_ACK_BYTES, PolicyStreamService};
@@ -292,6 +293,10 @@ pub async fn start_with_store(
         AllowListAuthorizer::new(store.clone(), config.trust_domain.clone()),
     )];
     let mut pod_index_task = None;
+    // This replica's name in leases (store or Kubernetes).
+    let holder = crate::rotation_driver::new_holder_id();
+    let mut kube_lease: Option<Arc<dyn Leadership>> = None;
+    let mut lease_duration_secs = crate::k8s::lease::DEFAULT_LEASE_DURATION_SECS;
     if let Some(k8s) = &config.kubernetes {
         let client = k8s
             .connection
@@ -313,6 +318,13 @@ pub async fn start_with_store(
             k8s.trusted_agents.clone(),
             config.trust_domain.clone(),
         )));
+        kube_lease = Some(Arc::new(crate::k8s::lease::KubeLease::new(
+            client.clone(),
+            &k8s.ca_namespace,
+            holder.clone(),
+            k8s.lease_duration_secs,
+        )) as Arc<dyn Leadership>);
+        lease_duration_secs = k8s.lease_duration_secs;
         pod_index_task = Some((client, index));
         tracing::info!(
             audiences = ?k8s.token_review_audiences,
@@ -385,10 +397,26 @@ pub async fn start_with_store(
             .map_or(crate::k8s::root_configmap::DEFAULT_RESYNC, |k| {
                 k.configmap_resync
             });
+        let (leader_tx, leader_rx) = watch::channel(false);
+        if let Some(lease) = kube_lease.clone() {
+            let every = Duration::from_millis(
+                u64::try_from(lease_duration_secs)
+                    .unwrap_or(15)
+                    .saturating_mul(1000)
+                    / 3,
+            );
+            tasks.push(tokio::spawn(crate::k8s::lease::run_leader_flag(
+                lease,
+                every,
+                leader_tx,
+                shutdown_rx.clone(),
+            )));
+        }
         tasks.push(tokio::spawn(
             crate::k8s::root_configmap::run_root_configmaps(
                 client,
                 bundle_for_configmaps,
+                leader_rx,
                 resync,
                 shutdown_rx.clone(),
             ),
@@ -499,8 +527,17 @@ pub async fn start_with_store(
     ));
 
     if let Some(policy) = config.root_renewal {
-        let holder = crate::rotation_driver::new_holder_id();
-        tracing::info!(prepare_at = policy.prepare_at, %holder, "automatic root renewal on");
+        // On Kubernetes the leader Lease decides; off it, a lease in the store.
+        let leadership: Arc<dyn Leadership> = match kube_lease {
+            Some(lease) => lease,
+            None => Arc::new(StoreLease::new(
+                store.clone(),
+                crate::rotation_driver::RENEWAL_LEASE,
+                holder.clone(),
+                crate::rotation_driver::lease_secs(config.bundle_poll_interval),
+            )),
+        };
+        tracing::info!(prepare_at = policy.prepare_at, holder = %leadership.holder(), "automatic root renewal on");
         tasks.push(tokio::spawn(
             crate::rotation_driver::RenewalDriver {
                 store: store.clone(),
@@ -510,7 +547,7 @@ pub async fn start_with_store(
                 root_lifetime_secs: config.root_lifetime_secs,
                 stale_after_secs: crate::rotation::DEFAULT_STALE_AFTER_SECS,
                 interval: config.bundle_poll_interval,
-                holder,
+                leadership,
             }
             .run(shutdown_rx.clone()),
         ));

@@ -3,8 +3,10 @@
 //! - [`crate::auth::token_review`]: callers' service-account tokens checked with TokenReview;
 //! - [`pod_index`]: node agents may ask only for identities of pods on their own node,
 //!   decided on an index of pods kept by a `kube` watcher ([`PodIndexAuthorizer`]);
-//! - [`root_configmap`]: the trust bundle as ConfigMap `istio-ca-root-cert` in every namespace.
+//! - [`root_configmap`]: the trust bundle as ConfigMap `istio-ca-root-cert` in every namespace;
+//! - [`lease`]: the Lease that picks the one replica running root renewal and the ConfigMaps.
 
+pub mod lease;
 pub mod pod_index;
 pub mod root_configmap;
 
@@ -63,6 +65,8 @@ pub struct KubernetesConfig {
     pub token_review_timeout: std::time::Duration,
     /// Time between two full passes writing the root-certificate ConfigMaps.
     pub configmap_resync: std::time::Duration,
+    /// `leaseDurationSeconds` of the leader Lease (renewed every third of it).
+    pub lease_duration_secs: i32,
 }
 
 impl KubernetesConfig {
@@ -78,6 +82,7 @@ impl KubernetesConfig {
             ca_namespace: DEFAULT_CA_NAMESPACE.into(),
             token_review_timeout: crate::auth::token_review::DEFAULT_TIMEOUT,
             configmap_resync: root_configmap::DEFAULT_RESYNC,
+            lease_duration_secs: lease::DEFAULT_LEASE_DURATION_SECS,
         }
     }
 }

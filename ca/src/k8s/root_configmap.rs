@@ -7,7 +7,8 @@
 //! back a ConfigMap someone deleted or edited. Skipped, as istiod skips them: `kube-public`,
 //! `kube-node-lease`, `local-path-storage` and terminating namespaces. Writes are
 //! create-or-replace with the read `resourceVersion`, so two writers never lose an update
-//! silently (a 409 is retried at the next round).
+//! silently (a 409 is retried at the next round). Only the leader writes (the Lease in
+//! [`super::lease`]); a replica that becomes leader writes every namespace at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -110,10 +111,11 @@ async fn reconcile(client: &kube::Client, ns: &str, pem: &str) -> Result<(), kub
     Ok(())
 }
 
-/// Publishes `bundle` into every namespace until `shutdown`.
+/// Publishes `bundle` into every namespace while `leader` is true, until `shutdown`.
 pub async fn run_root_configmaps(
     client: kube::Client,
     mut bundle: watch::Receiver<TrustBundle>,
+    mut leader: watch::Receiver<bool>,
     resync: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -135,6 +137,10 @@ pub async fn run_root_configmaps(
                 namespaces.iter().cloned().collect()
             }
             _ = tick.tick() => if synced { namespaces.iter().cloned().collect() } else { Vec::new() },
+            changed = leader.changed() => {
+                if changed.is_err() { return }
+                namespaces.iter().cloned().collect()
+            }
             event = events.next() => match event {
                 None => return,
                 Some(Ok(Event::Init)) => { relist = Some(BTreeSet::new()); Vec::new() }
@@ -169,7 +175,7 @@ pub async fn run_root_configmaps(
                 }
             },
         };
-        if todo.is_empty() {
+        if todo.is_empty() || !*leader.borrow_and_update() {
             continue;
         }
         let pem = bundle.borrow_and_update().to_pem();
