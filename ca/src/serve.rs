@@ -434,19 +434,23 @@ pub async fn start_with_store(
         shutdown_rx.clone(),
     )
     .await?;
-    let policy_svc = PolicyServiceServer::new(PolicyStreamService::new(
-        auth.clone(),
-        store.clone(),
-        policy_rx,
-        shutdown_rx.clone(),
-    ))
+    // On Kubernetes, trusted agents' tokens also open the node-agent streams.
+    let k8s_agents = config
+        .kubernetes
+        .as_ref()
+        .map(|k| crate::k8s::KubernetesAgents {
+            trust_domain: config.trust_domain.clone(),
+            trusted: k.trusted_agents.clone(),
+        });
+    let policy_svc = PolicyServiceServer::new(
+        PolicyStreamService::new(auth.clone(), store.clone(), policy_rx, shutdown_rx.clone())
+            .with_kubernetes_agents(k8s_agents.clone()),
+    )
     .max_decoding_message_size(MAX_POLICY_ACK_BYTES);
-    let bundle_svc = TrustBundleServiceServer::new(TrustBundleStreamService::new(
-        auth,
-        store.clone(),
-        snapshot_rx,
-        shutdown_rx.clone(),
-    ))
+    let bundle_svc = TrustBundleServiceServer::new(
+        TrustBundleStreamService::new(auth, store.clone(), snapshot_rx, shutdown_rx.clone())
+            .with_kubernetes_agents(k8s_agents),
+    )
     .max_decoding_message_size(MAX_ACK_BYTES);
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {

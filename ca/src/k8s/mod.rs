@@ -87,6 +87,36 @@ impl KubernetesConfig {
     }
 }
 
+/// Who may open the node-agent streams (trust bundle, policies) as a Kubernetes node agent.
+#[derive(Debug, Clone)]
+pub struct KubernetesAgents {
+    /// Trust domain of node identities.
+    pub trust_domain: TrustDomain,
+    /// `--trusted-agent`.
+    pub trusted: Vec<TrustedAgent>,
+}
+
+/// The node identity (`spiffe://<td>/citadel/node/<NODE>`) a Kubernetes node agent speaks
+/// for on the node-agent streams (pure): a caller authenticated by its service-account token,
+/// its service account trusted, its token naming a valid node. Acknowledgements are recorded
+/// under it, so each node's agent counts once, as a node certificate's holder does.
+pub fn kubernetes_agent_node(caller: &Caller, agents: &KubernetesAgents) -> Option<SpiffeId> {
+    if !matches!(
+        caller.method,
+        crate::auth::AuthMethod::TokenReview | crate::auth::AuthMethod::Jwt
+    ) || !caller.identity.is_member_of(&agents.trust_domain)
+    {
+        return None;
+    }
+    let sa = caller.identity.service_account()?;
+    agents
+        .trusted
+        .iter()
+        .any(|t| t.namespace == sa.namespace && t.service_account == sa.name)
+        .then_some(())?;
+    crate::node::node_identity(&agents.trust_domain, caller.node.as_deref()?).ok()
+}
+
 /// Kubernetes node agents, judged on the pod index ([`pod_index::decide`]).
 pub struct PodIndexAuthorizer {
     index: Arc<RwLock<PodIndex>>,
@@ -118,6 +148,52 @@ impl NodeAuthorizer for PodIndexAuthorizer {
     ) -> Result<Option<String>, IssueError> {
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
         pod_index::decide(&index, &self.trusted, &self.trust_domain, caller, target)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::AuthMethod;
+
+    fn agents() -> KubernetesAgents {
+        KubernetesAgents {
+            trust_domain: TrustDomain::new("cluster.local").unwrap(),
+            trusted: vec![TrustedAgent::parse("citadel-system/citadel-agent").unwrap()],
+        }
+    }
+
+    fn caller(id: &str, method: AuthMethod, node: Option<&str>) -> Caller {
+        Caller {
+            identity: SpiffeId::parse(id).unwrap(),
+            method,
+            node: node.map(str::to_owned),
+            pod: None,
+            pod_uid: None,
+            certificate_serial: None,
+        }
+    }
+
+    #[test]
+    fn a_trusted_agents_token_speaks_for_the_node_it_names() {
+        let agent = "spiffe://cluster.local/ns/citadel-system/sa/citadel-agent";
+        let c = caller(agent, AuthMethod::TokenReview, Some("node-a"));
+        assert_eq!(
+            kubernetes_agent_node(&c, &agents()).unwrap().as_str(),
+            "spiffe://cluster.local/citadel/node/node-a"
+        );
+        for c in [
+            caller(agent, AuthMethod::TokenReview, None),
+            caller(agent, AuthMethod::TokenReview, Some("Not_A_Node")),
+            caller(agent, AuthMethod::ClientCertificate, Some("node-a")),
+            caller(
+                "spiffe://cluster.local/ns/shop/sa/web",
+                AuthMethod::Jwt,
+                Some("node-a"),
+            ),
+        ] {
+            assert_eq!(kubernetes_agent_node(&c, &agents()), None, "{c:?}");
+        }
     }
 }
 
