@@ -151,6 +151,49 @@ impl NodeAuthorizer for PodIndexAuthorizer {
     }
 }
 
+/// Keeps `index` equal to the cluster's live pods until `shutdown`: a `kube` watcher over
+/// all pods (it re-lists after `410 Gone` and backs off on errors). A full re-list replaces
+/// the index at once when it is complete, so pods deleted while the watch was broken leave.
+pub async fn run_pod_index(
+    client: kube::Client,
+    index: Arc<RwLock<PodIndex>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let api: Api<Pod> = Api::all(client);
+    let mut events = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut relist: Option<PodIndex> = None;
+    let write = || index.write().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let event = tokio::select! {
+            e = events.next() => e,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        match event {
+            None => return,
+            Some(Ok(Event::Init)) => relist = Some(PodIndex::default()),
+            Some(Ok(Event::InitApply(pod))) => {
+                relist.get_or_insert_with(PodIndex::default).apply(&pod)
+            }
+            Some(Ok(Event::InitDone)) => {
+                let mut fresh = relist.take().unwrap_or_default();
+                fresh.mark_synced();
+                let live = fresh.len();
+                *write() = fresh;
+                tracing::info!(live_pods = live, "pod index synced");
+            }
+            Some(Ok(Event::Apply(pod))) => write().apply(&pod),
+            Some(Ok(Event::Delete(pod))) => {
+                if let Some(uid) = pod.metadata.uid.as_deref() {
+                    write().remove(uid);
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "pod watch failed; retrying"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,49 +236,6 @@ mod tests {
             ),
         ] {
             assert_eq!(kubernetes_agent_node(&c, &agents()), None, "{c:?}");
-        }
-    }
-}
-
-/// Keeps `index` equal to the cluster's live pods until `shutdown`: a `kube` watcher over
-/// all pods (it re-lists after `410 Gone` and backs off on errors). A full re-list replaces
-/// the index at once when it is complete, so pods deleted while the watch was broken leave.
-pub async fn run_pod_index(
-    client: kube::Client,
-    index: Arc<RwLock<PodIndex>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let api: Api<Pod> = Api::all(client);
-    let mut events = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    let mut relist: Option<PodIndex> = None;
-    let write = || index.write().unwrap_or_else(|p| p.into_inner());
-    loop {
-        let event = tokio::select! {
-            e = events.next() => e,
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        };
-        match event {
-            None => return,
-            Some(Ok(Event::Init)) => relist = Some(PodIndex::default()),
-            Some(Ok(Event::InitApply(pod))) => {
-                relist.get_or_insert_with(PodIndex::default).apply(&pod)
-            }
-            Some(Ok(Event::InitDone)) => {
-                let mut fresh = relist.take().unwrap_or_default();
-                fresh.mark_synced();
-                let live = fresh.len();
-                *write() = fresh;
-                tracing::info!(live_pods = live, "pod index synced");
-            }
-            Some(Ok(Event::Apply(pod))) => write().apply(&pod),
-            Some(Ok(Event::Delete(pod))) => {
-                if let Some(uid) = pod.metadata.uid.as_deref() {
-                    write().remove(uid);
-                }
-            }
-            Some(Err(e)) => tracing::warn!(error = %e, "pod watch failed; retrying"),
         }
     }
 }
