@@ -466,9 +466,11 @@ struct ServeArgs {
     #[arg(long, env = "CITADEL_JWKS_EXTRA_ROOTS", value_name = "PEM")]
     jwks_extra_roots: Option<PathBuf>,
     /// Run on Kubernetes: check bearer tokens with the API server's TokenReview (after
-    /// local JWT verification, when configured) and let trusted node agents ask only for the
-    /// identities of pods on their own node. Connects with the in-cluster service account,
-    /// or KUBECONFIG.
+    /// local JWT verification, when configured); let trusted node agents ask only for the
+    /// identities of pods on their own node; publish the trust bundle as ConfigMap
+    /// istio-ca-root-cert in every namespace and run root renewal on the replica holding the
+    /// Lease citadel-ca-leader; serve the security.istio.io policy custom resources (unless
+    /// --policies is given). Connects with the in-cluster service account, or KUBECONFIG.
     #[arg(long, env = "CITADEL_KUBERNETES")]
     kubernetes: bool,
     /// Audience asked for in TokenReviews (repeatable); tokens must carry one of them.

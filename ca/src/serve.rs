@@ -340,10 +340,23 @@ pub async fn start_with_store(
     let mesh = citadel_policy::MeshConfig {
         root_namespace: config.root_namespace.clone(),
     };
-    let mut policy_source: Option<Box<dyn PolicySource>> = config
-        .policies_dir
-        .clone()
-        .map(|dir| Box::new(DirectorySource::new(dir)) as Box<dyn PolicySource>);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // On Kubernetes without --policies, the security.istio.io custom resources.
+    let crd_client = match (&config.policies_dir, &pod_index_task) {
+        (None, Some((client, _))) => Some(client.clone()),
+        _ => None,
+    };
+    let mut policy_source: Option<Box<dyn PolicySource>> = match (&config.policies_dir, crd_client)
+    {
+        (Some(dir), _) => Some(Box::new(DirectorySource::new(dir.clone()))),
+        (None, Some(client)) => Some(Box::new(crate::k8s::policy_crds::CrdSource::start(
+            client,
+            mesh.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        ))),
+        (None, None) => None,
+    };
     let policies = match policy_source.as_mut() {
         Some(source) => load_initial(source.as_mut(), &mesh).await?,
         None => PolicySnapshot::empty(),
@@ -374,7 +387,6 @@ pub async fn start_with_store(
     let serving_validity = refresh_serving_cert(&authority, &config, &resolver, &ledger).await?;
     let tls = TlsAcceptor::from(Arc::new(server_config(provider, resolver.clone())?));
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let grpc_listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -4,10 +4,12 @@
 //! - [`pod_index`]: node agents may ask only for identities of pods on their own node,
 //!   decided on an index of pods kept by a `kube` watcher ([`PodIndexAuthorizer`]);
 //! - [`root_configmap`]: the trust bundle as ConfigMap `istio-ca-root-cert` in every namespace;
-//! - [`lease`]: the Lease that picks the one replica running root renewal and the ConfigMaps.
+//! - [`lease`]: the Lease that picks the one replica running root renewal and the ConfigMaps;
+//! - [`policy_crds`]: policies from the `security.istio.io` custom resources.
 
 pub mod lease;
 pub mod pod_index;
+pub mod policy_crds;
 pub mod root_configmap;
 
 use std::sync::{Arc, RwLock};
