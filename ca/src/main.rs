@@ -134,6 +134,14 @@ struct RootKeyArgs {
     /// reads it; without it the key goes to <data-dir>/keys.
     #[arg(long, env = "CITADEL_KEY_ENCRYPTION_KEY_FILE", value_name = "PATH")]
     key_encryption_key_file: Option<PathBuf>,
+    /// Put the new key into the Kubernetes Secret citadel-ca-keys in --ca-namespace, as
+    /// `citadel serve --kubernetes` without a key-encryption key reads it (in-cluster service
+    /// account or KUBECONFIG).
+    #[arg(long, env = "CITADEL_KUBERNETES")]
+    kubernetes: bool,
+    /// Namespace of the key Secret.
+    #[arg(long, env = "CITADEL_CA_NAMESPACE", default_value = citadel_ca::k8s::DEFAULT_CA_NAMESPACE, value_name = "NS")]
+    ca_namespace: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -233,6 +241,14 @@ impl RootCommon {
         &self,
         args: &RootKeyArgs,
     ) -> anyhow::Result<std::sync::Arc<dyn citadel_ca::keystore::KeyStore>> {
+        if args.kubernetes && args.key_encryption_key_file.is_none() {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API server")?;
+            return Ok(std::sync::Arc::new(
+                citadel_ca::k8s::secret_keystore::SecretKeyStore::new(client, &args.ca_namespace),
+            ));
+        }
         // These commands only save new keys: no read-through to the data directory.
         citadel_ca::sealed_keystore::open_key_store(
             &self.store.data_dir,

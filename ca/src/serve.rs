@@ -233,13 +233,34 @@ pub async fn start_with_store(
     store: Arc<dyn Store>,
 ) -> anyhow::Result<RunningCa> {
     prepare_data_dir(&config.data_dir)?;
-    let keys: Arc<dyn KeyStore> = open_key_store(
-        &config.data_dir,
-        &config.store_url(),
-        config.key_encryption_key_file.as_deref(),
-        true,
-    )
-    .await?;
+    let keys: Arc<dyn KeyStore> = match (&config.kubernetes, &config.key_encryption_key_file) {
+        // On Kubernetes without a key-encryption key: a Secret every replica reads.
+        (Some(k8s), None) => {
+            let client = k8s
+                .connection
+                .client()
+                .await
+                .context("connecting to the Kubernetes API server")?;
+            tracing::info!(
+                namespace = %k8s.ca_namespace,
+                secret = crate::k8s::secret_keystore::SECRET_NAME,
+                "authority keys are kept in a Kubernetes Secret"
+            );
+            Arc::new(crate::k8s::secret_keystore::SecretKeyStore::new(
+                client,
+                &k8s.ca_namespace,
+            ))
+        }
+        _ => {
+            open_key_store(
+                &config.data_dir,
+                &config.store_url(),
+                config.key_encryption_key_file.as_deref(),
+                true,
+            )
+            .await?
+        }
+    };
     let loader = AuthorityLoader {
         keys: keys.clone(),
         ca_dir: config.ca_dir.clone(),

@@ -411,7 +411,7 @@ async fn root_configmap(fake: &FakeKube, ns: &str, ok: impl Fn(&str) -> bool) ->
 
 #[tokio::test]
 async fn the_trust_bundle_configmap_appears_in_every_namespace_and_follows_the_bundle() {
-    use citadel_ca::keystore::FileKeyStore;
+    use citadel_ca::k8s::secret_keystore::SecretKeyStore;
     use citadel_ca::root_cmd::{self, PrepareArgs};
     let fake = FakeKube::start().await.unwrap();
     for ns in ["shop", "kube-public"] {
@@ -437,7 +437,8 @@ async fn the_trust_bundle_configmap_appears_in_every_namespace_and_follows_the_b
     root_configmap(&fake, "shop", |p| p == h.bundle_pem).await;
 
     // A new root in the bundle reaches every namespace.
-    let keys = FileKeyStore::open(h.data_dir.join("keys")).unwrap();
+    // On Kubernetes the CA's keys live in the Secret: the new root's key goes there too.
+    let keys = SecretKeyStore::new(fake.client().unwrap(), "citadel-system");
     let td = h.trust_domain();
     root_cmd::prepare(
         h.store.as_ref(),

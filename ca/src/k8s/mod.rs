@@ -5,12 +5,14 @@
 //!   decided on an index of pods kept by a `kube` watcher ([`PodIndexAuthorizer`]);
 //! - [`root_configmap`]: the trust bundle as ConfigMap `istio-ca-root-cert` in every namespace;
 //! - [`lease`]: the Lease that picks the one replica running root renewal and the ConfigMaps;
-//! - [`policy_crds`]: policies from the `security.istio.io` custom resources.
+//! - [`policy_crds`]: policies from the `security.istio.io` custom resources;
+//! - [`secret_keystore`]: authority keys in a Secret shared by the replicas.
 
 pub mod lease;
 pub mod pod_index;
 pub mod policy_crds;
 pub mod root_configmap;
+pub mod secret_keystore;
 
 use std::sync::{Arc, RwLock};
 
