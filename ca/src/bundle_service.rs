@@ -21,6 +21,7 @@ use crate::auth::{AuthChain, AuthMethod, Caller, Credentials};
 use crate::bundle_watch::BundleSnapshot;
 use crate::clock::unix_now;
 use crate::issuer::IssueError;
+use crate::k8s::{KubernetesAgents, kubernetes_agent_node};
 use crate::node::NODE_PATH_PREFIX;
 use crate::service::{bearer_token, status_of};
 
@@ -62,6 +63,7 @@ pub fn judge_ack(applied: u64, current: u64, last_recorded: u64) -> AckDecision 
 /// Serves `WatchTrustBundle`.
 pub struct TrustBundleStreamService {
     auth: AuthChain,
+    k8s: Option<KubernetesAgents>,
     store: Arc<dyn AckStore>,
     snapshots: watch::Receiver<Arc<BundleSnapshot>>,
     shutdown: watch::Receiver<bool>,
@@ -78,10 +80,17 @@ impl TrustBundleStreamService {
     ) -> Self {
         Self {
             auth,
+            k8s: None,
             store,
             snapshots,
             shutdown,
         }
+    }
+
+    /// Also admits Kubernetes node agents ([`kubernetes_agent_node`]).
+    pub fn with_kubernetes_agents(mut self, agents: Option<KubernetesAgents>) -> Self {
+        self.k8s = agents;
+        self
     }
 }
 
@@ -186,14 +195,16 @@ async fn record_acks(
 }
 
 /// Authenticates the caller of a node-agent stream (`what`, for logs and errors): only node
-/// agents, proven by their node certificate, may open one. Their acknowledgements are what
+/// agents, proven by their node certificate or (on Kubernetes, `k8s`) by a trusted agent's
+/// service-account token naming its node, may open one. Their acknowledgements are what
 /// `root status` and `node list` report, and a workload or an unused join token must not add
-/// rows.
+/// rows. Returns the caller and the node identity its acknowledgements are recorded under.
 pub async fn authenticate_node_agent<T>(
     auth: &AuthChain,
+    k8s: Option<&KubernetesAgents>,
     request: &Request<T>,
     what: &str,
-) -> Result<Caller, Status> {
+) -> Result<(Caller, String), Status> {
     let peer_chain = request.peer_certs();
     let bearer = bearer_token(request.metadata()).map(str::to_owned);
     let caller = auth
@@ -208,16 +219,20 @@ pub async fn authenticate_node_agent<T>(
             tracing::warn!(error = %e, "{what} refused");
             status_of(&e)
         })?;
-    if caller.method != AuthMethod::ClientCertificate
-        || !caller.identity.path().starts_with(NODE_PATH_PREFIX)
+    if caller.method == AuthMethod::ClientCertificate
+        && caller.identity.path().starts_with(NODE_PATH_PREFIX)
     {
-        tracing::warn!(caller = %caller.identity, method = caller.method.as_str(), "{what} refused: not a node agent");
-        return Err(Status::permission_denied(format!(
-            "{} may not open the {what}: only node agents authenticated with their node certificate may",
-            caller.identity
-        )));
+        let id = caller.identity.to_string();
+        return Ok((caller, id));
     }
-    Ok(caller)
+    if let Some(node) = k8s.and_then(|k| kubernetes_agent_node(&caller, k)) {
+        return Ok((caller, node.to_string()));
+    }
+    tracing::warn!(caller = %caller.identity, method = caller.method.as_str(), "{what} refused: not a node agent");
+    Err(Status::permission_denied(format!(
+        "{} may not open the {what}: only node agents authenticated with their node certificate (or, on Kubernetes, a trusted agent's token naming its node) may",
+        caller.identity
+    )))
 }
 
 /// The stream type of `WatchTrustBundle`.
@@ -231,15 +246,21 @@ impl TrustBundleService for TrustBundleStreamService {
         &self,
         request: Request<Streaming<TrustBundleAck>>,
     ) -> Result<Response<UpdateStream>, Status> {
-        let caller = authenticate_node_agent(&self.auth, &request, "trust-bundle stream").await?;
+        let (caller, agent) = authenticate_node_agent(
+            &self.auth,
+            self.k8s.as_ref(),
+            &request,
+            "trust-bundle stream",
+        )
+        .await?;
         tracing::info!(
-            agent = %caller.identity,
+            agent = %agent,
             method = caller.method.as_str(),
             "trust-bundle stream opened"
         );
         tokio::spawn(record_acks(
             request.into_inner(),
-            caller.identity.to_string(),
+            agent,
             self.store.clone(),
             self.snapshots.clone(),
             self.shutdown.clone(),

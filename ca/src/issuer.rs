@@ -20,6 +20,7 @@ use crate::csr::{CsrError, parse_and_verify};
 use crate::join_token::token_hash;
 use crate::metrics::{CaMetrics, IssuedLabels};
 use crate::node::{is_reserved, node_name_of};
+use crate::node_authz::{NodeAuthorizers, denied};
 
 /// One certificate request, as the transport received it.
 #[derive(Debug, Clone)]
@@ -133,24 +134,18 @@ impl From<StoreError> for IssueError {
 pub enum Authorization {
     /// The caller gets its own identity.
     Own(SpiffeId),
-    /// A node agent asks for `target` on behalf of a workload: allowed only when `target` is
-    /// on the node's allow list ([`check_node_allow_list`]).
-    ForNode {
-        /// The agent's node.
-        node: String,
-        /// The identity asked for.
-        target: SpiffeId,
-    },
+    /// The caller asks for `target` on behalf of a workload: allowed only when a
+    /// [`NodeAuthorizer`](crate::node_authz::NodeAuthorizer) says the caller is a node agent
+    /// whose node runs that workload.
+    Impersonate(SpiffeId),
 }
 
-/// Decides whether `caller` may receive `impersonated` (pure).
+/// Decides whether `caller` asks for its own identity or may ask for `impersonated` at all
+/// (pure).
 ///
-/// A caller gets its own identity. Another identity (`ImpersonatedIdentity`)
-/// may be asked for only by a node agent that authenticated with its node
-/// certificate (`spiffe://<td>/citadel/node/<NAME>`), only for a SPIFFE ID of
-/// `td` outside `/citadel/`, and only if the node's allow list names it,
-/// which the caller checks next. A join-token caller may never impersonate:
-/// it has not joined yet.
+/// A caller gets its own identity. Another identity (`ImpersonatedIdentity`) must be a
+/// SPIFFE ID of `td` outside `/citadel/`; whether this caller may have it is the node
+/// authorizers' decision, made next.
 pub fn authorize(
     caller: &Caller,
     impersonated: Option<&str>,
@@ -163,21 +158,7 @@ pub fn authorize(
         }
         Some(other) => other,
     };
-    let deny = |why: &str| {
-        IssueError::PermissionDenied(format!(
-            "{} may not request certificates for {other}: {why}",
-            caller.identity
-        ))
-    };
-    let node = match (caller.method, node_name_of(&caller.identity, td)) {
-        (AuthMethod::ClientCertificate, Some(node)) => node,
-        (AuthMethod::JoinToken, _) => {
-            return Err(deny(
-                "a join token only admits the node itself; impersonate with the node certificate",
-            ));
-        }
-        _ => return Err(deny("it is not a trusted node agent")),
-    };
+    let deny = |why: &str| denied(caller, other, why);
     let target = SpiffeId::parse(other)
         .map_err(|e| deny(&format!("the requested identity is not a SPIFFE ID ({e})")))?;
     if !target.is_member_of(td) {
@@ -190,28 +171,7 @@ pub fn authorize(
             "identities under /citadel/ are never issued to workloads",
         ));
     }
-    Ok(Authorization::ForNode {
-        node: node.to_owned(),
-        target,
-    })
-}
-
-/// Checks `target` against node `node`'s allow list (`None`: the node never joined) (pure).
-pub fn check_node_allow_list(
-    caller: &Caller,
-    node: &str,
-    target: &SpiffeId,
-    allowed: Option<&[String]>,
-) -> Result<(), IssueError> {
-    let why = match allowed {
-        Some(list) if list.iter().any(|id| id == target.as_str()) => return Ok(()),
-        Some(_) => format!("it is not on node {node}'s allow list"),
-        None => format!("node {node} has not joined with a join token"),
-    };
-    Err(IssueError::PermissionDenied(format!(
-        "{} may not request certificates for {target}: {why}",
-        caller.identity
-    )))
+    Ok(Authorization::Impersonate(target))
 }
 
 /// Checks that the SANs a CSR asks for are exactly what the caller gets (pure).
@@ -249,19 +209,22 @@ pub struct CertificateIssuer {
     authority: watch::Receiver<Arc<Authority>>,
     auth: AuthChain,
     store: Arc<dyn NodeStore>,
+    nodes: NodeAuthorizers,
     ledger: GroupCommitLedger,
     lifetime: LifetimePolicy,
     metrics: Arc<CaMetrics>,
 }
 
 impl CertificateIssuer {
-    /// Assembles the issuing core. `store` answers node allow lists and records node
-    /// certificates (join-token exchanges and renewals) with their ledger rows; `ledger`
-    /// records every other issuance.
+    /// Assembles the issuing core. `nodes` decides which workload identities a node agent
+    /// may ask for; `store` records node certificates (join-token exchanges and renewals)
+    /// with their ledger rows; `ledger` records every other issuance.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         trust_domain: TrustDomain,
         authority: watch::Receiver<Arc<Authority>>,
         auth: AuthChain,
+        nodes: NodeAuthorizers,
         store: Arc<dyn NodeStore>,
         ledger: GroupCommitLedger,
         lifetime: LifetimePolicy,
@@ -271,6 +234,7 @@ impl CertificateIssuer {
             trust_domain,
             authority,
             auth,
+            nodes,
             store,
             ledger,
             lifetime,
@@ -373,8 +337,8 @@ impl CertificateIssuer {
 }
 
 impl CertificateIssuer {
-    /// The identity to issue and the node the request came through: [`authorize`], plus the
-    /// node's allow list from the store when a node agent asks for a workload.
+    /// The identity to issue and the node the request came through: [`authorize`], then the
+    /// node authorizers when a node agent asks for a workload.
     async fn granted_identity(
         &self,
         caller: &Caller,
@@ -398,13 +362,11 @@ impl CertificateIssuer {
                 });
                 Ok((id, node))
             }
-            Authorization::ForNode { node, target } => {
-                let allowed = self.store.node_allowed_ids(&node).await.map_err(|e| {
-                    IssueError::Unavailable(format!(
-                        "node allow list unavailable, no certificate issued: {e}"
-                    ))
-                })?;
-                check_node_allow_list(caller, &node, &target, allowed.as_deref())
+            Authorization::Impersonate(target) => {
+                let node = self
+                    .nodes
+                    .authorize(caller, &target)
+                    .await
                     .map_err(refused)?;
                 Ok((target, Some(node)))
             }
@@ -481,7 +443,7 @@ pub fn node_grant(
                 NodeGrant::Renewal { presented_serial },
             )))
         }
-        AuthMethod::Jwt => Ok(None),
+        AuthMethod::Jwt | AuthMethod::TokenReview => Ok(None),
     }
 }
 
@@ -495,6 +457,7 @@ mod tests {
             method: AuthMethod::Jwt,
             node: None,
             pod: None,
+            pod_uid: None,
             certificate_serial: None,
         }
     }
@@ -530,71 +493,28 @@ mod tests {
     }
 
     #[test]
-    fn rejects_impersonation_by_untrusted_caller() {
-        let c = caller("spiffe://td/ns/a/sa/b");
-        let msg = denied(authorize(&c, Some("spiffe://td/ns/a/sa/other"), &td()));
-        assert!(msg.contains("spiffe://td/ns/a/sa/b"), "{msg}");
-        assert!(msg.contains("spiffe://td/ns/a/sa/other"), "{msg}");
-    }
-
-    #[test]
-    fn node_certificate_may_ask_for_a_workload_subject_to_its_allow_list() {
+    fn another_workload_identity_goes_to_the_node_authorizers() {
         let out = authorize(
-            &node_caller(AuthMethod::ClientCertificate),
+            &caller("spiffe://td/ns/a/sa/b"),
             Some("spiffe://td/ns/a/sa/web"),
             &td(),
         );
         assert_eq!(
             out.unwrap(),
-            Authorization::ForNode {
-                node: "node-a".into(),
-                target: SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap(),
-            }
+            Authorization::Impersonate(SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap())
         );
     }
 
     #[test]
-    fn join_token_caller_may_not_impersonate() {
-        let msg = denied(authorize(
-            &node_caller(AuthMethod::JoinToken),
-            Some("spiffe://td/ns/a/sa/web"),
-            &td(),
-        ));
-        assert!(msg.contains("join token"), "{msg}");
-    }
-
-    #[test]
-    fn node_identity_by_jwt_is_not_a_node_agent() {
-        // Only a certificate this CA issued proves a node identity.
-        denied(authorize(
-            &node_caller(AuthMethod::Jwt),
-            Some("spiffe://td/ns/a/sa/web"),
-            &td(),
-        ));
-    }
-
-    #[test]
-    fn node_may_not_ask_for_foreign_reserved_or_malformed_identities() {
+    fn nobody_may_ask_for_foreign_reserved_or_malformed_identities() {
         let node = node_caller(AuthMethod::ClientCertificate);
         for target in [
             "spiffe://other/ns/a/sa/web",
             "spiffe://td/citadel/node/node-b",
             "not a spiffe id",
         ] {
-            denied(authorize(&node, Some(target), &td()));
-        }
-    }
-
-    #[test]
-    fn allow_list_must_name_the_target_exactly() {
-        let node = node_caller(AuthMethod::ClientCertificate);
-        let web = SpiffeId::parse("spiffe://td/ns/a/sa/web").unwrap();
-        let list = ["spiffe://td/ns/a/sa/web".to_string()];
-        check_node_allow_list(&node, "node-a", &web, Some(&list)).unwrap();
-        let prefix_only = ["spiffe://td/ns/a/sa/we".to_string()];
-        for allowed in [Some(&prefix_only[..]), Some(&[][..]), None] {
-            let err = check_node_allow_list(&node, "node-a", &web, allowed).unwrap_err();
-            assert!(matches!(err, IssueError::PermissionDenied(_)), "{err}");
+            let msg = denied(authorize(&node, Some(target), &td()));
+            assert!(msg.contains("spiffe://td/citadel/node/node-a"), "{msg}");
         }
     }
 

@@ -3,8 +3,8 @@
 //! Keys never enter the SQL store in plaintext and never reach a log. The file store keeps
 //! one PEM file per key in a 0700 directory, each file 0600, written
 //! atomically (the single-node default). [`crate::sealed_keystore`] keeps keys in the SQL
-//! store sealed under a key-encryption key, for replicas. A Kubernetes Secret store will
-//! implement the same trait.
+//! store sealed under a key-encryption key, for replicas. [`crate::k8s::secret_keystore`] keeps
+//! them in a Kubernetes Secret, for replicas on Kubernetes.
 
 use std::fmt;
 use std::io::Write;
@@ -61,6 +61,9 @@ pub enum KeyStoreError {
     /// The CA's store (where sealed keys live) failed.
     #[error("sealed key store: {0}")]
     Store(String),
+    /// The Kubernetes API server (where the key Secret lives) failed.
+    #[error("Kubernetes Secret key store: {0}")]
+    Secret(String),
     /// A sealed key could not be opened (wrong key-encryption key, altered or moved blob).
     #[error("cannot unseal the key stored under {key_ref:?}: {reason}")]
     Unseal {

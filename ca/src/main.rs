@@ -134,6 +134,14 @@ struct RootKeyArgs {
     /// reads it; without it the key goes to <data-dir>/keys.
     #[arg(long, env = "CITADEL_KEY_ENCRYPTION_KEY_FILE", value_name = "PATH")]
     key_encryption_key_file: Option<PathBuf>,
+    /// Put the new key into the Kubernetes Secret citadel-ca-keys in --ca-namespace, as
+    /// `citadel serve --kubernetes` without a key-encryption key reads it (in-cluster service
+    /// account or KUBECONFIG).
+    #[arg(long, env = "CITADEL_KUBERNETES")]
+    kubernetes: bool,
+    /// Namespace of the key Secret.
+    #[arg(long, env = "CITADEL_CA_NAMESPACE", default_value = citadel_ca::k8s::DEFAULT_CA_NAMESPACE, value_name = "NS")]
+    ca_namespace: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -233,6 +241,14 @@ impl RootCommon {
         &self,
         args: &RootKeyArgs,
     ) -> anyhow::Result<std::sync::Arc<dyn citadel_ca::keystore::KeyStore>> {
+        if args.kubernetes && args.key_encryption_key_file.is_none() {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API server")?;
+            return Ok(std::sync::Arc::new(
+                citadel_ca::k8s::secret_keystore::SecretKeyStore::new(client, &args.ca_namespace),
+            ));
+        }
         // These commands only save new keys: no read-through to the data directory.
         citadel_ca::sealed_keystore::open_key_store(
             &self.store.data_dir,
@@ -467,6 +483,24 @@ struct ServeArgs {
     /// PEM file of CA certificates trusted for JWKS fetches, besides the webpki roots.
     #[arg(long, env = "CITADEL_JWKS_EXTRA_ROOTS", value_name = "PEM")]
     jwks_extra_roots: Option<PathBuf>,
+    /// Run on Kubernetes: check bearer tokens with the API server's TokenReview (after
+    /// local JWT verification, when configured); let trusted node agents ask only for the
+    /// identities of pods on their own node; publish the trust bundle as ConfigMap
+    /// istio-ca-root-cert in every namespace and run root renewal on the replica holding the
+    /// Lease citadel-ca-leader; serve the security.istio.io policy custom resources (unless
+    /// --policies is given). Connects with the in-cluster service account, or KUBECONFIG.
+    #[arg(long, env = "CITADEL_KUBERNETES")]
+    kubernetes: bool,
+    /// Audience asked for in TokenReviews (repeatable); tokens must carry one of them.
+    #[arg(long = "token-review-audience", default_values = ["istio-ca"], value_name = "AUD", requires = "kubernetes")]
+    token_review_audiences: Vec<String>,
+    /// Service account of the node agents, NAMESPACE/NAME (repeatable): its pods may ask for
+    /// the identities of pods running on their own node.
+    #[arg(long = "trusted-agent", default_values = [citadel_ca::k8s::DEFAULT_TRUSTED_AGENT], value_name = "NS/SA", requires = "kubernetes")]
+    trusted_agents: Vec<String>,
+    /// Namespace the CA runs in (its Secret and Lease live there).
+    #[arg(long, env = "CITADEL_CA_NAMESPACE", default_value = citadel_ca::k8s::DEFAULT_CA_NAMESPACE, value_name = "NS")]
+    ca_namespace: String,
 }
 
 impl ServeArgs {
@@ -501,6 +535,27 @@ impl ServeArgs {
             }),
             _ => None,
         };
+        let kubernetes = if self.kubernetes {
+            anyhow::ensure!(
+                !self.token_review_audiences.is_empty(),
+                "--token-review-audience needs at least one audience"
+            );
+            let trusted_agents = self
+                .trusted_agents
+                .iter()
+                .map(|a| citadel_ca::k8s::TrustedAgent::parse(a))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)
+                .context("--trusted-agent")?;
+            let mut k8s =
+                citadel_ca::k8s::KubernetesConfig::new(citadel_ca::k8s::KubeConnection::Infer);
+            k8s.token_review_audiences = self.token_review_audiences;
+            k8s.trusted_agents = trusted_agents;
+            k8s.ca_namespace = self.ca_namespace;
+            Some(k8s)
+        } else {
+            None
+        };
         let mut ip_addresses = self.ip_addresses;
         if !self.listen.ip().is_unspecified() && !ip_addresses.contains(&self.listen.ip()) {
             ip_addresses.push(self.listen.ip());
@@ -526,6 +581,7 @@ impl ServeArgs {
                 self.policies_poll_interval.unsigned_abs(),
             ),
             root_namespace: self.root_namespace,
+            kubernetes,
             root_renewal: (!self.no_root_renewal)
                 .then(|| citadel_ca::rotation::RenewalPolicy::new(self.root_renewal_at))
                 .transpose()
@@ -612,6 +668,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 default_ttl_secs = config.lifetime.default_ttl_secs,
                 max_ttl_secs = config.lifetime.max_ttl_secs,
                 jwt = config.jwt.is_some(),
+                kubernetes = config.kubernetes.is_some(),
                 bundle_poll_interval_secs = config.bundle_poll_interval.as_secs(),
                 policies = ?config.policies_dir,
                 policies_poll_interval_secs = config.policies_poll_interval.as_secs(),

@@ -99,7 +99,7 @@ impl CaMetrics {
         let policy_objects = Gauge::default();
         policy_registry.register(
             "reload_errors",
-            "Policy reloads that failed (unreadable source or invalid object); the last good set stayed in force",
+            "Policy reloads that failed (unreadable source or invalid object; the last good set stayed in force), and invalid policy custom resources left out of the set",
             policy_reload_errors.clone(),
         );
         policy_registry.register(

@@ -68,6 +68,7 @@ impl Sent {
 /// Serves `WatchPolicies`.
 pub struct PolicyStreamService {
     auth: crate::auth::AuthChain,
+    k8s: Option<crate::k8s::KubernetesAgents>,
     store: Arc<dyn AckStore>,
     snapshots: watch::Receiver<Arc<PolicySnapshot>>,
     shutdown: watch::Receiver<bool>,
@@ -84,10 +85,17 @@ impl PolicyStreamService {
     ) -> Self {
         Self {
             auth,
+            k8s: None,
             store,
             snapshots,
             shutdown,
         }
+    }
+
+    /// Also admits Kubernetes node agents ([`crate::k8s::kubernetes_agent_node`]).
+    pub fn with_kubernetes_agents(mut self, agents: Option<crate::k8s::KubernetesAgents>) -> Self {
+        self.k8s = agents;
+        self
     }
 }
 
@@ -163,16 +171,18 @@ impl PolicyService for PolicyStreamService {
         &self,
         request: Request<Streaming<PolicyAck>>,
     ) -> Result<Response<PolicyUpdateStream>, Status> {
-        let caller = authenticate_node_agent(&self.auth, &request, "policy stream").await?;
+        let (caller, agent) =
+            authenticate_node_agent(&self.auth, self.k8s.as_ref(), &request, "policy stream")
+                .await?;
         tracing::info!(
-            agent = %caller.identity,
+            agent = %agent,
             method = caller.method.as_str(),
             "policy stream opened"
         );
         let sent = Arc::new(Sent::default());
         tokio::spawn(record_acks(
             request.into_inner(),
-            caller.identity.to_string(),
+            agent,
             self.store.clone(),
             sent.clone(),
             self.shutdown.clone(),

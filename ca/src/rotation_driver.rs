@@ -1,7 +1,8 @@
 //! The automatic root renewal inside the running CA: a thin task that, every poll interval,
-//! takes the renewal lease, asks the pure planners what to do, and takes that one step with
-//! the same code as `citadel root rotate` ([`take_step`]). Only the replica holding the
-//! lease acts; the others follow the store like for any CLI change.
+//! takes the renewal lease (a [`Leadership`]: a store lease, or a Kubernetes Lease), asks the
+//! pure planners what to do, and takes that one step with the same code as `citadel root
+//! rotate` ([`take_step`]). Only the replica holding the lease acts; the others follow the
+//! store like for any CLI change.
 //!
 //! Each round first looks at the operator's `--ca-dir` ([`CaDirWatch`]: a changed set is
 //! imported as prepared, then activated once propagated, [`plugin_activation`]), then, if
@@ -17,6 +18,7 @@ use tokio::sync::watch;
 use crate::ca_dir_watch::{CaDirWatch, plugin_activation};
 use crate::clock::unix_now;
 use crate::keystore::KeyStore;
+use crate::leadership::Leadership;
 use crate::root_cmd::{StepTaken, StoreState, describe_blocker, take_step};
 use crate::rotation::{Idle, Plan, RenewalPlan, RenewalPolicy, plan_renewal};
 
@@ -42,8 +44,8 @@ pub struct RenewalDriver {
     pub stale_after_secs: i64,
     /// Time between two rounds (the CA's `--bundle-poll-interval`).
     pub interval: Duration,
-    /// This replica's lease holder ID (random per process).
-    pub holder: String,
+    /// The lease only one replica holds.
+    pub leadership: Arc<dyn Leadership>,
 }
 
 /// How long a lease taken at one round lasts: three rounds, so a holder that misses one
@@ -77,28 +79,14 @@ impl RenewalDriver {
                 tracing::warn!(error = %format!("{e:#}"), "root renewal round failed; retrying at the next one");
             }
         }
-        match self.store.release_lease(RENEWAL_LEASE, &self.holder).await {
-            Ok(true) => tracing::info!(holder = %self.holder, "released the root-renewal lease"),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot release the root-renewal lease; it lapses by itself")
-            }
-        }
+        self.leadership.step_down().await;
     }
 
     /// One round: take or renew the lease, then at most one step. `Ok(None)` when another
     /// replica holds the lease, or when renewal is off and the CA directory asks for nothing.
     pub async fn round(&mut self) -> anyhow::Result<Option<RenewalPlan>> {
         let now = unix_now();
-        let held = self
-            .store
-            .acquire_lease(
-                RENEWAL_LEASE,
-                &self.holder,
-                now,
-                now.saturating_add(lease_secs(self.interval)),
-            )
-            .await?;
+        let held = self.leadership.lead(now).await?;
         if !held {
             return Ok(None);
         }
@@ -175,7 +163,6 @@ mod tests {
 
     async fn driver(store: Arc<dyn Store>, holder: &str) -> RenewalDriver {
         RenewalDriver {
-            store,
             keys: Arc::new(MemoryKeyStore::default()),
             trust_domain: TrustDomain::new("cluster.local").unwrap(),
             policy: Some(RenewalPolicy::new(0.5).unwrap()),
@@ -183,7 +170,13 @@ mod tests {
             root_lifetime_secs: 3_600,
             stale_after_secs: 60,
             interval: Duration::from_secs(1),
-            holder: holder.into(),
+            leadership: Arc::new(crate::leadership::StoreLease::new(
+                store.clone(),
+                RENEWAL_LEASE,
+                holder.into(),
+                lease_secs(Duration::from_secs(1)),
+            )),
+            store,
         }
     }
 

@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::auth::client_cert::ClientCertAuthenticator;
 use crate::auth::join_token::JoinTokenAuthenticator;
 use crate::auth::jwt::{JwtAuthenticator, JwtConfig};
+use crate::auth::token_review::{TokenReviewAuthenticator, TokenReviewConfig};
 use crate::auth::{AuthChain, Authenticator};
 use crate::authorities;
 use crate::authorities::AuthorityLoader;
@@ -32,8 +33,11 @@ use crate::bundle_watch::load_snapshot;
 use crate::csr::KeyKind;
 use crate::http::{OpsState, router};
 use crate::issuer::CertificateIssuer;
+use crate::k8s::{PodIndex, PodIndexAuthorizer};
 use crate::keystore::KeyStore;
+use crate::leadership::{Leadership, StoreLease};
 use crate::metrics::CaMetrics;
+use crate::node_authz::{AllowListAuthorizer, NodeAuthorizer, NodeAuthorizers};
 use crate::policy_service::{MAX_POLICY_ACK_BYTES, PolicyStreamService};
 use crate::policy_set::PolicySnapshot;
 use crate::policy_source::{DirectorySource, PolicyPoller, PolicySource, load_initial};
@@ -92,6 +96,9 @@ pub struct ServeConfig {
     /// Automatic renewal of a self-signed root (run every `bundle_poll_interval` by the one
     /// replica holding the lease; new roots live `root_lifetime_secs`); `None` = off.
     pub root_renewal: Option<crate::rotation::RenewalPolicy>,
+    /// `--kubernetes`: TokenReview authentication and node authorization from the pod index;
+    /// `None` = off Kubernetes.
+    pub kubernetes: Option<crate::k8s::KubernetesConfig>,
 }
 
 impl ServeConfig {
@@ -226,13 +233,34 @@ pub async fn start_with_store(
     store: Arc<dyn Store>,
 ) -> anyhow::Result<RunningCa> {
     prepare_data_dir(&config.data_dir)?;
-    let keys: Arc<dyn KeyStore> = open_key_store(
-        &config.data_dir,
-        &config.store_url(),
-        config.key_encryption_key_file.as_deref(),
-        true,
-    )
-    .await?;
+    let keys: Arc<dyn KeyStore> = match (&config.kubernetes, &config.key_encryption_key_file) {
+        // On Kubernetes without a key-encryption key: a Secret every replica reads.
+        (Some(k8s), None) => {
+            let client = k8s
+                .connection
+                .client()
+                .await
+                .context("connecting to the Kubernetes API server")?;
+            tracing::info!(
+                namespace = %k8s.ca_namespace,
+                secret = crate::k8s::secret_keystore::SECRET_NAME,
+                "authority keys are kept in a Kubernetes Secret"
+            );
+            Arc::new(crate::k8s::secret_keystore::SecretKeyStore::new(
+                client,
+                &k8s.ca_namespace,
+            ))
+        }
+        _ => {
+            open_key_store(
+                &config.data_dir,
+                &config.store_url(),
+                config.key_encryption_key_file.as_deref(),
+                true,
+            )
+            .await?
+        }
+    };
     let loader = AuthorityLoader {
         keys: keys.clone(),
         ca_dir: config.ca_dir.clone(),
@@ -255,6 +283,7 @@ pub async fn start_with_store(
     authorities::write_bundle(&bundle_file, &snapshot.bundle)?;
     let (authority_tx, authority_rx) = watch::channel(authority.clone());
     let (bundle_tx, bundle_rx) = watch::channel(snapshot.bundle.clone());
+    let bundle_for_configmaps = bundle_tx.subscribe();
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(snapshot));
 
     let ledger = GroupCommitLedger::spawn(store.clone(), 256);
@@ -270,14 +299,60 @@ pub async fn start_with_store(
         )),
     ];
     match &config.jwt {
+        // Local verification first: no API-server round trip when it can decide.
         Some(jwt) => authenticators.push(Arc::new(
             JwtAuthenticator::new(jwt.clone())
                 .await
                 .context("configuring JWT verification")?,
         )),
-        None => tracing::warn!(
+        None if config.kubernetes.is_none() => tracing::warn!(
             "no JWT authenticator configured (--jwt-issuer/--jwt-jwks): only client certificates and join tokens will be accepted"
         ),
+        None => {}
+    }
+    let mut node_authorizers: Vec<Arc<dyn NodeAuthorizer>> = vec![Arc::new(
+        AllowListAuthorizer::new(store.clone(), config.trust_domain.clone()),
+    )];
+    let mut pod_index_task = None;
+    // This replica's name in leases (store or Kubernetes).
+    let holder = crate::rotation_driver::new_holder_id();
+    let mut kube_lease: Option<Arc<dyn Leadership>> = None;
+    let mut lease_duration_secs = crate::k8s::lease::DEFAULT_LEASE_DURATION_SECS;
+    if let Some(k8s) = &config.kubernetes {
+        let client = k8s
+            .connection
+            .client()
+            .await
+            .context("connecting to the Kubernetes API server")?;
+        let mut review = TokenReviewConfig::new(
+            k8s.token_review_audiences.clone(),
+            config.trust_domain.clone(),
+        );
+        review.timeout = k8s.token_review_timeout;
+        authenticators.push(Arc::new(TokenReviewAuthenticator::new(
+            client.clone(),
+            review,
+        )));
+        let index = Arc::new(std::sync::RwLock::new(PodIndex::default()));
+        node_authorizers.push(Arc::new(PodIndexAuthorizer::new(
+            index.clone(),
+            k8s.trusted_agents.clone(),
+            config.trust_domain.clone(),
+        )));
+        kube_lease = Some(Arc::new(crate::k8s::lease::KubeLease::new(
+            client.clone(),
+            &k8s.ca_namespace,
+            holder.clone(),
+            k8s.lease_duration_secs,
+        )) as Arc<dyn Leadership>);
+        lease_duration_secs = k8s.lease_duration_secs;
+        pod_index_task = Some((client, index));
+        tracing::info!(
+            audiences = ?k8s.token_review_audiences,
+            trusted_agents = %k8s.trusted_agents.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            ca_namespace = %k8s.ca_namespace,
+            "Kubernetes mode: TokenReview authentication, node authorization from the pod index"
+        );
     }
     let auth = AuthChain::new(authenticators);
     let metrics = Arc::new(CaMetrics::new());
@@ -286,10 +361,23 @@ pub async fn start_with_store(
     let mesh = citadel_policy::MeshConfig {
         root_namespace: config.root_namespace.clone(),
     };
-    let mut policy_source: Option<Box<dyn PolicySource>> = config
-        .policies_dir
-        .clone()
-        .map(|dir| Box::new(DirectorySource::new(dir)) as Box<dyn PolicySource>);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // On Kubernetes without --policies, the security.istio.io custom resources.
+    let crd_client = match (&config.policies_dir, &pod_index_task) {
+        (None, Some((client, _))) => Some(client.clone()),
+        _ => None,
+    };
+    let mut policy_source: Option<Box<dyn PolicySource>> = match (&config.policies_dir, crd_client)
+    {
+        (Some(dir), _) => Some(Box::new(DirectorySource::new(dir.clone()))),
+        (None, Some(client)) => Some(Box::new(crate::k8s::policy_crds::CrdSource::start(
+            client,
+            mesh.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        ))),
+        (None, None) => None,
+    };
     let policies = match policy_source.as_mut() {
         Some(source) => load_initial(source.as_mut(), &mesh).await?,
         None => PolicySnapshot::empty(),
@@ -308,6 +396,7 @@ pub async fn start_with_store(
         config.trust_domain.clone(),
         authority_rx.clone(),
         auth.clone(),
+        NodeAuthorizers::new(node_authorizers),
         store.clone(),
         ledger.clone(),
         config.lifetime,
@@ -319,7 +408,6 @@ pub async fn start_with_store(
     let serving_validity = refresh_serving_cert(&authority, &config, &resolver, &ledger).await?;
     let tls = TlsAcceptor::from(Arc::new(server_config(provider, resolver.clone())?));
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let grpc_listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -330,6 +418,43 @@ pub async fn start_with_store(
     let http_addr = http_listener.local_addr()?;
 
     let mut tasks = Vec::new();
+    if let Some((client, index)) = pod_index_task {
+        tasks.push(tokio::spawn(crate::k8s::run_pod_index(
+            client.clone(),
+            index,
+            shutdown_rx.clone(),
+        )));
+        let resync = config
+            .kubernetes
+            .as_ref()
+            .map_or(crate::k8s::root_configmap::DEFAULT_RESYNC, |k| {
+                k.configmap_resync
+            });
+        let (leader_tx, leader_rx) = watch::channel(false);
+        if let Some(lease) = kube_lease.clone() {
+            let every = Duration::from_millis(
+                u64::try_from(lease_duration_secs)
+                    .unwrap_or(15)
+                    .saturating_mul(1000)
+                    / 3,
+            );
+            tasks.push(tokio::spawn(crate::k8s::lease::run_leader_flag(
+                lease,
+                every,
+                leader_tx,
+                shutdown_rx.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(
+            crate::k8s::root_configmap::run_root_configmaps(
+                client,
+                bundle_for_configmaps,
+                leader_rx,
+                resync,
+                shutdown_rx.clone(),
+            ),
+        ));
+    }
     let svc = IstioCertificateServiceServer::new(IstioCaService::new(issuer))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     // Bundle streams end by themselves on shutdown, so the graceful shutdown below does not
@@ -342,19 +467,23 @@ pub async fn start_with_store(
         shutdown_rx.clone(),
     )
     .await?;
-    let policy_svc = PolicyServiceServer::new(PolicyStreamService::new(
-        auth.clone(),
-        store.clone(),
-        policy_rx,
-        shutdown_rx.clone(),
-    ))
+    // On Kubernetes, trusted agents' tokens also open the node-agent streams.
+    let k8s_agents = config
+        .kubernetes
+        .as_ref()
+        .map(|k| crate::k8s::KubernetesAgents {
+            trust_domain: config.trust_domain.clone(),
+            trusted: k.trusted_agents.clone(),
+        });
+    let policy_svc = PolicyServiceServer::new(
+        PolicyStreamService::new(auth.clone(), store.clone(), policy_rx, shutdown_rx.clone())
+            .with_kubernetes_agents(k8s_agents.clone()),
+    )
     .max_decoding_message_size(MAX_POLICY_ACK_BYTES);
-    let bundle_svc = TrustBundleServiceServer::new(TrustBundleStreamService::new(
-        auth,
-        store.clone(),
-        snapshot_rx,
-        shutdown_rx.clone(),
-    ))
+    let bundle_svc = TrustBundleServiceServer::new(
+        TrustBundleStreamService::new(auth, store.clone(), snapshot_rx, shutdown_rx.clone())
+            .with_kubernetes_agents(k8s_agents),
+    )
     .max_decoding_message_size(MAX_ACK_BYTES);
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
@@ -437,8 +566,17 @@ pub async fn start_with_store(
 
     // One task owns the root lifecycle: automatic renewal and the watched --ca-dir.
     if config.root_renewal.is_some() || config.ca_dir.is_some() {
-        let holder = crate::rotation_driver::new_holder_id();
-        tracing::info!(prepare_at = ?config.root_renewal.map(|p| p.prepare_at), ca_dir = ?config.ca_dir, %holder, "root renewal task on");
+        // On Kubernetes the leader Lease decides; off it, a lease in the store.
+        let leadership: Arc<dyn Leadership> = match kube_lease {
+            Some(lease) => lease,
+            None => Arc::new(StoreLease::new(
+                store.clone(),
+                crate::rotation_driver::RENEWAL_LEASE,
+                holder.clone(),
+                crate::rotation_driver::lease_secs(config.bundle_poll_interval),
+            )),
+        };
+        tracing::info!(prepare_at = ?config.root_renewal.map(|p| p.prepare_at), ca_dir = ?config.ca_dir, holder = %leadership.holder(), "root renewal task on");
         tasks.push(tokio::spawn(
             crate::rotation_driver::RenewalDriver {
                 store: store.clone(),
@@ -452,7 +590,7 @@ pub async fn start_with_store(
                 root_lifetime_secs: config.root_lifetime_secs,
                 stale_after_secs: crate::rotation::DEFAULT_STALE_AFTER_SECS,
                 interval: config.bundle_poll_interval,
-                holder,
+                leadership,
             }
             .run(shutdown_rx.clone()),
         ));

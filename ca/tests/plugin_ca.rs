@@ -546,7 +546,12 @@ async fn only_the_lease_holder_imports_the_ca_dir_and_a_repeated_import_changes_
         root_lifetime_secs: 86_400,
         stale_after_secs: 60,
         interval: Duration::from_secs(1),
-        holder: holder.into(),
+        leadership: Arc::new(citadel_ca::leadership::StoreLease::new(
+            store.clone(),
+            citadel_ca::rotation_driver::RENEWAL_LEASE,
+            holder.into(),
+            citadel_ca::rotation_driver::lease_secs(Duration::from_secs(1)),
+        )),
     };
     let (mut a, mut b) = (driver("a"), driver("b"));
     // a takes the lease; the set is new to its watch: it settles for one round.

@@ -107,6 +107,7 @@ impl Authenticator for ClientCertAuthenticator {
             method: AuthMethod::ClientCertificate,
             node: None,
             pod: None,
+            pod_uid: None,
             certificate_serial: Some(leaf.serial_hex),
         }))
     }

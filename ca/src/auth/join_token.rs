@@ -64,6 +64,7 @@ impl Authenticator for JoinTokenAuthenticator {
             method: AuthMethod::JoinToken,
             node: Some(rec.node_name),
             pod: None,
+            pod_uid: None,
             certificate_serial: None,
         }))
     }

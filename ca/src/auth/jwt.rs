@@ -97,6 +97,8 @@ struct KubernetesClaims {
 #[derive(Debug, Deserialize)]
 struct NamedObject {
     name: String,
+    #[serde(default)]
+    uid: Option<String>,
 }
 
 fn reject(reason: impl Into<String>) -> Rejection {
@@ -195,7 +197,7 @@ impl JwtAuthenticator {
             .sub
             .strip_prefix("system:serviceaccount:")
             .and_then(|rest| rest.split_once(':'));
-        let (namespace, name, pod, node) = match &claims.kubernetes {
+        let (namespace, name, pod, pod_uid, node) = match &claims.kubernetes {
             Some(k) => {
                 let sa = k
                     .serviceaccount
@@ -212,13 +214,14 @@ impl JwtAuthenticator {
                     k.namespace.as_str(),
                     sa.name.as_str(),
                     k.pod.as_ref().map(|p| p.name.clone()),
+                    k.pod.as_ref().and_then(|p| p.uid.clone()),
                     k.node.as_ref().map(|n| n.name.clone()),
                 )
             }
             None => {
                 let (ns, sa) = from_sub
                     .ok_or_else(|| reject("sub is not system:serviceaccount:<namespace>:<name>"))?;
-                (ns, sa, None, None)
+                (ns, sa, None, None, None)
             }
         };
         let identity = SpiffeId::for_service_account(&self.config.trust_domain, namespace, name)
@@ -228,6 +231,7 @@ impl JwtAuthenticator {
             method: AuthMethod::Jwt,
             node,
             pod,
+            pod_uid,
             certificate_serial: None,
         })
     }

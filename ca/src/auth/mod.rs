@@ -1,13 +1,15 @@
 //! Who is calling: authentication of CSR API callers.
 //!
 //! Each credential kind is one [`Authenticator`]; an [`AuthChain`] tries
-//! them in order (client certificate, join token, JWT). The first that
+//! them in order (client certificate, join token, local JWT, Kubernetes TokenReview). The first that
 //! recognises a credential and accepts it decides; if every one that
 //! recognised a credential failed, the first failure is reported.
 
 pub mod client_cert;
 pub mod join_token;
 pub mod jwt;
+pub mod review_cache;
+pub mod token_review;
 
 use std::sync::Arc;
 
@@ -35,6 +37,8 @@ pub enum AuthMethod {
     Jwt,
     /// A one-time join token created by `citadel token create`.
     JoinToken,
+    /// A Kubernetes service-account token accepted by the API server's TokenReview.
+    TokenReview,
 }
 
 impl AuthMethod {
@@ -44,6 +48,7 @@ impl AuthMethod {
             AuthMethod::ClientCertificate => "client_certificate",
             AuthMethod::Jwt => "jwt",
             AuthMethod::JoinToken => "join_token",
+            AuthMethod::TokenReview => "token_review",
         }
     }
 }
@@ -59,6 +64,8 @@ pub struct Caller {
     pub node: Option<String>,
     /// The pod name, when the credential says so.
     pub pod: Option<String>,
+    /// The pod UID, when the credential says so (a pod-bound service-account token).
+    pub pod_uid: Option<String>,
     /// Serial (lowercase hex) of the client certificate the caller authenticated with.
     pub certificate_serial: Option<String>,
 }
@@ -149,6 +156,7 @@ mod tests {
             method: AuthMethod::Jwt,
             node: None,
             pod: None,
+            pod_uid: None,
             certificate_serial: None,
         }
     }

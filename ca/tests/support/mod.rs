@@ -92,6 +92,7 @@ impl Harness {
             root_namespace: "istio-system".into(),
             policy_jwks: Default::default(),
             root_renewal: None,
+            kubernetes: None,
         };
         configure(&mut config);
         // `configure` may point several harnesses at one data directory (replicas).

@@ -53,7 +53,8 @@ pub enum Availability {
     /// Every request gets `503 ServiceUnavailable` (an API server behind a load balancer
     /// with no healthy backend); open watches end.
     Unavailable,
-    /// Connections are accepted and closed at once, before any answer; open watches end.
+    /// Connections are closed without an answer (new ones at once, open ones on their next
+    /// request); open watches end.
     Refusing,
 }
 
@@ -143,7 +144,12 @@ impl FakeKube {
                     let svc = hyper::service::service_fn(move |req| {
                         let shared = shared.clone();
                         async move {
-                            Ok::<_, std::convert::Infallible>(server::handle(shared, req).await)
+                            // Refusing: requests on connections opened before also fail, with
+                            // the connection closed and no answer.
+                            if shared.availability() == Availability::Refusing {
+                                return Err("the fake API server is refusing (test control)");
+                            }
+                            Ok(server::handle(shared, req).await)
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()

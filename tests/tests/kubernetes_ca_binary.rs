@@ -1,0 +1,140 @@
+//! The real `citadel serve --kubernetes` binary against the fake Kubernetes API
+//! server (reached through `KUBECONFIG`): a workload pod's token exchanged through
+//! TokenReview yields its certificate, and a node agent gets certificates only for pods
+//! on its own node.
+
+use std::time::Duration;
+
+use citadel_e2e::client::{connect, create, request};
+use citadel_e2e::csr::p256_csr;
+use citadel_e2e::fake_kube::resources::PODS;
+use citadel_e2e::fake_kube::{FakeKube, pod, service_account_token};
+use citadel_e2e::process::{CaProcess, free_port};
+use citadel_e2e::unix_now;
+use serde_json::Value;
+use tonic::Code;
+
+fn kubeconfig(url: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\n\
+         contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: ca\n    namespace: citadel-system\n\
+         current-context: fake\nusers:\n- name: ca\n  user:\n    token: not-checked-by-the-fake\n"
+    )
+}
+
+fn token_for(fake: &FakeKube, ns: &str, sa: &str, pod_obj: &Value) -> String {
+    let name = pod_obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap();
+    let node = pod_obj
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .unwrap();
+    let uid = pod_obj
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap();
+    let t = service_account_token(
+        ns,
+        sa,
+        Some((name, uid)),
+        Some(node),
+        &["istio-ca"],
+        unix_now() + 3600,
+    );
+    fake.register_token(&t.token, t.info.clone());
+    t.token
+}
+
+async fn ask(
+    ca: &CaProcess,
+    bundle: &str,
+    token: &str,
+    target: Option<&str>,
+) -> Result<Vec<String>, tonic::Status> {
+    let csr = p256_csr(&[]).unwrap();
+    let mut client = connect(ca.grpc_addr, bundle, None).await.unwrap();
+    create(&mut client, request(&csr.pem, 0, Some(token), target))
+        .await
+        .map(|r| r.cert_chain)
+}
+
+#[tokio::test]
+async fn the_ca_binary_on_kubernetes_issues_by_token_review_and_node_authorization() {
+    let fake = FakeKube::start().await.unwrap();
+    let agent = fake
+        .insert(
+            PODS,
+            pod(
+                "citadel-system",
+                "citadel-agent-a",
+                "citadel-agent",
+                "node-a",
+                "Running",
+            ),
+        )
+        .unwrap();
+    let web = fake
+        .insert(PODS, pod("shop", "web-1", "web", "node-a", "Running"))
+        .unwrap();
+    fake.insert(PODS, pod("shop", "db-1", "db", "node-b", "Running"))
+        .unwrap();
+    let agent_token = token_for(&fake, "citadel-system", "citadel-agent", &agent);
+    let web_token = token_for(&fake, "shop", "web", &web);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let kc = tmp.path().join("kubeconfig");
+    std::fs::write(&kc, kubeconfig(&fake.url())).unwrap();
+    let grpc = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let http = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let kc = kc.display().to_string();
+    let ca = CaProcess::start_with_env(
+        &tmp.path().join("data"),
+        grpc,
+        http,
+        &["--kubernetes"],
+        &[("KUBECONFIG", &kc)],
+    )
+    .await
+    .unwrap();
+    let bundle = ca.bundle_pem().unwrap();
+
+    // The workload's own token: TokenReview says who it is.
+    let chain = ask(&ca, &bundle, &web_token, None).await.unwrap();
+    assert!(chain.len() >= 2);
+
+    // The agent on node-a: web (on node-a) yes, once the pod index has synced; db (node-b) no.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match ask(
+            &ca,
+            &bundle,
+            &agent_token,
+            Some("spiffe://cluster.local/ns/shop/sa/web"),
+        )
+        .await
+        {
+            Ok(_) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(
+                    e.code(),
+                    Code::Unavailable,
+                    "only 'not synced yet' may precede: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("agent never got web's certificate: {e:?}"),
+        }
+    }
+    let err = ask(
+        &ca,
+        &bundle,
+        &agent_token,
+        Some("spiffe://cluster.local/ns/shop/sa/db"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(fake.token_review_calls() >= 2);
+}
