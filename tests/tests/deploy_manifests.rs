@@ -1,7 +1,7 @@
 //! `deploy/kustomize`: the base, the Istio CRDs and every overlay render with
 //! `kubectl kustomize` and pass `kubernetes-validate` (strict schemas of the
 //! built-in kinds, offline), and the rendered objects say what the design
-//! needs: two CA replicas in Kubernetes mode, RBAC for TokenReview, the
+//! needs: the CA in Kubernetes mode (one replica on SQLite, two on PostgreSQL), RBAC for TokenReview, the
 //! agent's projected token for audience `istio-ca`, the socket directory on
 //! the host, the database URL from a Secret.
 //!
@@ -214,9 +214,17 @@ fn every_overlay_keeps_the_base_whole() {
     };
     for overlay in kustomizations().into_iter().skip(2) {
         let objs = objects(&render(&overlay));
+        let mut expected = kinds_and_names(&base);
+        // The postgres overlay trades the SQLite volume for a disruption budget over
+        // its two replicas; nothing else may come or go.
+        if overlay.ends_with("postgres") {
+            expected.retain(|o| o != r#""PersistentVolumeClaim"/"citadel-data""#);
+            expected.push(r#""PodDisruptionBudget"/"citadel""#.to_string());
+            expected.sort();
+        }
         assert_eq!(
             kinds_and_names(&objs),
-            kinds_and_names(&base),
+            expected,
             "{} adds or drops objects",
             overlay.display()
         );
@@ -224,11 +232,29 @@ fn every_overlay_keeps_the_base_whole() {
 }
 
 #[test]
-fn ca_runs_two_replicas_in_kubernetes_mode_with_probes_on_15014() {
+fn base_runs_one_ca_replica_on_a_persistent_sqlite_volume() {
+    let Some(objs) = rendered("base") else { return };
+    let ca = find(&objs, "Deployment", "citadel");
+    // Two replicas with a SQLite file each would be two CAs with two roots.
+    assert_eq!(ca["spec"]["replicas"], 1);
+    assert_eq!(ca["spec"]["strategy"]["type"], "Recreate");
+    assert_eq!(
+        volume(ca, "data")["persistentVolumeClaim"]["claimName"],
+        "citadel-data"
+    );
+    let pvc = find(&objs, "PersistentVolumeClaim", "citadel-data");
+    assert_eq!(pvc["spec"]["accessModes"][0], "ReadWriteOnce");
+    assert!(
+        !objs.iter().any(|o| o["kind"] == "PodDisruptionBudget"),
+        "a budget of one over one replica would block every node drain"
+    );
+}
+
+#[test]
+fn ca_runs_in_kubernetes_mode_with_probes_on_15014() {
     let Some(objs) = rendered("base") else { return };
     let ca = find(&objs, "Deployment", "citadel");
     assert_eq!(ca["metadata"]["namespace"], "citadel-system");
-    assert_eq!(ca["spec"]["replicas"], 2);
     let c = container(ca, "citadel");
     let args = strings(&c["args"]);
     assert_eq!(args.first(), Some(&"serve"));
@@ -423,6 +449,25 @@ fn postgres_overlay_takes_the_database_url_from_a_secret() {
             .is_some_and(|e| e.iter().any(|e| e["name"] == "POD_NAME"))
     );
     assert!(!strings(&c["args"]).iter().any(|a| a.contains("postgres")));
+}
+
+#[test]
+fn postgres_overlay_runs_two_replicas_without_the_sqlite_volume() {
+    let Some(objs) = rendered("overlays/postgres") else {
+        return;
+    };
+    let ca = find(&objs, "Deployment", "citadel");
+    assert_eq!(ca["spec"]["replicas"], 2);
+    assert_eq!(ca["spec"]["strategy"]["type"], "RollingUpdate");
+    let data = volume(ca, "data");
+    assert!(data["persistentVolumeClaim"].is_null(), "{data:?}");
+    assert!(data["emptyDir"].is_object(), "{data:?}");
+    assert!(
+        !objs.iter().any(|o| o["kind"] == "PersistentVolumeClaim"),
+        "no SQLite volume on the shared database"
+    );
+    let pdb = find(&objs, "PodDisruptionBudget", "citadel");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
 }
 
 #[test]
