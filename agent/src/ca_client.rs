@@ -51,7 +51,7 @@ impl From<tonic::Status> for CaError {
 }
 
 /// Signs certificate requests. The gRPC client is the real one; tests use
-/// [`crate::fake::FakeCa`].
+/// `fake::FakeCa` (feature `test-util`).
 #[async_trait]
 pub trait CertificateAuthority: Send + Sync + 'static {
     /// The chain the CA returns (`cert_chain`: PEM entries, leaf first).

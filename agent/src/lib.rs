@@ -18,6 +18,7 @@ pub mod authority;
 pub mod bundle;
 pub mod ca_client;
 pub mod entries;
+#[cfg(any(test, feature = "test-util"))]
 pub mod fake;
 pub mod files;
 pub mod http;

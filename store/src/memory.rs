@@ -60,7 +60,9 @@ impl MemoryStore {
     }
 
     /// Gives `edit` the raw ledger rows, to simulate tampering "behind the store's back" in
-    /// tests. The chain head is left as it was.
+    /// tests. The chain head is left as it was. Only with the `test-util` feature: no release
+    /// build can rewrite its ledger.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn tamper_with_ledger(&self, edit: impl FnOnce(&mut Vec<LedgerEntry>)) {
         edit(&mut self.lock().rows);
     }
