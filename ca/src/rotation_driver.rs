@@ -104,13 +104,14 @@ impl RenewalDriver {
                 tracing::warn!(error = %format!("{e:#}"), "CA directory round failed; retrying at the next one");
             }
         }
+        let candidate = self.ca_dir.as_ref().and_then(|w| w.authority());
+        if candidate.is_none() && self.policy.is_none() {
+            // Nothing to decide: skip reading the store (its live leaves walk the ledger).
+            return Ok(None);
+        }
         let state = StoreState::read(self.store.as_ref(), now).await?;
         let input = state.input(self.stale_after_secs);
-        let plugin = self
-            .ca_dir
-            .as_ref()
-            .and_then(|w| w.authority())
-            .and_then(|id| plugin_activation(&input, id));
+        let plugin = candidate.and_then(|id| plugin_activation(&input, id));
         let decided = match (plugin, &self.policy) {
             (Some(step), _) => RenewalPlan::Step(step),
             (None, Some(policy)) => plan_renewal(&input, policy),
