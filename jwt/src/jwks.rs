@@ -1,7 +1,9 @@
 //! Public keys from a JWKS document (RFC 7517): RSA keys, and EC keys on P-256 and
 //! P-384. Symmetric (`oct`) keys are never loaded, whatever the document says: a
 //! verifier that held one would accept any token made with the secret, and an
-//! issuer's *public* JWKS has no business carrying one.
+//! issuer's *public* JWKS has no business carrying one. Nor are keys whose `use` is
+//! anything but `sig` (an encryption key is not a signing key, RFC 7517 §4.2), and a key
+//! that pins an `alg` verifies only tokens whose header names that `alg`.
 
 use serde_json::Value;
 
@@ -110,6 +112,12 @@ fn parse_key(v: &Value) -> Option<Jwk> {
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return None,
     };
+    // Only signature keys verify signatures; a key marked for encryption is skipped.
+    match k.get("use") {
+        None => {}
+        Some(Value::String(u)) if u == "sig" => {}
+        Some(_) => return None,
+    }
     let alg = match k.get("alg") {
         None => None,
         Some(Value::String(s)) => Some(Alg::parse(s)?),

@@ -219,3 +219,42 @@ fn rejects_jwks_without_usable_keys() {
         Err(JwksError::NoValidKeys)
     );
 }
+
+#[test]
+fn rejects_jwk_with_use_enc() {
+    let sig = TestSigner::es256("sig");
+    let enc = TestSigner::es256("enc");
+    let mut enc_jwk = enc.jwk();
+    enc_jwk["use"] = json!("enc");
+    let doc = json!({"keys": [sig.jwk(), enc_jwk]}).to_string();
+    let set = Jwks::parse(&doc).unwrap();
+    assert_eq!(set.keys().len(), 1, "the encryption key is not loaded");
+    assert_eq!(set.skipped(), 1);
+    assert_eq!(
+        verify(&enc.sign("ES256", &claims()), &set, &v(), NOW).unwrap_err(),
+        JwtError::KidAlgMismatch
+    );
+    // Nor is a key whose `use` is not a string; a key without `use` is a signing key.
+    let mut odd = enc.jwk();
+    odd["use"] = json!(["sig"]);
+    let doc = json!({"keys": [sig.jwk(), odd]}).to_string();
+    assert_eq!(Jwks::parse(&doc).unwrap().keys().len(), 1);
+    let mut bare = enc.jwk();
+    bare.as_object_mut().unwrap().remove("use");
+    let set = Jwks::parse(&json!({"keys": [bare]}).to_string()).unwrap();
+    verify(&enc.sign("ES256", &claims()), &set, &v(), NOW).unwrap();
+}
+
+#[test]
+fn rejects_token_whose_alg_differs_from_jwk_alg() {
+    // The RSA key is pinned to PS256: an RS256 signature by the very same key is refused.
+    let rsa = TestSigner::rsa("r");
+    let mut pinned = rsa.jwk();
+    pinned["alg"] = json!("PS256");
+    let set = Jwks::parse(&json!({"keys": [pinned]}).to_string()).unwrap();
+    verify(&rsa.sign("PS256", &claims()), &set, &v(), NOW).unwrap();
+    assert_eq!(
+        verify(&rsa.sign("RS256", &claims()), &set, &v(), NOW).unwrap_err(),
+        JwtError::KidAlgMismatch
+    );
+}
