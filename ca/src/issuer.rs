@@ -70,6 +70,9 @@ pub enum IssueError {
     /// A bug or an unexpected failure (`Internal`).
     #[error("{0}")]
     Internal(String),
+    /// Over a rate limit or the CA's capacity; nothing was issued (`ResourceExhausted`).
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 impl IssueError {
@@ -82,6 +85,7 @@ impl IssueError {
             IssueError::FailedPrecondition(_) => "failed_precondition",
             IssueError::Unavailable(_) => "ledger_unavailable",
             IssueError::Internal(_) => "internal",
+            IssueError::ResourceExhausted(_) => "resource_exhausted",
         }
     }
 }
@@ -213,6 +217,8 @@ pub struct CertificateIssuer {
     ledger: GroupCommitLedger,
     lifetime: LifetimePolicy,
     metrics: Arc<CaMetrics>,
+    /// Rate limit and concurrency bound, applied once the caller is known.
+    gate: Option<Arc<crate::limits::RequestGate>>,
 }
 
 impl CertificateIssuer {
@@ -239,7 +245,15 @@ impl CertificateIssuer {
             ledger,
             lifetime,
             metrics,
+            gate: None,
         }
+    }
+
+    /// Applies `gate` (per-caller rate limit, concurrency bound) to every request once its
+    /// caller is authenticated.
+    pub fn with_gate(mut self, gate: Arc<crate::limits::RequestGate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// The trust domain this CA issues in.
@@ -275,6 +289,14 @@ impl CertificateIssuer {
     async fn issue_inner(&self, req: &IssueRequest<'_>) -> Result<IssuedChain, IssueError> {
         let caller = self.auth.authenticate(&req.credentials).await?;
         tracing::Span::current().record("caller", tracing::field::display(&caller.identity));
+        // Held until the answer is recorded: the bound covers signing and the ledger.
+        let _permit = match &self.gate {
+            Some(gate) => Some(
+                gate.admit(&caller, req.impersonated_identity.is_some())
+                    .await?,
+            ),
+            None => None,
+        };
         let (granted, node) = self.granted_identity(&caller, req).await?;
         let csr = parse_and_verify(req.csr_pem)?;
         check_requested_names(&granted, &csr.requested_uris, &csr.requested_other_sans)?;

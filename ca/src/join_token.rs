@@ -52,6 +52,16 @@ pub fn is_join_token(bearer: &str) -> bool {
     bearer.starts_with(TOKEN_PREFIX)
 }
 
+/// True when `bearer` is exactly [`TOKEN_PREFIX`] and the unpadded base64url of
+/// [`TOKEN_RANDOM_BYTES`] bytes: anything else cannot be a token we made, so it is refused
+/// without a store lookup.
+pub fn is_well_formed(bearer: &str) -> bool {
+    bearer
+        .strip_prefix(TOKEN_PREFIX)
+        .and_then(|rest| URL_SAFE_NO_PAD.decode(rest).ok())
+        .is_some_and(|bytes| bytes.len() == TOKEN_RANDOM_BYTES)
+}
+
 /// SHA-256 of the token text, the only form in which a token is stored or looked up.
 pub fn token_hash(token: &str) -> [u8; 32] {
     let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod admission;
 pub mod auth;
 pub mod authorities;
 pub mod authority;
@@ -19,6 +20,7 @@ pub mod bundle_watch;
 pub mod ca_dir_watch;
 pub mod cli;
 pub mod clock;
+pub mod conn_limits;
 pub mod csr;
 pub mod duration;
 pub mod http;
@@ -27,6 +29,7 @@ pub mod join_token;
 pub mod k8s;
 pub mod keystore;
 pub mod leadership;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod node_authz;

@@ -459,6 +459,10 @@ struct ServeArgs {
     /// Accepted JWT audiences (repeatable).
     #[arg(long = "jwt-audience", default_values = ["istio-ca"])]
     jwt_audiences: Vec<String>,
+    /// How often the --jwt-jwks keys are loaded again: a key the issuer removed stops being
+    /// trusted within this interval (an unknown kid also triggers a reload, at most every 30s).
+    #[arg(long, env = "CITADEL_JWT_JWKS_REFRESH_INTERVAL", default_value = "5m", value_parser = parse_duration_secs)]
+    jwt_jwks_refresh_interval: i64,
     /// How often to check the store for trust-bundle changes (pushed to node agents).
     #[arg(long, env = "CITADEL_BUNDLE_POLL_INTERVAL", default_value = "5s", value_parser = parse_duration_secs)]
     bundle_poll_interval: i64,
@@ -480,7 +484,8 @@ struct ServeArgs {
     /// How soon a failed JWKS fetch is tried again (the last good keys stay meanwhile).
     #[arg(long, env = "CITADEL_JWKS_RETRY_INTERVAL", default_value = "1m", value_parser = parse_duration_secs)]
     jwks_retry_interval: i64,
-    /// PEM file of CA certificates trusted for JWKS fetches, besides the webpki roots.
+    /// PEM file of CA certificates trusted for JWKS fetches (--jwt-jwks and jwksUri),
+    /// besides the webpki roots.
     #[arg(long, env = "CITADEL_JWKS_EXTRA_ROOTS", value_name = "PEM")]
     jwks_extra_roots: Option<PathBuf>,
     /// Run on Kubernetes: check bearer tokens with the API server's TokenReview (after
@@ -501,6 +506,8 @@ struct ServeArgs {
     /// Namespace the CA runs in (its Secret and Lease live there).
     #[arg(long, env = "CITADEL_CA_NAMESPACE", default_value = citadel_ca::k8s::DEFAULT_CA_NAMESPACE, value_name = "NS")]
     ca_namespace: String,
+    #[command(flatten)]
+    limits: citadel_ca::limits::LimitsArgs,
 }
 
 impl ServeArgs {
@@ -532,6 +539,10 @@ impl ServeArgs {
                 audiences: self.jwt_audiences,
                 jwks: JwksSource::parse(&jwks).map_err(anyhow::Error::msg)?,
                 trust_domain: trust_domain.clone(),
+                refresh_interval: std::time::Duration::from_secs(
+                    self.jwt_jwks_refresh_interval.max(1).unsigned_abs(),
+                ),
+                extra_roots: self.jwks_extra_roots.clone(),
             }),
             _ => None,
         };
@@ -556,6 +567,11 @@ impl ServeArgs {
         } else {
             None
         };
+        let limits = self
+            .limits
+            .into_limits()
+            .map_err(anyhow::Error::msg)
+            .context("resource limits")?;
         let mut ip_addresses = self.ip_addresses;
         if !self.listen.ip().is_unspecified() && !ip_addresses.contains(&self.listen.ip()) {
             ip_addresses.push(self.listen.ip());
@@ -582,6 +598,7 @@ impl ServeArgs {
             ),
             root_namespace: self.root_namespace,
             kubernetes,
+            limits,
             root_renewal: (!self.no_root_renewal)
                 .then(|| citadel_ca::rotation::RenewalPolicy::new(self.root_renewal_at))
                 .transpose()
@@ -673,6 +690,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 policies = ?config.policies_dir,
                 policies_poll_interval_secs = config.policies_poll_interval.as_secs(),
                 root_namespace = %config.root_namespace,
+                limits = ?config.limits,
                 "starting"
             );
             let ca = citadel_ca::serve::start(config).await?;

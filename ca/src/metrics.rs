@@ -21,6 +21,14 @@ pub struct IssuedLabels {
     pub method: &'static str,
 }
 
+/// Label of a request or connection refused by a resource limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// Which limit: `connections`, `handshake_timeout`, `idle_timeout`, `caller_rate`,
+    /// `join_token_rate`, `join_token_format`, `queue_full`, `queue_timeout`.
+    pub limit: &'static str,
+}
+
 /// Every metric the CA exports.
 pub struct CaMetrics {
     registry: Registry,
@@ -48,6 +56,11 @@ pub struct CaMetrics {
     /// `citadel_ca_dir_rejected_total`: sets found in `--ca-dir` while running that could not
     /// sign (each distinct set counted once); the last good set stayed.
     pub ca_dir_rejected: Counter,
+    /// `citadel_ca_limit_rejections_total`: connections closed and requests refused by a
+    /// resource limit of the public port, by limit.
+    pub limit_rejections: Family<LimitLabels, Counter>,
+    /// `citadel_ca_open_connections`: TLS connections open on the public port.
+    pub open_connections: Gauge,
 }
 
 impl Default for CaMetrics {
@@ -94,6 +107,18 @@ impl CaMetrics {
             "Sets found in --ca-dir while running that could not sign (chain, key, probe leaf or missing files); the last good set stayed",
             ca_dir_rejected.clone(),
         );
+        let limit_rejections = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "limit_rejections",
+            "Connections closed and requests refused (ResourceExhausted) by a resource limit of the public port, by limit",
+            limit_rejections.clone(),
+        );
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Connections open on the public port (counted against --max-connections)",
+            open_connections.clone(),
+        );
         let mut policy_registry = Registry::with_prefix("citadel_policy");
         let policy_reload_errors = Counter::default();
         let policy_objects = Gauge::default();
@@ -132,7 +157,16 @@ impl CaMetrics {
             root_expiry_seconds,
             signer_expiry_seconds,
             ca_dir_rejected,
+            limit_rejections,
+            open_connections,
         }
+    }
+
+    /// Counts one refusal by a resource limit.
+    pub fn limited(&self, limit: &'static str) {
+        self.limit_rejections
+            .get_or_create(&LimitLabels { limit })
+            .inc();
     }
 
     /// Counts one failure.

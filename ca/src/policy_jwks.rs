@@ -167,6 +167,18 @@ impl Fetcher {
     }
 
     async fn get(&self, uri: &str, timeout: Duration) -> Result<String, FetchError> {
+        self.get_limited(uri, timeout, MAX_DOCUMENT_BYTES).await
+    }
+
+    /// One GET of an https URL: redirects are not followed (so never to plain HTTP), and the
+    /// body is read chunk by chunk and refused as soon as it passes `max_bytes`, so a
+    /// hostile or broken server cannot make the CA buffer more than that.
+    pub async fn get_limited(
+        &self,
+        uri: &str,
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> Result<String, FetchError> {
         if !uri.starts_with("https://") {
             return Err(FetchError(format!("{uri} is not an https URL")));
         }
@@ -177,6 +189,13 @@ impl Fetcher {
                 .send()
                 .await
                 .map_err(|e| FetchError(format!("{uri}: {e}")))?;
+            if resp.status().is_redirection() {
+                // Following could lead to plain HTTP or another host: the URL must be exact.
+                return Err(FetchError(format!(
+                    "{uri}: answered a redirect (HTTP {}); redirects are not followed",
+                    resp.status()
+                )));
+            }
             if !resp.status().is_success() {
                 return Err(FetchError(format!("{uri}: HTTP {}", resp.status())));
             }
@@ -186,9 +205,9 @@ impl Fetcher {
                 .await
                 .map_err(|e| FetchError(format!("{uri}: {e}")))?
             {
-                if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+                if body.len() + chunk.len() > max_bytes {
                     return Err(FetchError(format!(
-                        "{uri}: document larger than {MAX_DOCUMENT_BYTES} bytes"
+                        "{uri}: document larger than {max_bytes} bytes"
                     )));
                 }
                 body.extend_from_slice(&chunk);

@@ -43,7 +43,7 @@ use crate::policy_set::PolicySnapshot;
 use crate::policy_source::{DirectorySource, PolicyPoller, PolicySource, load_initial};
 use crate::sealed_keystore::open_key_store;
 use crate::service::{IstioCaService, MAX_REQUEST_BYTES};
-use crate::tls::{CertResolver, provider, server_config, tls_incoming};
+use crate::tls::{CertResolver, provider, server_config};
 
 /// How long shutdown waits for open connections to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -99,6 +99,8 @@ pub struct ServeConfig {
     /// `--kubernetes`: TokenReview authentication and node authorization from the pod index;
     /// `None` = off Kubernetes.
     pub kubernetes: Option<crate::k8s::KubernetesConfig>,
+    /// Resource limits of the CSR API port (see [`crate::limits`]).
+    pub limits: crate::limits::Limits,
 }
 
 impl ServeConfig {
@@ -300,11 +302,11 @@ pub async fn start_with_store(
     ];
     match &config.jwt {
         // Local verification first: no API-server round trip when it can decide.
-        Some(jwt) => authenticators.push(Arc::new(
-            JwtAuthenticator::new(jwt.clone())
+        Some(jwt) => authenticators.push(
+            JwtAuthenticator::start(jwt.clone())
                 .await
                 .context("configuring JWT verification")?,
-        )),
+        ),
         None if config.kubernetes.is_none() => tracing::warn!(
             "no JWT authenticator configured (--jwt-issuer/--jwt-jwks): only client certificates and join tokens will be accepted"
         ),
@@ -392,16 +394,22 @@ pub async fn start_with_store(
         "policy set loaded"
     );
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policies));
-    let issuer = Arc::new(CertificateIssuer::new(
-        config.trust_domain.clone(),
-        authority_rx.clone(),
-        auth.clone(),
-        NodeAuthorizers::new(node_authorizers),
-        store.clone(),
-        ledger.clone(),
-        config.lifetime,
-        metrics.clone(),
-    ));
+    let issuer = Arc::new(
+        CertificateIssuer::new(
+            config.trust_domain.clone(),
+            authority_rx.clone(),
+            auth.clone(),
+            NodeAuthorizers::new(node_authorizers),
+            store.clone(),
+            ledger.clone(),
+            config.lifetime,
+            metrics.clone(),
+        )
+        .with_gate(Arc::new(crate::limits::RequestGate::new(
+            &config.limits,
+            metrics.clone(),
+        ))),
+    );
 
     let provider = provider();
     let resolver = Arc::new(CertResolver::new(provider.clone()));
@@ -455,8 +463,14 @@ pub async fn start_with_store(
             ),
         ));
     }
-    let svc = IstioCertificateServiceServer::new(IstioCaService::new(issuer))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let join_lookups = Arc::new(crate::limits::JoinLookupGate::new(
+        &config.limits,
+        metrics.clone(),
+    ));
+    let svc = IstioCertificateServiceServer::new(
+        IstioCaService::new(issuer).with_join_lookup_gate(join_lookups),
+    )
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
     // Bundle streams end by themselves on shutdown, so the graceful shutdown below does not
     // wait the whole grace period for agents that never hang up.
     // RequestAuthentication keys ride with the set: agents get it with the fetched JWKS.
@@ -486,9 +500,19 @@ pub async fn start_with_store(
     )
     .max_decoding_message_size(MAX_ACK_BYTES);
     let mut rx = shutdown_rx.clone();
+    let conn_tracker = Arc::new(crate::conn_limits::ConnTracker::default());
+    let incoming = crate::conn_limits::limited_incoming(
+        grpc_listener,
+        tls,
+        &config.limits,
+        conn_tracker.clone(),
+        metrics.clone(),
+    );
+    let grpc_server =
+        crate::conn_limits::configure(tonic::transport::Server::builder(), &config.limits)
+            .layer(crate::conn_limits::TrackLayer::new(conn_tracker));
     tasks.push(tokio::spawn(async move {
-        let incoming = tls_incoming(grpc_listener, tls);
-        let result = tonic::transport::Server::builder()
+        let result = { grpc_server }
             .add_service(svc)
             .add_service(bundle_svc)
             .add_service(policy_svc)

@@ -23,6 +23,7 @@ pub const DEFAULT_CLUSTER: &str = "Kubernetes";
 pub struct IstioCaService {
     issuer: Arc<CertificateIssuer>,
     next_request_id: AtomicU64,
+    join_lookups: Option<Arc<crate::limits::JoinLookupGate>>,
 }
 
 impl IstioCaService {
@@ -31,7 +32,15 @@ impl IstioCaService {
         Self {
             issuer,
             next_request_id: AtomicU64::new(1),
+            join_lookups: None,
         }
+    }
+
+    /// Checks join tokens with `gate` (shape, rate per peer address) before the issuer
+    /// looks them up in the store.
+    pub fn with_join_lookup_gate(mut self, gate: Arc<crate::limits::JoinLookupGate>) -> Self {
+        self.join_lookups = Some(gate);
+        self
     }
 }
 
@@ -69,6 +78,7 @@ pub fn status_of(e: &IssueError) -> Status {
         IssueError::FailedPrecondition(_) => Status::failed_precondition(msg),
         IssueError::Unavailable(_) => Status::unavailable(msg),
         IssueError::Internal(_) => Status::internal(msg),
+        IssueError::ResourceExhausted(_) => Status::resource_exhausted(msg),
     }
 }
 
@@ -94,6 +104,15 @@ impl IstioCertificateService for IstioCaService {
         async move {
             let peer_chain = request.peer_certs();
             let bearer = bearer_token(request.metadata()).map(str::to_owned);
+            if let (Some(gate), Some(token)) = (&self.join_lookups, bearer.as_deref())
+                && crate::join_token::is_join_token(token)
+            {
+                let peer = request.remote_addr().map(|a| a.ip());
+                gate.check(token, peer).map_err(|e| {
+                    tracing::debug!(reason = e.reason(), error = %e, "join token refused before lookup");
+                    status_of(&e)
+                })?;
+            }
             let body = request.get_ref();
             let impersonated = impersonated_identity(body).map_err(|e| status_of(&e))?;
             let issued = self

@@ -98,7 +98,7 @@ async fn rejects_used_join_token() {
 async fn rejects_expired_join_token() {
     let h = Harness::start().await;
     let grant = validate_grant(&h.trust_domain(), "node-a", &[WEB.into()], 3600).unwrap();
-    let token = "citadel-join.expired-token-for-the-test";
+    let token = "citadel-join.ZXhwaXJlZC10b2tlbi1mb3ItdGhlLXRlc3QuLi4uLi4";
     h.store
         .insert_join_token(&record_for(token, &grant, unix_now() - 7200))
         .await

@@ -13,7 +13,7 @@ use citadel_identity::TrustDomain;
 use citadel_store::NodeStore;
 
 use super::{AuthError, AuthMethod, Authenticator, Caller, Credentials, Rejection};
-use crate::join_token::{is_join_token, token_hash};
+use crate::join_token::{is_join_token, is_well_formed, token_hash};
 use crate::node::node_identity;
 
 /// Accepts unused, unexpired join tokens; the caller is the token's node agent,
@@ -46,6 +46,10 @@ impl Authenticator for JoinTokenAuthenticator {
         let Some(token) = creds.bearer_token.filter(|t| is_join_token(t)) else {
             return Ok(None);
         };
+        // Not one of ours whatever the store holds: no lookup for it.
+        if !is_well_formed(token) {
+            return Err(reject("malformed join token"));
+        }
         let found = self
             .store
             .find_join_token(&token_hash(token))
@@ -76,7 +80,7 @@ mod tests {
     use citadel_store::JoinTokenRecord;
     use citadel_store::memory::MemoryStore;
 
-    const TOKEN: &str = "citadel-join.c2VjcmV0";
+    const TOKEN: &str = "citadel-join.c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2U";
 
     async fn authenticator(used_at: Option<i64>) -> JoinTokenAuthenticator {
         let store = Arc::new(MemoryStore::new());
@@ -133,7 +137,13 @@ mod tests {
         let fresh = authenticator(None).await;
         let used = authenticator(Some(10)).await;
         let cases = [
-            (&fresh, "citadel-join.other", 50, "unknown"),
+            (
+                &fresh,
+                "citadel-join.b3RoZXJvdGhlcm90aGVyb3RoZXJvdGhlcm90aGVyb3Q",
+                50,
+                "unknown",
+            ),
+            (&fresh, "citadel-join.other", 50, "malformed"),
             (&fresh, TOKEN, 100, "expired"),
             (&used, TOKEN, 50, "already been used"),
         ];

@@ -7,11 +7,19 @@
 //! `kubernetes.io` claims, or from `sub` = `system:serviceaccount:<ns>:<sa>`.
 //!
 //! The checks themselves are `citadel-jwt`'s, the same code the proxy runs for
-//! RequestAuthentication; this module adds the algorithm allow-list, the key
+//! RequestAuthentication (including a key's `use`, which must be `sig`, and its `alg`,
+//! which must be the token's); this module adds the algorithm allow-list, the key
 //! lookup policy, JWKS loading and the service-account identity.
+//!
+//! JWKS hygiene: the keys are loaded again every [`JwtConfig::refresh_interval`] (so a
+//! key the issuer removed stops being trusted within that interval) and when a token
+//! names an unknown `kid` (at most every 30 s); a URL must be `https://`, redirects are
+//! not followed (never to plain HTTP), and a document is refused as soon as reading it
+//! passes [`MAX_JWKS_BYTES`]. A failed reload keeps the keys we have (logged), so an
+//! issuer outage does not lock every workload out.
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -25,8 +33,12 @@ use super::{AuthError, AuthMethod, Authenticator, Caller, Credentials, Rejection
 pub const LEEWAY_SECS: i64 = 30;
 /// An unknown `kid` triggers a JWKS refresh at most this often.
 const REFRESH_INTERVAL: Duration = Duration::from_secs(30);
-/// Largest JWKS document accepted.
-const MAX_JWKS_BYTES: usize = 1 << 20;
+/// Largest JWKS document accepted (enforced while reading).
+pub const MAX_JWKS_BYTES: usize = 1 << 20;
+/// Default time between two scheduled reloads of the JWKS.
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(5 * 60);
+/// Time limit of one JWKS fetch.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the issuer's keys come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +73,10 @@ pub struct JwtConfig {
     pub jwks: JwksSource,
     /// Trust domain identities are minted in.
     pub trust_domain: TrustDomain,
+    /// Time between two scheduled reloads of the keys.
+    pub refresh_interval: Duration,
+    /// PEM file of CA certificates trusted for an https JWKS, besides the webpki roots.
+    pub extra_roots: Option<PathBuf>,
 }
 
 /// Could not load the JWKS.
@@ -76,7 +92,7 @@ pub struct JwtAuthenticator {
     config: JwtConfig,
     keys: RwLock<Arc<Jwks>>,
     last_refresh: tokio::sync::Mutex<Instant>,
-    http: reqwest::Client,
+    http: crate::policy_jwks::Fetcher,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,14 +125,15 @@ fn reject(reason: impl Into<String>) -> Rejection {
 }
 
 impl JwtAuthenticator {
-    /// Loads the JWKS once; a source that cannot be read is an error.
+    /// Loads the JWKS once; a source that cannot be read is an error. Nothing reloads it on
+    /// a schedule: [`JwtAuthenticator::start`] does.
     pub async fn new(config: JwtConfig) -> Result<Self, JwksError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| JwksError {
-                source_name: "https client".into(),
-                reason: e.to_string(),
+        let http =
+            crate::policy_jwks::Fetcher::new(config.extra_roots.as_deref()).map_err(|e| {
+                JwksError {
+                    source_name: "https client".into(),
+                    reason: format!("{e:#}"),
+                }
             })?;
         let keys = fetch(&config.jwks, &http).await?;
         Ok(Self {
@@ -127,17 +144,44 @@ impl JwtAuthenticator {
         })
     }
 
+    /// Loads the JWKS and reloads it every `refresh_interval` for as long as the
+    /// authenticator lives (the task holds it weakly and ends with it).
+    pub async fn start(config: JwtConfig) -> Result<Arc<Self>, JwksError> {
+        let every = config.refresh_interval.max(Duration::from_secs(1));
+        let this = Arc::new(Self::new(config).await?);
+        let weak: Weak<Self> = Arc::downgrade(&this);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(this) = weak.upgrade() else { return };
+                this.reload().await;
+            }
+        });
+        Ok(this)
+    }
+
     fn current(&self) -> Arc<Jwks> {
         self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Re-reads the JWKS, at most once per [`REFRESH_INTERVAL`].
+    /// Re-reads the JWKS for an unknown `kid`, at most once per [`REFRESH_INTERVAL`].
     async fn refresh(&self) {
         let mut last = self.last_refresh.lock().await;
         if last.elapsed() < REFRESH_INTERVAL {
             return;
         }
         *last = Instant::now();
+        self.load().await;
+    }
+
+    /// The scheduled reload.
+    async fn reload(&self) {
+        let mut last = self.last_refresh.lock().await;
+        *last = Instant::now();
+        self.load().await;
+    }
+
+    async fn load(&self) {
         match fetch(&self.config.jwks, &self.http).await {
             Ok(keys) => *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys),
             Err(e) => tracing::warn!(error = %e, "JWKS refresh failed; keeping the keys we have"),
@@ -266,35 +310,40 @@ impl Authenticator for JwtAuthenticator {
     }
 }
 
-async fn fetch(source: &JwksSource, http: &reqwest::Client) -> Result<Jwks, JwksError> {
+async fn fetch(source: &JwksSource, http: &crate::policy_jwks::Fetcher) -> Result<Jwks, JwksError> {
     let (name, bytes) = match source {
         JwksSource::File(path) => {
             let name = path.display().to_string();
-            let bytes = tokio::fs::read(path).await.map_err(|e| JwksError {
+            let err = |reason: String| JwksError {
                 source_name: name.clone(),
-                reason: e.to_string(),
-            })?;
+                reason,
+            };
+            // Read at most one byte past the limit: a huge file is refused, not loaded.
+            use tokio::io::AsyncReadExt;
+            let file = tokio::fs::File::open(path)
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            let mut bytes = Vec::new();
+            file.take(MAX_JWKS_BYTES as u64 + 1)
+                .read_to_end(&mut bytes)
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            if bytes.len() > MAX_JWKS_BYTES {
+                return Err(err(format!("document larger than {MAX_JWKS_BYTES} bytes")));
+            }
             (name, bytes)
         }
         JwksSource::Url(url) => {
-            let err = |reason: String| JwksError {
-                source_name: url.clone(),
-                reason,
-            };
-            let resp = http.get(url).send().await.map_err(|e| err(e.to_string()))?;
-            if !resp.status().is_success() {
-                return Err(err(format!("HTTP {}", resp.status())));
-            }
-            let bytes = resp.bytes().await.map_err(|e| err(e.to_string()))?;
-            (url.clone(), bytes.to_vec())
+            let text = http
+                .get_limited(url, FETCH_TIMEOUT, MAX_JWKS_BYTES)
+                .await
+                .map_err(|e| JwksError {
+                    source_name: url.clone(),
+                    reason: e.to_string(),
+                })?;
+            (url.clone(), text.into_bytes())
         }
     };
-    if bytes.len() > MAX_JWKS_BYTES {
-        return Err(JwksError {
-            source_name: name,
-            reason: format!("document is larger than {MAX_JWKS_BYTES} bytes"),
-        });
-    }
     let text = String::from_utf8(bytes).map_err(|_| JwksError {
         source_name: name.clone(),
         reason: "not a JWKS document: not UTF-8".into(),

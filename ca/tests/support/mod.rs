@@ -85,6 +85,8 @@ impl Harness {
                 audiences: vec!["istio-ca".into()],
                 jwks: JwksSource::File(jwks_path),
                 trust_domain: td,
+                refresh_interval: citadel_ca::auth::jwt::DEFAULT_JWKS_REFRESH,
+                extra_roots: None,
             }),
             bundle_poll_interval: Duration::from_millis(100),
             policies_dir: None,
@@ -93,6 +95,7 @@ impl Harness {
             policy_jwks: Default::default(),
             root_renewal: None,
             kubernetes: None,
+            limits: Default::default(),
         };
         configure(&mut config);
         // `configure` may point several harnesses at one data directory (replicas).
@@ -402,6 +405,140 @@ impl citadel_store::NodeStore for FlakyStore {
 
 #[async_trait::async_trait]
 impl citadel_store::AckStore for FlakyStore {
+    async fn record_bundle_ack(&self, agent: &str, seq: u64, now: i64) -> Result<(), StoreError> {
+        self.inner.record_bundle_ack(agent, seq, now).await
+    }
+    async fn list_bundle_acks(&self) -> Result<Vec<BundleAck>, StoreError> {
+        self.inner.list_bundle_acks().await
+    }
+    async fn record_policy_ack(
+        &self,
+        agent: &str,
+        version: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.inner.record_policy_ack(agent, version, now).await
+    }
+    async fn list_policy_acks(&self) -> Result<Vec<PolicyAck>, StoreError> {
+        self.inner.list_policy_acks().await
+    }
+}
+
+/// A store that counts join-token lookups (to show which requests never reach it).
+pub struct CountingStore {
+    /// The store wrapped.
+    pub inner: Arc<dyn Store>,
+    /// `find_join_token` calls so far.
+    pub join_token_lookups: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl citadel_store::LeaseStore for CountingStore {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<bool, StoreError> {
+        self.inner
+            .acquire_lease(name, holder, now, expires_at)
+            .await
+    }
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool, StoreError> {
+        self.inner.release_lease(name, holder).await
+    }
+    async fn get_lease(&self, name: &str) -> Result<Option<citadel_store::Lease>, StoreError> {
+        self.inner.get_lease(name).await
+    }
+}
+
+#[async_trait::async_trait]
+impl citadel_store::HealthStore for CountingStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+}
+
+#[async_trait::async_trait]
+impl citadel_store::AuthorityStore for CountingStore {
+    async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
+        self.inner.list_authorities().await
+    }
+    async fn insert_authority(&self, rec: &AuthorityRecord) -> Result<(), StoreError> {
+        self.inner.insert_authority(rec).await
+    }
+    async fn set_authority_state(&self, id: &str, state: AuthorityState) -> Result<(), StoreError> {
+        self.inner.set_authority_state(id, state).await
+    }
+    async fn bundle_sequence(&self) -> Result<u64, StoreError> {
+        self.inner.bundle_sequence().await
+    }
+}
+
+#[async_trait::async_trait]
+impl citadel_store::LedgerStore for CountingStore {
+    async fn append_issuances(
+        &self,
+        batch: &[NewIssuance],
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        self.inner.append_issuances(batch).await
+    }
+    async fn list_issuances(&self, filter: &LedgerFilter) -> Result<Vec<LedgerEntry>, StoreError> {
+        self.inner.list_issuances(filter).await
+    }
+    async fn verify_ledger(&self) -> Result<LedgerVerification, StoreError> {
+        self.inner.verify_ledger().await
+    }
+    async fn live_counts_by_authority(&self, now: i64) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.live_counts_by_authority(now).await
+    }
+}
+
+#[async_trait::async_trait]
+impl citadel_store::NodeStore for CountingStore {
+    async fn insert_join_token(&self, rec: &JoinTokenRecord) -> Result<(), StoreError> {
+        self.inner.insert_join_token(rec).await
+    }
+    async fn find_join_token(
+        &self,
+        hash: &[u8; 32],
+    ) -> Result<Option<JoinTokenRecord>, StoreError> {
+        self.join_token_lookups.fetch_add(1, Ordering::SeqCst);
+        self.inner.find_join_token(hash).await
+    }
+    async fn append_node_issuance(
+        &self,
+        node: &str,
+        grant: &NodeGrant,
+        issuance: &NewIssuance,
+        now: i64,
+    ) -> Result<NodeIssuanceOutcome, StoreError> {
+        self.inner
+            .append_node_issuance(node, grant, issuance, now)
+            .await
+    }
+    async fn use_node_certificate(
+        &self,
+        node: &str,
+        serial: &str,
+        now: i64,
+    ) -> Result<NodeCertificateUse, StoreError> {
+        self.inner.use_node_certificate(node, serial, now).await
+    }
+    async fn evict_node(&self, node: &str, now: i64) -> Result<bool, StoreError> {
+        self.inner.evict_node(node, now).await
+    }
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.inner.list_nodes().await
+    }
+    async fn node_allowed_ids(&self, node: &str) -> Result<Option<Vec<String>>, StoreError> {
+        self.inner.node_allowed_ids(node).await
+    }
+}
+
+#[async_trait::async_trait]
+impl citadel_store::AckStore for CountingStore {
     async fn record_bundle_ack(&self, agent: &str, seq: u64, now: i64) -> Result<(), StoreError> {
         self.inner.record_bundle_ack(agent, seq, now).await
     }
