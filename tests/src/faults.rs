@@ -73,7 +73,7 @@ impl PrivatePostgres {
         };
         pg.chown_to_postgres(pg.dir.path())?;
         run(
-            &mut pg.as_postgres("initdb").args([
+            pg.as_postgres("initdb").args([
                 "-D",
                 &pg.data().display().to_string(),
                 "-U",
