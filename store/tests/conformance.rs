@@ -1471,7 +1471,7 @@ async fn upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count
     b.raw_sql(
         "DROP TABLE join_tokens; DROP TABLE nodes; DROP TABLE bundle_state; \
          DROP TABLE bundle_acks; DROP TABLE policy_acks; DROP TABLE sealed_keys; DROP TABLE leases; \
-         DELETE FROM _sqlx_migrations WHERE version >= 2",
+         DROP TABLE ledger_checkpoints; DELETE FROM _sqlx_migrations WHERE version >= 2",
     )
     .await;
     let upgraded = connect(b.url()).await.unwrap();
