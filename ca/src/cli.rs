@@ -2,15 +2,16 @@
 //! `node evict` (the `root` commands are in [`crate::root_cmd`]).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use citadel_identity::TrustDomain;
 use citadel_store::{
-    AckStore, BundleAck, LedgerFilter, LedgerStore, NodeRecord, NodeStore, PolicyAck, Store,
-    StoreError,
+    AckStore, BundleAck, CheckpointStore, LedgerFilter, LedgerStore, NodeRecord, NodeStore,
+    PolicyAck, Store, StoreError,
 };
 
+use crate::checkpoint::{CheckpointVerdict, LedgerPublicKey, judge, short_id};
 use crate::node::{node_identity, validate_node_name};
 
 /// Where the store is.
@@ -60,19 +61,67 @@ pub fn fmt_time(t: i64) -> String {
         .unwrap_or_else(|| t.to_string())
 }
 
-/// `citadel ledger verify`: `Ok(true)` when the chain is intact.
-pub async fn ledger_verify(store: &dyn LedgerStore, out: &mut dyn Write) -> anyhow::Result<bool> {
-    let v = store.verify_ledger().await?;
-    match v.first_bad {
-        None => {
-            writeln!(out, "ledger OK: {} row(s) verified", v.rows_checked)?;
-            Ok(true)
-        }
-        Some(fault) => {
+/// `citadel ledger verify`: `Ok(true)` when the chain is intact **and** the newest signed
+/// checkpoint verifies with the public key in `key_file` and still matches its row (see
+/// [`crate::checkpoint`]). Every outcome is one line on `out`.
+pub async fn ledger_verify(
+    ledger: &dyn LedgerStore,
+    checkpoints: &dyn CheckpointStore,
+    key_file: &Path,
+    out: &mut dyn Write,
+) -> anyhow::Result<bool> {
+    // Without the pinned key a rewritten ledger would pass: refuse to call it OK.
+    let key = match std::fs::read_to_string(key_file) {
+        Ok(text) => LedgerPublicKey::from_pem(&text)
+            .with_context(|| format!("ledger public key {}", key_file.display()))?,
+        Err(e) => {
             writeln!(
                 out,
-                "ledger BROKEN at row {}: {} ({} row(s) verified before it)",
-                fault.seq, fault.reason, v.rows_checked
+                "ledger UNVERIFIED: cannot read the pinned ledger public key {}: {e} (give the CA's --data-dir, or --ledger-public-key FILE)",
+                key_file.display()
+            )?;
+            return Ok(false);
+        }
+    };
+    // The checkpoint first: rows appended meanwhile only extend the chain verified next.
+    let checkpoint = checkpoints.latest_checkpoint().await?;
+    let v = ledger.verify_ledger().await?;
+    if let Some(fault) = v.first_bad {
+        writeln!(
+            out,
+            "ledger BROKEN at row {}: {} ({} row(s) verified before it)",
+            fault.seq, fault.reason, v.rows_checked
+        )?;
+        return Ok(false);
+    }
+    let row_hash = match &checkpoint {
+        Some(c) => checkpoints.ledger_row_hash(c.seq).await?,
+        None => None,
+    };
+    match judge(&key, checkpoint.as_ref(), row_hash, v.rows_checked) {
+        CheckpointVerdict::Empty => {
+            writeln!(out, "ledger OK: empty, nothing checkpointed yet")?;
+            Ok(true)
+        }
+        CheckpointVerdict::Vouched(c) => {
+            writeln!(
+                out,
+                "ledger OK: {} row(s) verified; signed checkpoint at row {} ({}, ledger key {}) matches; {} row(s) after it are chained to it",
+                v.rows_checked,
+                c.seq,
+                fmt_time(c.signed_at),
+                short_id(&c.key_id),
+                i64::try_from(v.rows_checked)
+                    .unwrap_or(i64::MAX)
+                    .saturating_sub(c.seq)
+            )?;
+            Ok(true)
+        }
+        CheckpointVerdict::Broken(reason) => {
+            writeln!(
+                out,
+                "ledger BROKEN: {reason} (the hash chain of {} row(s) is self-consistent; the signed checkpoint is not)",
+                v.rows_checked
             )?;
             Ok(false)
         }

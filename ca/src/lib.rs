@@ -18,6 +18,7 @@ pub mod authority_manager;
 pub mod bundle_service;
 pub mod bundle_watch;
 pub mod ca_dir_watch;
+pub mod checkpoint;
 pub mod cli;
 pub mod clock;
 pub mod conn_limits;

@@ -369,10 +369,18 @@ async fn run_root(command: RootCommand, stdout: &mut dyn Write) -> anyhow::Resul
 
 #[derive(Subcommand, Debug)]
 enum LedgerCommand {
-    /// Recompute the hash chain; exit 1 and name the first bad row if it is broken.
+    /// Recompute the hash chain and check it against the newest signed checkpoint; exit 1 and
+    /// say why if either fails.
+    ///
+    /// The checkpoint's signature is checked with the ledger public key pinned in the CA's
+    /// data directory (ledger-key.pub.pem), or the one given with --ledger-public-key.
     Verify {
         #[command(flatten)]
         store: StoreArgs,
+        /// The ledger public key (PEM) to check checkpoints with; default: the one pinned in
+        /// --data-dir.
+        #[arg(long, value_name = "FILE")]
+        ledger_public_key: Option<PathBuf>,
     },
 }
 
@@ -411,6 +419,10 @@ struct ServeArgs {
     /// Address of /metrics, /healthz and /readyz (plain HTTP).
     #[arg(long, env = "CITADEL_HTTP_LISTEN", default_value = "0.0.0.0:15014")]
     http_listen: SocketAddr,
+    /// Time between two signed ledger checkpoints (one is also signed at start-up and at
+    /// clean shutdown); see `citadel ledger verify`.
+    #[arg(long, default_value = "60s", value_parser = parse_duration_secs)]
+    ledger_checkpoint_interval: i64,
     /// DNS names in the CA's serving certificate (repeatable).
     #[arg(long = "dns-name", default_values = ["citadel.citadel-system.svc", "localhost"])]
     dns_names: Vec<String>,
@@ -599,6 +611,9 @@ impl ServeArgs {
             root_namespace: self.root_namespace,
             kubernetes,
             limits,
+            ledger_checkpoint_interval: std::time::Duration::from_secs(
+                self.ledger_checkpoint_interval.max(1).unsigned_abs(),
+            ),
             root_renewal: (!self.no_root_renewal)
                 .then(|| citadel_ca::rotation::RenewalPolicy::new(self.root_renewal_at))
                 .transpose()
@@ -701,10 +716,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Root { command } => run_root(command, &mut stdout).await,
         Command::Ledger {
-            command: LedgerCommand::Verify { store },
+            command:
+                LedgerCommand::Verify {
+                    store,
+                    ledger_public_key,
+                },
         } => {
+            let key_file = ledger_public_key
+                .unwrap_or_else(|| store.data_dir.join(citadel_ca::checkpoint::PINNED_KEY_FILE));
             let store = store.open().await?;
-            let ok = citadel_ca::cli::ledger_verify(store.as_ref(), &mut stdout).await?;
+            let ok = citadel_ca::cli::ledger_verify(
+                store.as_ref(),
+                store.as_ref(),
+                &key_file,
+                &mut stdout,
+            )
+            .await?;
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {

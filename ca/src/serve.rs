@@ -30,6 +30,7 @@ use crate::authority::{Authority, LeafSpec, random_serial};
 use crate::authority_manager::StoreFollower;
 use crate::bundle_service::{MAX_ACK_BYTES, TrustBundleStreamService};
 use crate::bundle_watch::load_snapshot;
+use crate::checkpoint::Checkpointer;
 use crate::csr::KeyKind;
 use crate::http::{OpsState, router};
 use crate::issuer::CertificateIssuer;
@@ -101,6 +102,9 @@ pub struct ServeConfig {
     pub kubernetes: Option<crate::k8s::KubernetesConfig>,
     /// Resource limits of the CSR API port (see [`crate::limits`]).
     pub limits: crate::limits::Limits,
+    /// Time between two signed ledger checkpoints ([`crate::checkpoint`]); one is also signed
+    /// at start-up and at clean shutdown.
+    pub ledger_checkpoint_interval: Duration,
 }
 
 impl ServeConfig {
@@ -120,11 +124,12 @@ pub struct RunningCa {
     pub http_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    checkpointer: Arc<Checkpointer>,
 }
 
 impl RunningCa {
     /// Stops accepting, lets in-flight requests finish for up to
-    /// [`SHUTDOWN_GRACE`], then drops whatever is left.
+    /// [`SHUTDOWN_GRACE`], then drops whatever is left and signs a last ledger checkpoint.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let aborts: Vec<_> = self.tasks.iter().map(|t| t.abort_handle()).collect();
@@ -135,6 +140,8 @@ impl RunningCa {
                 a.abort();
             }
         }
+        // After the requests: the checkpoint covers everything this process recorded.
+        self.checkpointer.log_checkpoint("shutdown").await;
     }
 }
 
@@ -263,6 +270,11 @@ pub async fn start_with_store(
             .await?
         }
     };
+    // The ledger key is kept like the authority keys; its public half is pinned in the data
+    // directory, where `citadel ledger verify` trusts it from.
+    let ledger_signer = crate::checkpoint::load_or_create_signer(keys.as_ref()).await?;
+    crate::checkpoint::pin_public_key(&config.data_dir, ledger_signer.public())?;
+    let checkpointer = Arc::new(Checkpointer::new(store.clone(), ledger_signer));
     let loader = AuthorityLoader {
         keys: keys.clone(),
         ca_dir: config.ca_dir.clone(),
@@ -415,6 +427,10 @@ pub async fn start_with_store(
     let resolver = Arc::new(CertResolver::new(provider.clone()));
     let serving_validity = refresh_serving_cert(&authority, &config, &resolver, &ledger).await?;
     let tls = TlsAcceptor::from(Arc::new(server_config(provider, resolver.clone())?));
+    checkpointer.log_checkpoint("start-up").await;
+    let checkpoint_task = checkpointer
+        .clone()
+        .run(config.ledger_checkpoint_interval, shutdown_rx.clone());
 
     let grpc_listener = TcpListener::bind(config.listen)
         .await
@@ -426,6 +442,7 @@ pub async fn start_with_store(
     let http_addr = http_listener.local_addr()?;
 
     let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(checkpoint_task));
     if let Some((client, index)) = pod_index_task {
         tasks.push(tokio::spawn(crate::k8s::run_pod_index(
             client.clone(),
@@ -646,6 +663,7 @@ pub async fn start_with_store(
         http_addr,
         shutdown: shutdown_tx,
         tasks,
+        checkpointer,
     })
 }
 

@@ -35,9 +35,14 @@ async fn two_replicas_share_one_root_whose_key_lives_in_the_secret() {
     let secret = fake
         .get(SECRETS, "citadel-system", SECRET_NAME)
         .expect("the key Secret");
+    // The root's key and the ledger checkpoint key.
     assert_eq!(
-        secret["data"].as_object().map(|d| d.len()),
-        Some(1),
+        secret["data"].as_object().map(|d| {
+            let mut names: Vec<&str> = d.keys().map(String::as_str).collect();
+            names.sort_by_key(|n| *n == citadel_ca::checkpoint::LEDGER_KEY_REF);
+            (names.len(), names.last().copied())
+        }),
+        Some((2, Some(citadel_ca::checkpoint::LEDGER_KEY_REF))),
         "{secret}"
     );
     assert!(

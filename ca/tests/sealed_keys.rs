@@ -395,10 +395,17 @@ async fn two_replicas_with_different_data_dirs_and_one_kek_sign_with_a_root_eith
     activate(from_a).await;
     await_switch(&a, &b, &second_root, &mut n).await;
 
-    // No key ever touched either data directory; the store holds three sealed keys.
+    // No key ever touched either data directory; the store holds three sealed authority keys
+    // and the one ledger checkpoint key both replicas share.
     assert_eq!(key_files(&a.data_dir), Vec::<String>::new());
     assert_eq!(key_files(&b.data_dir), Vec::<String>::new());
-    assert_eq!(raw_rows(&url).await.len(), 3);
+    let refs: Vec<String> = raw_rows(&url).await.into_iter().map(|(r, _)| r).collect();
+    assert_eq!(refs.len(), 4, "{refs:?}");
+    assert!(
+        refs.iter()
+            .any(|r| r == citadel_ca::checkpoint::LEDGER_KEY_REF),
+        "{refs:?}"
+    );
     a.stop().await;
     b.stop().await;
 }

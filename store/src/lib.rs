@@ -17,13 +17,16 @@
 //! [`GENESIS_HASH`]) and `row_hash = `[`row_hash`]`(seq, prev_hash, issuance)`. A one-row head
 //! records the last seq and hash; every append locks it first, so appends from several
 //! processes sharing one database still form one chain. [`LedgerStore::verify_ledger`] recomputes
-//! the chain and compares the head, detecting edited, deleted and truncated rows.
+//! the chain and compares the head, detecting edited, deleted and truncated rows. A rewrite of
+//! every row *and* the head is consistent again; the CA's signed checkpoints
+//! ([`CheckpointStore`]) are what expose it.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod agents;
 mod chain;
+mod checkpoint;
 mod error;
 mod group_commit;
 mod key_blobs;
@@ -34,6 +37,7 @@ mod nodes;
 mod sql;
 mod sql_agents;
 mod sql_authorities;
+mod sql_checkpoint;
 mod sql_lease;
 mod sql_ledger;
 mod sql_nodes;
@@ -44,6 +48,7 @@ pub use agents::{
     check_policy_version,
 };
 pub use chain::{GENESIS_HASH, row_hash};
+pub use checkpoint::{CheckpointStore, LedgerCheckpoint};
 pub use error::StoreError;
 pub use group_commit::GroupCommitLedger;
 pub use key_blobs::{KeyBlobStore, MemoryKeyBlobs};

@@ -8,6 +8,7 @@ use crate::agents::{
     BundleAck, JoinTokenRecord, JoinTokenRefusal, PolicyAck, check_policy_version,
 };
 use crate::chain::{ChainVerifier, GENESIS_HASH, chain_batch};
+use crate::checkpoint::{CheckpointStore, LedgerCheckpoint};
 use crate::error::StoreError;
 use crate::lease::{Lease, LeaseStore};
 use crate::model::{
@@ -24,6 +25,7 @@ use crate::store::{AckStore, AuthorityStore, HealthStore, LedgerStore, NodeStore
 pub struct MemoryStore {
     state: Mutex<State>,
     leases: Mutex<BTreeMap<String, Lease>>,
+    checkpoints: Mutex<BTreeMap<i64, LedgerCheckpoint>>,
 }
 
 #[derive(Debug)]
@@ -466,5 +468,37 @@ impl LeaseStore for MemoryStore {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned())
+    }
+}
+
+#[async_trait::async_trait]
+impl CheckpointStore for MemoryStore {
+    async fn insert_checkpoint(&self, checkpoint: &LedgerCheckpoint) -> Result<bool, StoreError> {
+        let mut checkpoints = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if checkpoints.contains_key(&checkpoint.seq) {
+            return Ok(false);
+        }
+        checkpoints.insert(checkpoint.seq, checkpoint.clone());
+        Ok(true)
+    }
+
+    async fn latest_checkpoint(&self) -> Result<Option<LedgerCheckpoint>, StoreError> {
+        let checkpoints = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(checkpoints.values().next_back().cloned())
+    }
+
+    async fn ledger_head(&self) -> Result<(i64, [u8; 32]), StoreError> {
+        self.lock()
+            .head
+            .ok_or_else(|| StoreError::Corrupt("the ledger head row is missing".into()))
+    }
+
+    async fn ledger_row_hash(&self, seq: i64) -> Result<Option<[u8; 32]>, StoreError> {
+        Ok(self
+            .lock()
+            .rows
+            .iter()
+            .find(|r| r.seq == seq)
+            .map(|r| r.row_hash))
     }
 }

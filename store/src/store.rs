@@ -1,11 +1,12 @@
 //! The store's seams: one narrow trait per kind of state ([`AuthorityStore`], [`LedgerStore`],
-//! [`NodeStore`], [`AckStore`], [`LeaseStore`], [`HealthStore`]), so each component of the CA
-//! is handed only the part it uses, and [`Store`], the umbrella that the composition root
+//! [`CheckpointStore`], [`NodeStore`], [`AckStore`], [`LeaseStore`], [`HealthStore`]), so each
+//! component of the CA is handed only the part it uses, and [`Store`], the umbrella that the composition root
 //! (`citadel serve`, the CLI) opens once and hands out as narrow seams (trait upcasting).
 
 #[cfg(doc)]
 use crate::agents::JoinTokenRefusal;
 use crate::agents::{BundleAck, JoinTokenRecord, PolicyAck};
+use crate::checkpoint::CheckpointStore;
 use crate::error::StoreError;
 use crate::lease::LeaseStore;
 use crate::model::{
@@ -164,6 +165,7 @@ pub trait Store:
     HealthStore
     + AuthorityStore
     + LedgerStore
+    + CheckpointStore
     + NodeStore
     + AckStore
     + LeaseStore
@@ -177,6 +179,7 @@ impl<T> Store for T where
     T: HealthStore
         + AuthorityStore
         + LedgerStore
+        + CheckpointStore
         + NodeStore
         + AckStore
         + LeaseStore

@@ -16,7 +16,7 @@ use citadel_store::{
     MAX_POLICY_VERSION_LEN, NewIssuance, NodeCertificateRole, NodeCertificateUse, NodeGrant,
     NodeIssuanceOutcome, NodeRecord, NodeRefusal, PolicyAck, Store, StoreError, connect, row_hash,
 };
-use citadel_store::{KeyBlobStore, MemoryKeyBlobs, connect_key_blobs};
+use citadel_store::{KeyBlobStore, LedgerCheckpoint, MemoryKeyBlobs, connect_key_blobs};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
@@ -271,6 +271,8 @@ conformance! {
         only_the_holder_renews_or_releases_a_lease,
         concurrent_takers_of_a_lapsed_lease_exactly_one_wins,
         sealed_key_blobs_round_trip_and_are_never_replaced,
+        checkpoints_keep_the_first_per_seq_and_the_latest_is_the_highest,
+        ledger_head_and_row_hashes_follow_appends,
     ],
     sql: [
         ledger_verify_detects_missing_head,
@@ -282,6 +284,7 @@ conformance! {
         upgrade_to_schema_6_adds_an_empty_lease_table,
         upgrade_from_schema_4_adds_an_empty_sealed_key_table,
         sealed_key_blobs_are_shared_by_every_connection,
+        upgrade_to_schema_7_adds_an_empty_checkpoint_table,
     ],
 }
 
@@ -1468,7 +1471,7 @@ async fn upgrade_from_schema_1_starts_the_bundle_sequence_at_the_authority_count
     b.raw_sql(
         "DROP TABLE join_tokens; DROP TABLE nodes; DROP TABLE bundle_state; \
          DROP TABLE bundle_acks; DROP TABLE policy_acks; DROP TABLE sealed_keys; DROP TABLE leases; \
-         DELETE FROM _sqlx_migrations WHERE version >= 2",
+         DROP TABLE ledger_checkpoints; DELETE FROM _sqlx_migrations WHERE version >= 2",
     )
     .await;
     let upgraded = connect(b.url()).await.unwrap();
@@ -1890,5 +1893,79 @@ async fn sealed_key_blobs_are_shared_by_every_connection(b: Backend) {
             "citadel-sealed-key:v1:x:RRRR".to_string(),
             1
         )]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies: ledger checkpoints
+// ---------------------------------------------------------------------------------------------
+
+fn checkpoint(seq: i64, hash: u8, signed_at: i64) -> LedgerCheckpoint {
+    LedgerCheckpoint {
+        seq,
+        head_hash: [hash; 32],
+        signed_at,
+        key_id: [0xab; 32],
+        signature: vec![0x30, 0x44, hash, 0x00, 0xff],
+    }
+}
+
+async fn checkpoints_keep_the_first_per_seq_and_the_latest_is_the_highest(b: Backend) {
+    assert_eq!(b.store.latest_checkpoint().await.unwrap(), None);
+    let first = checkpoint(5, 1, NOW);
+    assert!(b.store.insert_checkpoint(&first).await.unwrap());
+    assert_eq!(
+        b.store.latest_checkpoint().await.unwrap(),
+        Some(first.clone())
+    );
+    // A second replica checkpointing the same head: harmless, the first one stays.
+    assert!(
+        !b.store
+            .insert_checkpoint(&checkpoint(5, 2, NOW + 1))
+            .await
+            .unwrap()
+    );
+    assert_eq!(b.store.latest_checkpoint().await.unwrap(), Some(first));
+    let later = checkpoint(9, 3, NOW + 2);
+    assert!(b.store.insert_checkpoint(&later).await.unwrap());
+    // An older head signed afterwards (a slow replica) does not hide the newer one.
+    assert!(
+        b.store
+            .insert_checkpoint(&checkpoint(7, 4, NOW + 3))
+            .await
+            .unwrap()
+    );
+    assert_eq!(b.store.latest_checkpoint().await.unwrap(), Some(later));
+}
+
+async fn ledger_head_and_row_hashes_follow_appends(b: Backend) {
+    assert_eq!(b.store.ledger_head().await.unwrap(), (0, GENESIS_HASH));
+    assert_eq!(b.store.ledger_row_hash(1).await.unwrap(), None);
+    let rows = b.store.append_issuances(&issuances(1..=3)).await.unwrap();
+    assert_eq!(b.store.ledger_head().await.unwrap(), (3, rows[2].row_hash));
+    assert_eq!(
+        b.store.ledger_row_hash(2).await.unwrap(),
+        Some(rows[1].row_hash)
+    );
+    assert_eq!(b.store.ledger_row_hash(4).await.unwrap(), None);
+}
+
+async fn upgrade_to_schema_7_adds_an_empty_checkpoint_table(b: Backend) {
+    assert!(
+        b.store
+            .insert_checkpoint(&checkpoint(1, 1, NOW))
+            .await
+            .unwrap()
+    );
+    // Back to the schema before checkpoints, as a database written by the previous release.
+    b.raw_sql("DROP TABLE ledger_checkpoints; DELETE FROM _sqlx_migrations WHERE version = 7")
+        .await;
+    let upgraded = connect(b.url()).await.unwrap();
+    assert_eq!(upgraded.latest_checkpoint().await.unwrap(), None);
+    assert!(
+        upgraded
+            .insert_checkpoint(&checkpoint(1, 2, NOW))
+            .await
+            .unwrap()
     );
 }

@@ -9,6 +9,7 @@
 pub mod client;
 pub mod csr;
 pub mod fake_kube;
+pub mod faults;
 pub mod load;
 pub mod mesh;
 pub mod mtls;

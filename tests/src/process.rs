@@ -162,6 +162,14 @@ impl CaProcess {
     }
 }
 
+impl CaProcess {
+    /// SIGKILL, as a crash or an OOM kill: no shutdown path runs. Waits for the exit.
+    pub fn kill(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.child.kill().context("SIGKILL citadel serve")?;
+        Ok(self.child.wait()?)
+    }
+}
+
 impl Drop for CaProcess {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {

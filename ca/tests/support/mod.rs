@@ -96,6 +96,7 @@ impl Harness {
             root_renewal: None,
             kubernetes: None,
             limits: Default::default(),
+            ledger_checkpoint_interval: Duration::from_secs(60),
         };
         configure(&mut config);
         // `configure` may point several harnesses at one data directory (replicas).
@@ -338,6 +339,29 @@ impl citadel_store::AuthorityStore for FlakyStore {
     }
     async fn bundle_sequence(&self) -> Result<u64, StoreError> {
         self.inner.bundle_sequence().await
+    }
+}
+
+#[async_trait::async_trait]
+impl citadel_store::CheckpointStore for FlakyStore {
+    async fn insert_checkpoint(
+        &self,
+        checkpoint: &citadel_store::LedgerCheckpoint,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.insert_checkpoint(checkpoint).await
+    }
+    async fn latest_checkpoint(
+        &self,
+    ) -> Result<Option<citadel_store::LedgerCheckpoint>, StoreError> {
+        self.inner.latest_checkpoint().await
+    }
+    async fn ledger_head(&self) -> Result<(i64, [u8; 32]), StoreError> {
+        self.check()?;
+        self.inner.ledger_head().await
+    }
+    async fn ledger_row_hash(&self, seq: i64) -> Result<Option<[u8; 32]>, StoreError> {
+        self.inner.ledger_row_hash(seq).await
     }
 }
 
