@@ -501,6 +501,27 @@ impl citadel_store::AuthorityStore for CountingStore {
 }
 
 #[async_trait::async_trait]
+impl citadel_store::CheckpointStore for CountingStore {
+    async fn insert_checkpoint(
+        &self,
+        checkpoint: &citadel_store::LedgerCheckpoint,
+    ) -> Result<bool, StoreError> {
+        self.inner.insert_checkpoint(checkpoint).await
+    }
+    async fn latest_checkpoint(
+        &self,
+    ) -> Result<Option<citadel_store::LedgerCheckpoint>, StoreError> {
+        self.inner.latest_checkpoint().await
+    }
+    async fn ledger_head(&self) -> Result<(i64, [u8; 32]), StoreError> {
+        self.inner.ledger_head().await
+    }
+    async fn ledger_row_hash(&self, seq: i64) -> Result<Option<[u8; 32]>, StoreError> {
+        self.inner.ledger_row_hash(seq).await
+    }
+}
+
+#[async_trait::async_trait]
 impl citadel_store::LedgerStore for CountingStore {
     async fn append_issuances(
         &self,
