@@ -150,6 +150,7 @@ async fn connect_sqlite(path: &Path) -> Result<SqlStore, StoreError> {
     let pool = AnyPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_release(|conn, _meta| Box::pin(async move { Ok(outside_transaction(conn)) }))
         .after_connect(|conn, _meta| {
             Box::pin(async move {
                 conn.execute("PRAGMA synchronous = FULL").await?;
@@ -166,6 +167,17 @@ async fn connect_sqlite(path: &Path) -> Result<SqlStore, StoreError> {
         pool,
         dialect: Dialect::Sqlite,
     })
+}
+
+/// Whether a connection handed back to the pool is outside any transaction. A COMMIT or
+/// ROLLBACK that failed (SQLite's `SQLITE_FULL` on a full disk, a dropped PostgreSQL link) leaves
+/// the driver counting a transaction the database may already have ended, and every later
+/// `begin_with` on that connection fails; such a connection is closed instead of reused. A
+/// transaction dropped on an error path may still have its rollback queued: closing that
+/// connection too costs one reconnect, on error paths only.
+fn outside_transaction(conn: &sqlx::AnyConnection) -> bool {
+    use sqlx::TransactionManager as _;
+    sqlx::any::AnyTransactionManager::get_transaction_depth(conn) == 0
 }
 
 /// Switches the database file to WAL once, before the pool opens. The switch needs an
@@ -203,6 +215,7 @@ async fn connect_postgres(url: &str) -> Result<SqlStore, StoreError> {
     let pool = AnyPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_release(|conn, _meta| Box::pin(async move { Ok(outside_transaction(conn)) }))
         .connect_with(options)
         .await
         .map_err(from_sqlx)?;
@@ -382,5 +395,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(journal, "wal");
+    }
+
+    /// A failed COMMIT (SQLITE_FULL on a full disk) can leave a connection whose driver still
+    /// counts an open transaction that the database already ended; every later `begin_with` on
+    /// it fails. Such a connection must leave the pool instead of going back into it.
+    #[tokio::test]
+    async fn a_connection_left_inside_a_transaction_is_not_reused() {
+        use sqlx::Executor as _;
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let store = connect_sqlite(&dir.path().join("citadel.db"))
+            .await
+            .unwrap();
+        {
+            // End the transaction behind the driver's back, as a failed commit does: the
+            // driver's depth stays 1 and the rollback on drop then fails.
+            let mut tx = store
+                .pool
+                .begin_with(store.dialect.begin_write())
+                .await
+                .unwrap();
+            tx.execute("COMMIT").await.unwrap();
+        }
+        for round in 0..8 {
+            let tx = store
+                .pool
+                .begin_with(store.dialect.begin_write())
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            tx.commit().await.unwrap();
+        }
     }
 }
