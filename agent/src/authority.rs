@@ -32,6 +32,9 @@ pub const MAX_HEADER_BLOCK_BYTES: usize = 64 * 1024;
 pub const MAX_HEADER_LIST_BYTES: usize = 64 * 1024;
 
 const PREFACE_LEN: usize = 24;
+/// Capacity of the rewritten-bytes buffer kept between reads; a larger one is released
+/// once drained.
+const KEEP_READY_CAPACITY: usize = 512;
 const FRAME_HEADER_LEN: usize = 9;
 /// The frame size every HTTP/2 server accepts (SETTINGS_MAX_FRAME_SIZE
 /// default); re-encoded blocks are split into frames of at most this.
@@ -407,7 +410,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for IgnoreAuthority<S> {
                 buf.put_slice(&pending[..n]);
                 this.ready_from += n;
                 if this.ready_from == this.ready.len() {
-                    this.ready.clear();
+                    // An idle connection (an open SDS stream) keeps nothing: the buffer of
+                    // its last read would otherwise stay allocated for the stream's life.
+                    if this.ready.capacity() > KEEP_READY_CAPACITY {
+                        this.ready = Vec::new();
+                    } else {
+                        this.ready.clear();
+                    }
                     this.ready_from = 0;
                 }
                 return Poll::Ready(Ok(()));

@@ -5,6 +5,8 @@
 //! which proto3 parsers tolerate.
 #![forbid(unsafe_code)]
 
+pub mod codec;
+
 /// Istio's API namespace.
 pub mod istio {
     /// `istio.v1`.

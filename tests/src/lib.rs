@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod cfssl_bench;
 pub mod client;
 pub mod csr;
 pub mod fake_kube;

@@ -27,6 +27,7 @@ use citadel_identity::{SpiffeId, TrustDomain};
 use citadel_jwt::{Alg, Jwks, Jwt, JwtError, Validation};
 use serde::Deserialize;
 
+use super::jwt_cache::{self, VerifiedTokens};
 use super::{AuthError, AuthMethod, Authenticator, Caller, Credentials, Rejection};
 
 /// Clock skew tolerated on `exp` and `nbf`, seconds.
@@ -93,6 +94,8 @@ pub struct JwtAuthenticator {
     keys: RwLock<Arc<Jwks>>,
     last_refresh: tokio::sync::Mutex<Instant>,
     http: crate::policy_jwks::Fetcher,
+    /// Tokens already accepted with the current keys (see [`super::jwt_cache`]).
+    verified: VerifiedTokens,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,10 +138,11 @@ impl JwtAuthenticator {
                     reason: format!("{e:#}"),
                 }
             })?;
-        let keys = fetch(&config.jwks, &http).await?;
+        let keys = Arc::new(fetch(&config.jwks, &http).await?);
         Ok(Self {
             config,
-            keys: RwLock::new(Arc::new(keys)),
+            verified: VerifiedTokens::new(keys.clone(), jwt_cache::CAPACITY),
+            keys: RwLock::new(keys),
             last_refresh: tokio::sync::Mutex::new(Instant::now()),
             http,
         })
@@ -292,14 +296,29 @@ impl Authenticator for JwtAuthenticator {
         let Some(token) = creds.bearer_token else {
             return Ok(None);
         };
-        match self.verify(token, &self.current(), creds.now) {
-            Ok(caller) => Ok(Some(caller)),
+        // Answers of the keys in force now; a refresh below starts a new cache.
+        let cache = self.verified.for_keys(&self.current());
+        cache
+            .get_or_review(token, creds.now, || {
+                self.verify_and_refresh(token, creds.now)
+            })
+            .await
+            .map(Some)
+    }
+}
+
+impl JwtAuthenticator {
+    /// Verifies `token` with the current keys; a token naming a key we do not have
+    /// refreshes the JWKS (rate-limited) and is checked once more.
+    async fn verify_and_refresh(&self, token: &str, now: i64) -> Result<Caller, AuthError> {
+        match self.verify(token, &self.current(), now) {
+            Ok(caller) => Ok(caller),
             Err(KeyLookup::Rejected(r)) => Err(r.into()),
             Err(KeyLookup::UnknownKid(_)) => {
                 // The issuer may have rotated its keys: look again, once.
                 self.refresh().await;
-                match self.verify(token, &self.current(), creds.now) {
-                    Ok(caller) => Ok(Some(caller)),
+                match self.verify(token, &self.current(), now) {
+                    Ok(caller) => Ok(caller),
                     Err(KeyLookup::Rejected(r)) => Err(r.into()),
                     Err(KeyLookup::UnknownKid(kid)) => {
                         Err(reject(format!("unknown signing key id (kid) {kid:?}")).into())
@@ -352,4 +371,76 @@ async fn fetch(source: &JwksSource, http: &crate::policy_jwks::Fetcher) -> Resul
         source_name: name,
         reason: format!("not a JWKS document: {e}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use citadel_e2e::tokens::{TEST_ISSUER, TokenIssuer};
+
+    const NOW: i64 = 1_800_000_000;
+
+    async fn authenticator(tokens: &TokenIssuer, dir: &std::path::Path) -> JwtAuthenticator {
+        let path = dir.join("jwks.json");
+        std::fs::write(&path, tokens.jwks()).unwrap();
+        JwtAuthenticator::new(JwtConfig {
+            issuer: TEST_ISSUER.into(),
+            audiences: vec!["istio-ca".into()],
+            jwks: JwksSource::File(path),
+            trust_domain: TrustDomain::new("cluster.local").unwrap(),
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn check(auth: &JwtAuthenticator, token: &str, now: i64) -> Result<Caller, AuthError> {
+        let creds = Credentials {
+            bearer_token: Some(token),
+            peer_chain: None,
+            now,
+        };
+        auth.authenticate(&creds).await.map(|c| c.unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_accepted_token_is_remembered_for_the_keys_that_accepted_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tokens = TokenIssuer::new(TEST_ISSUER).unwrap();
+        let auth = authenticator(&tokens, tmp.path()).await;
+        let token = tokens.sign_es256(&tokens.claims("a", "b", "istio-ca", NOW, 600));
+        let caller = check(&auth, &token, NOW).await.unwrap();
+        assert_eq!(caller.identity.as_str(), "spiffe://cluster.local/ns/a/sa/b");
+        let cache = auth.verified.for_keys(&auth.current());
+        assert_eq!(cache.len(), 1);
+        assert_eq!(check(&auth, &token, NOW + 1).await.unwrap(), caller);
+        assert_eq!(cache.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn rejects_a_remembered_token_once_its_key_is_withdrawn() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tokens = TokenIssuer::new(TEST_ISSUER).unwrap();
+        let auth = authenticator(&tokens, tmp.path()).await;
+        let token = tokens.sign_es256(&tokens.claims("a", "b", "istio-ca", NOW, 600));
+        check(&auth, &token, NOW).await.unwrap();
+        // A refresh brings a JWKS without the token's key (another issuer's keys).
+        let other = TokenIssuer::new(TEST_ISSUER).unwrap();
+        let keys = Jwks::parse(&other.jwks()).unwrap();
+        *auth.keys.write().unwrap() = Arc::new(keys);
+        let err = check(&auth, &token, NOW + 1).await.unwrap_err();
+        assert!(err.to_string().contains("kid"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn rejects_a_remembered_token_after_it_expires() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tokens = TokenIssuer::new(TEST_ISSUER).unwrap();
+        let auth = authenticator(&tokens, tmp.path()).await;
+        let token = tokens.sign_es256(&tokens.claims("a", "b", "istio-ca", NOW, 60));
+        check(&auth, &token, NOW).await.unwrap();
+        let err = check(&auth, &token, NOW + 60 + LEEWAY_SECS + 1)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+    }
 }

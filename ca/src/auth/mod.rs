@@ -8,6 +8,7 @@
 pub mod client_cert;
 pub mod join_token;
 pub mod jwt;
+pub mod jwt_cache;
 pub mod review_cache;
 pub mod token_review;
 

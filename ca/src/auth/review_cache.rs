@@ -6,6 +6,9 @@
 //! *without* trusting it: it can only shorten the stay) and at most
 //! [`ReviewCache::max_ttl_secs`]; refused tokens stay [`NEGATIVE_TTL_SECS`]; an
 //! API server that could not be asked is never cached.
+//!
+//! The local JWT authenticator keeps its verified tokens in one too (see
+//! [`super::jwt_cache`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;

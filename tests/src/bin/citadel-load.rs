@@ -6,7 +6,9 @@
 //! JWTs over TLS, and prints certificates per second and latency
 //! percentiles. Beside that it measures, in this process on one core, the
 //! crypto ceiling of an issuance (verify one CSR signature, sign one leaf),
-//! and prints the ratio of the two.
+//! and then `cfssl serve` driven by `wrk` at the same concurrency (see
+//! [`citadel_e2e::cfssl_bench`]; skipped with a message when either is not
+//! installed), and prints both ratios.
 //!
 //! ```text
 //! cargo build --release -p citadel-ca -p citadel-e2e
@@ -16,6 +18,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use citadel_e2e::cfssl_bench::{self, missing_tool};
 use citadel_e2e::client::{connect, create, request};
 use citadel_e2e::csr::p256_csr;
 use citadel_e2e::process::CaProcess;
@@ -45,6 +48,12 @@ struct Args {
     /// Store of the CA under test (default: SQLite in a temporary data directory).
     #[arg(long)]
     database_url: Option<String>,
+    /// Seconds `wrk` drives `cfssl serve` for the comparison.
+    #[arg(long, default_value_t = 5)]
+    cfssl_seconds: u64,
+    /// Skip the comparison with `cfssl serve`.
+    #[arg(long)]
+    no_cfssl: bool,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -206,12 +215,42 @@ async fn main() -> anyhow::Result<()> {
         percentile(&latencies, 0.99).as_secs_f64() * 1e3,
         latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3
     );
-    println!(
-        "ratio: {:.2} of the one-core crypto ceiling (client and CA share this machine's {} cores)",
-        rate / ceiling,
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     drop(ca);
+    // cfssl runs after the CA has stopped: each server has the machine to itself.
+    let cfssl = if args.no_cfssl {
+        println!("cfssl serve: skipped (--no-cfssl)");
+        None
+    } else if let Some(tool) = missing_tool(&["cfssl", "wrk"]) {
+        println!(
+            "cfssl serve: skipped ({tool} not found on PATH; install the Debian packages golang-cfssl and wrk)"
+        );
+        None
+    } else {
+        let run = cfssl_bench::measure(&csrs[0], args.concurrency, args.cfssl_seconds).await?;
+        let ms = |v: Option<f64>| v.map_or_else(|| "?".to_owned(), |v| format!("{v:.1}"));
+        println!(
+            "cfssl serve: {:.0} certs/s ({} errors; wrk, {} connections, {} s; plain HTTP, no auth, no ledger); p50 {} ms, p99 {} ms",
+            run.certs_per_sec,
+            run.errors,
+            args.concurrency,
+            args.cfssl_seconds,
+            ms(run.p50_ms),
+            ms(run.p99_ms)
+        );
+        Some(run)
+    };
+    println!(
+        "ratio citadel / one-core crypto ceiling: {:.2} (client and CA share this machine's {cores} cores)",
+        rate / ceiling
+    );
+    match cfssl {
+        Some(run) => println!(
+            "ratio citadel / cfssl serve:             {:.2}",
+            rate / run.certs_per_sec
+        ),
+        None => println!("ratio citadel / cfssl serve:             (not measured)"),
+    }
     anyhow::ensure!(errors == 0, "{errors} requests failed");
     Ok(())
 }
