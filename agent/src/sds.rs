@@ -173,7 +173,8 @@ fn inline(bytes: Vec<u8>) -> DataSource {
     }
 }
 
-fn check_type_url(type_url: &str) -> Result<(), Status> {
+/// Refuses a request for another resource type than secrets.
+pub fn check_type_url(type_url: &str) -> Result<(), Status> {
     if type_url.is_empty() || type_url == SECRET_TYPE_URL {
         Ok(())
     } else {
