@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use citadel_identity::SpiffeId;
+use citadel_identity::{Escaped, SpiffeId};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -435,7 +435,7 @@ async fn join_when_ca_answers(
             {
                 failures = failures.saturating_add(1);
                 let delay = backoff.delay(failures, random_unit());
-                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "CA unreachable; will retry joining");
+                tracing::warn!(error = %Escaped(format!("{e:#}")), retry_in_ms = delay.as_millis() as u64, "CA unreachable; will retry joining");
                 tokio::time::sleep(delay).await;
             }
             Err(e) => return Err(e),

@@ -19,6 +19,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use citadel_identity::Escaped;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The authority every request is given.
@@ -435,7 +436,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for IgnoreAuthority<S> {
                         return Poll::Ready(Ok(()));
                     }
                     if let Err(e) = this.rewriter.feed(read, &mut this.ready) {
-                        tracing::warn!(error = %e, "closing a connection whose HTTP/2 headers cannot be read");
+                        tracing::warn!(error = %Escaped(&e), "closing a connection whose HTTP/2 headers cannot be read");
                         this.failed = true;
                         return Poll::Ready(Err(e.into()));
                     }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use citadel_identity::{Backoff, TrustBundle, TrustDomain};
+use citadel_identity::{Backoff, Escaped, TrustBundle, TrustDomain};
 use citadel_proto::citadel::v1::trust_bundle_service_client::TrustBundleServiceClient;
 use citadel_proto::citadel::v1::{TrustBundleAck, TrustBundleUpdate};
 use futures::StreamExt;
@@ -175,7 +175,7 @@ pub async fn follow_ca_bundle(
             Ok(()) => tracing::info!("trust bundle stream ended; reconnecting"),
             Err(status) => {
                 metrics.ca_error(&format!("{:?}", status.code()));
-                tracing::warn!(code = ?status.code(), message = status.message(), "trust bundle stream failed");
+                tracing::warn!(code = ?status.code(), message = %Escaped(status.message()), "trust bundle stream failed");
             }
         }
         failures = failures.saturating_add(1);
@@ -253,7 +253,7 @@ impl Follower<'_> {
                 tracing::info!(
                     sequence = state.sequence,
                     roots = state.bundle.roots().len(),
-                    active_authority = %state.active_authority,
+                    active_authority = %Escaped(&state.active_authority),
                     "applied trust bundle"
                 );
                 if let Err(e) = self.ca.set_roots(state.pem().to_owned()) {
@@ -266,7 +266,7 @@ impl Follower<'_> {
                 self.tx.send_replace(Some(Arc::new(state)));
             }
             Err(e) => {
-                tracing::error!(error = %e, "refusing trust bundle update");
+                tracing::error!(error = %Escaped(&e), "refusing trust bundle update");
             }
         }
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use citadel_identity::{Backoff, SpiffeId, until_renewal, verify_chain};
+use citadel_identity::{Backoff, Escaped, SpiffeId, until_renewal, verify_chain};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -251,7 +251,7 @@ async fn run_slot(inner: Arc<Inner>, id: SpiffeId, slot: Arc<Slot>) {
                             inner.metrics.ca_error(&ca.code_label());
                         }
                         let delay = inner.config.backoff.delay(failures, random_unit());
-                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "certificate issuance failed");
+                        tracing::warn!(error = %Escaped(&e), retry_in_ms = delay.as_millis() as u64, "certificate issuance failed");
                         delay
                     }
                 };

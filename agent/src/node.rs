@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use citadel_identity::{Backoff, SpiffeId, TrustBundle, check_x509_svid, until_renewal};
+use citadel_identity::{Backoff, Escaped, SpiffeId, TrustBundle, check_x509_svid, until_renewal};
 
 use crate::bundle::BundleWatch;
 use crate::ca_client::{CaError, CertificateAuthority, GrpcCa, NodeCredential, SignRequest};
@@ -367,9 +367,9 @@ pub async fn keep_renewed(
                     .downcast_ref::<CaError>()
                     .is_some_and(|c| c.code == tonic::Code::PermissionDenied);
                 if refused {
-                    tracing::error!(error = %format!("{e:#}"), "the CA refuses this node's certificate (evicted, or superseded by a copy of it); re-join with a new token from `citadel token create`");
+                    tracing::error!(error = %Escaped(format!("{e:#}")), "the CA refuses this node's certificate (evicted, or superseded by a copy of it); re-join with a new token from `citadel token create`");
                 } else {
-                    tracing::warn!(error = %format!("{e:#}"), "node certificate renewal failed");
+                    tracing::warn!(error = %Escaped(format!("{e:#}")), "node certificate renewal failed");
                 }
             }
         }

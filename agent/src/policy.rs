@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use citadel_identity::Backoff;
+use citadel_identity::{Backoff, Escaped};
 use citadel_policy::{Loader, MeshConfig, Workload, applies_to, namespace_of_spiffe_id};
 use citadel_proto::citadel::v1::policy_service_client::PolicyServiceClient;
 use citadel_proto::citadel::v1::{PolicyAck, PolicyObject, PolicySet, WorkloadPolicies};
@@ -152,7 +152,7 @@ pub async fn follow_ca_policies(
             Ok(()) => tracing::info!("policy stream ended; reconnecting"),
             Err(status) => {
                 metrics.ca_error(&format!("{:?}", status.code()));
-                tracing::warn!(code = ?status.code(), message = status.message(), "policy stream failed");
+                tracing::warn!(code = ?status.code(), message = %Escaped(status.message()), "policy stream failed");
             }
         }
         failures = failures.saturating_add(1);

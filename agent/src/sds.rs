@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use citadel_identity::SpiffeId;
+use citadel_identity::{Escaped, SpiffeId};
 use citadel_proto::SECRET_TYPE_URL;
 use citadel_proto::envoy::config::core::v3::{DataSource, data_source};
 use citadel_proto::envoy::extensions::transport_sockets::tls::v3::{
@@ -173,7 +173,8 @@ fn inline(bytes: Vec<u8>) -> DataSource {
     }
 }
 
-fn check_type_url(type_url: &str) -> Result<(), Status> {
+/// Refuses a request for another resource type than secrets.
+pub fn check_type_url(type_url: &str) -> Result<(), Status> {
     if type_url.is_empty() || type_url == SECRET_TYPE_URL {
         Ok(())
     } else {
@@ -335,14 +336,14 @@ async fn serve_stream(
                         continue;
                     }
                     Some(Err(status)) => {
-                        tracing::debug!(%status, spiffe_id = %own_id, "SDS stream closed by the client");
+                        tracing::debug!(status = %Escaped(&status), spiffe_id = %own_id, "SDS stream closed by the client");
                         return Ok(());
                     }
                     Some(Ok(req)) => req,
                 };
                 check_type_url(&req.type_url)?;
                 if let Some(err) = &req.error_detail {
-                    tracing::warn!(spiffe_id = %own_id, nonce = %req.response_nonce, message = %err.message, "Envoy rejected a secret (NACK)");
+                    tracing::warn!(spiffe_id = %own_id, nonce = %Escaped(&req.response_nonce), message = %Escaped(&err.message), "Envoy rejected a secret (NACK)");
                 } else if let (Some(sequence), Some(consumer)) = (
                     sent.as_ref().and_then(|s| s.acked_bundle(&req)),
                     bundle_consumer.as_ref(),

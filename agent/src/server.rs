@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use citadel_identity::Escaped;
 use citadel_proto::citadel::v1::workload_policy_service_server::WorkloadPolicyServiceServer;
 use citadel_proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use citadel_proto::spiffe_workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
@@ -78,7 +79,7 @@ impl AgentState {
                 Ok(w)
             }
             Err(e) => {
-                tracing::warn!(pid = ?peer.pid, uid = peer.uid, gid = peer.gid, error = %e, "caller refused");
+                tracing::warn!(pid = ?peer.pid, uid = peer.uid, gid = peer.gid, error = %Escaped(&e), "caller refused");
                 Err(Status::permission_denied(e.to_string()))
             }
         }

@@ -10,6 +10,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use citadel_identity::Escaped;
 use citadel_proto::citadel::v1::trust_bundle_service_server::TrustBundleService;
 use citadel_proto::citadel::v1::{TrustBundleAck, TrustBundleUpdate};
 use citadel_store::AckStore;
@@ -155,7 +156,7 @@ async fn record_acks(
             Ok(Some(ack)) => ack.applied_sequence,
             Ok(None) => return,
             Err(status) => {
-                tracing::debug!(%agent, %status, "trust-bundle stream closed by the agent");
+                tracing::debug!(%agent, status = %Escaped(&status), "trust-bundle stream closed by the agent");
                 return;
             }
         };
@@ -216,7 +217,7 @@ pub async fn authenticate_node_agent<T>(
         .await
         .map_err(|e| {
             let e = IssueError::from(e);
-            tracing::warn!(error = %e, "{what} refused");
+            tracing::warn!(error = %Escaped(&e), "{what} refused");
             status_of(&e)
         })?;
     if caller.method == AuthMethod::ClientCertificate

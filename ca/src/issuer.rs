@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use citadel_identity::lifetime::{LifetimeError, LifetimePolicy, leaf_validity};
-use citadel_identity::{SpiffeId, TrustDomain};
+use citadel_identity::{Escaped, SpiffeId, TrustDomain};
 use citadel_store::{
     GroupCommitLedger, LedgerEntry, NewIssuance, NodeGrant, NodeIssuanceOutcome, NodeStore,
     StoreError,
@@ -280,7 +280,7 @@ impl CertificateIssuer {
             }
             Err(e) => {
                 self.metrics.fail(e.reason());
-                tracing::warn!(reason = e.reason(), error = %e, "certificate request refused");
+                tracing::warn!(reason = e.reason(), error = %Escaped(e), "certificate request refused");
             }
         }
         result
@@ -370,8 +370,8 @@ impl CertificateIssuer {
         let refused = |e: IssueError| {
             tracing::warn!(
                 caller = %caller.identity,
-                requested = impersonated.unwrap_or_default(),
-                error = %e,
+                requested = %Escaped(impersonated.unwrap_or_default()),
+                error = %Escaped(&e),
                 "impersonation refused"
             );
             e

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use citadel_identity::Escaped;
 use citadel_proto::citadel::v1::policy_service_server::PolicyService;
 use citadel_proto::citadel::v1::{PolicyAck, PolicySet};
 use citadel_store::AckStore;
@@ -132,7 +133,7 @@ async fn record_acks(
             Ok(Some(ack)) => ack.applied_version,
             Ok(None) => return,
             Err(status) => {
-                tracing::debug!(%agent, %status, "policy stream closed by the agent");
+                tracing::debug!(%agent, status = %Escaped(&status), "policy stream closed by the agent");
                 return;
             }
         };
@@ -145,12 +146,12 @@ async fn record_acks(
             AckDecision::Record => {
                 match store.record_policy_ack(&agent, &applied, unix_now()).await {
                     Ok(()) => {
-                        tracing::debug!(%agent, version = %applied, "policy set acknowledged");
+                        tracing::debug!(%agent, version = %Escaped(&applied), "policy set acknowledged");
                         last_recorded = Some(applied);
                     }
                     Err(e) => tracing::warn!(
                         %agent,
-                        version = %applied,
+                        version = %Escaped(&applied),
                         error = %e,
                         "cannot record a policy acknowledgement"
                     ),

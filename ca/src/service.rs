@@ -4,6 +4,7 @@ use crate::clock::unix_now;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use citadel_identity::Escaped;
 use citadel_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateService;
 use citadel_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
 use tonic::{Request, Response, Status};
@@ -98,7 +99,7 @@ impl IstioCertificateService for IstioCaService {
         let span = tracing::info_span!(
             "create_certificate",
             request_id,
-            cluster = %cluster,
+            cluster = %Escaped(&cluster),
             caller = tracing::field::Empty,
         );
         async move {

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use citadel_identity::Escaped;
 use citadel_tls::PossessionOnlyClientVerifier;
 pub use citadel_tls::{CertResolver, provider};
 use rustls::ServerConfig;
@@ -61,7 +62,9 @@ pub fn tls_incoming(
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %Escaped(&e), "TLS handshake failed")
+                    }
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
             });

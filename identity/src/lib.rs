@@ -10,6 +10,7 @@
 
 pub mod bundle;
 pub mod lifetime;
+pub mod log;
 pub mod rotation;
 pub mod spiffe_id;
 pub mod svid;
@@ -19,6 +20,7 @@ pub use bundle::{BundleError, TrustBundle};
 pub use lifetime::{
     LifetimeError, LifetimePolicy, SignerWindow, Validity, leaf_validity, validate_policy,
 };
+pub use log::Escaped;
 pub use rotation::{Backoff, renew_at, until_renewal};
 pub use spiffe_id::{ServiceAccountRef, SpiffeId, SpiffeIdError, TrustDomain};
 pub use svid::{

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use citadel_identity::Escaped;
 use citadel_policy::{Mode, principal_from_spiffe_id};
 use citadel_tls::{alpn, peer_spiffe_id};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -379,7 +380,7 @@ impl Inbound {
                     }
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(%peer, port = app_port, error = %e, "TLS handshake refused");
+                    tracing::warn!(%peer, port = app_port, error = %Escaped(&e), "TLS handshake refused");
                     self.metrics.connection(Some("unknown"), app_port, "deny");
                 }
                 Err(_) => {

@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use citadel_identity::Escaped;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
@@ -239,7 +240,7 @@ pub async fn serve_connection<S>(
         inbound.http.h1.serve_connection(io, service).await
     };
     if let Err(e) = served {
-        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+        tracing::debug!(%peer, error = %Escaped(&e), "HTTP connection ended with an error");
     }
 }
 
@@ -259,8 +260,8 @@ async fn handle(
                 tracing::warn!(
                     source = facts.peer_id.as_deref().unwrap_or("plaintext"),
                     port = facts.app_port,
-                    method = %req.method(),
-                    path = %req.uri().path(),
+                    method = %Escaped(req.method()),
+                    path = %Escaped(req.uri().path()),
                     "request refused (400): {why}"
                 );
                 inbound
@@ -280,8 +281,8 @@ async fn handle(
         Ok(passed) => passed,
         Err(refused) => {
             tracing::warn!(source = facts.peer_id.as_deref().unwrap_or("plaintext"),
-                destination = %state.spiffe_id, port = facts.app_port, method = %parts.method,
-                path = %parts.uri.path(), status = refused.status.as_u16(), reason = %refused.body,
+                destination = %state.spiffe_id, port = facts.app_port, method = %Escaped(&parts.method),
+                path = %Escaped(parts.uri.path()), status = refused.status.as_u16(), reason = %Escaped(&refused.body),
                 "request refused by request authentication");
             inbound.metrics.request(
                 facts.principal.as_deref(),
@@ -298,7 +299,7 @@ async fn handle(
     let source = facts.peer_id.as_deref().unwrap_or("plaintext");
     if let Some(dry_run) = &admission.dry_run {
         tracing::info!(source, destination = %state.spiffe_id, port = facts.app_port,
-            method = %attrs.method, path = %attrs.path, dry_run = %dry_run, "dry-run policies would decide");
+            method = %Escaped(&attrs.method), path = %Escaped(&attrs.path), dry_run = %dry_run, "dry-run policies would decide");
     }
     if !admission.allowed() {
         tracing::warn!(
@@ -306,8 +307,8 @@ async fn handle(
             source_ip = ?facts.source_ip,
             destination = %state.spiffe_id,
             port = facts.app_port,
-            method = %attrs.method,
-            path = %attrs.path,
+            method = %Escaped(&attrs.method),
+            path = %Escaped(&attrs.path),
             policy_version = %state.version,
             reason = %admission.reason,
             "request denied"

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use citadel_identity::Escaped;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
@@ -105,7 +106,7 @@ impl Mtls<'_> {
                     %peer,
                     upstream = %target,
                     expected = %self.expected,
-                    error = %e,
+                    error = %Escaped(&e),
                     "upstream refused: TLS handshake failed (secure naming or trust)"
                 );
                 return;

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use citadel_identity::{SpiffeId, TrustDomain};
+use citadel_identity::{Escaped, SpiffeId, TrustDomain};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::{Api, PostParams};
 
@@ -186,7 +186,7 @@ impl Authenticator for TokenReviewAuthenticator {
             .get_or_review(token, creds.now, || self.review(token))
             .await;
         if let Err(e) = &outcome {
-            tracing::debug!(error = %e, "TokenReview refused");
+            tracing::debug!(error = %Escaped(e), "TokenReview refused");
         }
         outcome.map(Some)
     }
