@@ -388,6 +388,8 @@ mod tests {
             audiences: vec!["istio-ca".into()],
             jwks: JwksSource::File(path),
             trust_domain: TrustDomain::new("cluster.local").unwrap(),
+            refresh_interval: Duration::from_secs(300),
+            extra_roots: None,
         })
         .await
         .unwrap()
