@@ -260,19 +260,20 @@ pub fn limited_incoming(
             let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
             let tracker = tracker.clone();
             tokio::spawn(async move {
-                let stream =
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            metrics.limited("handshake_timeout");
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
+                let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %citadel_identity::Escaped(&e), "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics.limited("handshake_timeout");
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
                 let activity = tracker.register(peer);
                 let idle = idle_timeout.map(|timeout| IdleWatch {
                     timeout,
