@@ -3,7 +3,8 @@
 //!
 //! A connection takes a slot when it is accepted (before its handshake, so slow
 //! handshakes count) and gives it back when it closes; without a free slot the socket is
-//! closed at once. Idleness is "no request in flight": a tower layer counts the requests
+//! closed at once. The same holds per client IP address, with a smaller cap, so that one
+//! address holding silent sockets cannot lock every other client out. Idleness is "no request in flight": a tower layer counts the requests
 //! of each connection (found by its peer address, which tonic puts in every request) until
 //! their response bodies end, so an open trust-bundle stream keeps its connection, and the
 //! connection's reader ends it once [`idle_deadline`] has passed.
@@ -11,7 +12,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -112,9 +113,46 @@ impl ConnTracker {
     }
 }
 
-/// What a connection holds until it closes: its slot under the cap and its tracker entry.
+/// Whether one more connection from an address that has `open` fits under `max` (pure).
+pub fn admits_another(open: usize, max: usize) -> bool {
+    open < max
+}
+
+/// Open connections per client IP address.
+#[derive(Debug, Default)]
+pub struct PerAddress {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerAddress {
+    /// Counts a connection from `ip` if it fits under `max`.
+    fn try_take(&self, ip: IpAddr, max: usize) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if !admits_another(*count, max) {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn give_back(&self, ip: IpAddr) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                // Addresses that left take no memory.
+                open.remove(&ip);
+            }
+        }
+    }
+}
+
+/// What a connection holds until it closes: its slot under the cap, its count under the
+/// per-address cap and its tracker entry.
 struct Slot {
     _permit: OwnedSemaphorePermit,
+    per_address: Arc<PerAddress>,
     tracker: Arc<ConnTracker>,
     peer: SocketAddr,
     metrics: Arc<CaMetrics>,
@@ -122,6 +160,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.per_address.give_back(self.peer.ip());
         self.tracker.remove(self.peer);
         self.metrics.open_connections.dec();
     }
@@ -226,6 +265,8 @@ pub fn limited_incoming(
 ) -> ReceiverStream<Result<LimitedIo, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_address = Arc::new(PerAddress::default());
+    let max_per_address = limits.max_connections_per_address;
     let handshake_timeout = limits.handshake_timeout;
     let idle_timeout = limits.idle_timeout;
     tokio::spawn(async move {
@@ -249,10 +290,17 @@ pub fn limited_incoming(
                 drop(tcp);
                 continue;
             };
+            if !per_address.try_take(peer.ip(), max_per_address) {
+                metrics.limited("connections_per_address");
+                tracing::debug!(%peer, "connection refused: --max-connections-per-address reached");
+                drop(tcp);
+                continue;
+            }
             let _ = tcp.set_nodelay(true);
             metrics.open_connections.inc();
             let slot = Slot {
                 _permit: permit,
+                per_address: per_address.clone(),
                 tracker: tracker.clone(),
                 peer,
                 metrics: metrics.clone(),
@@ -373,6 +421,29 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_address_gets_at_most_its_share_and_others_are_counted_apart() {
+        let per = PerAddress::default();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        assert!(per.try_take(a, 2));
+        assert!(per.try_take(a, 2));
+        assert!(!per.try_take(a, 2), "a third connection from one address");
+        assert!(per.try_take(b, 2), "another address is not held back");
+        per.give_back(a);
+        assert!(
+            per.try_take(a, 2),
+            "a closed connection gives its place back"
+        );
+        per.give_back(a);
+        per.give_back(a);
+        per.give_back(b);
+        assert!(
+            per.open.lock().unwrap().is_empty(),
+            "addresses that left are forgotten"
+        );
+    }
 
     #[test]
     fn a_connection_is_idle_only_without_requests_in_flight() {

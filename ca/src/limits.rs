@@ -33,6 +33,9 @@ use crate::metrics::CaMetrics;
 pub struct Limits {
     /// Connections open at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
+    /// Connections one client IP address keeps open at once, so that one address cannot
+    /// take every slot of `max_connections`.
+    pub max_connections_per_address: usize,
     /// Time a client has to complete the TLS handshake.
     pub handshake_timeout: Duration,
     /// A connection with no request in flight for this long is closed; `None` = never.
@@ -57,6 +60,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 4096,
+            max_connections_per_address: 256,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Some(Duration::from_secs(300)),
             max_concurrent_streams: 128,
@@ -88,6 +92,16 @@ pub struct LimitsArgs {
     /// as they are accepted (counted in citadel_ca_limit_rejections_total{limit="connections"}).
     #[arg(long, env = "CITADEL_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+    /// Connections one client IP address keeps open at once; its further connections are
+    /// closed as soon as they are accepted
+    /// (citadel_ca_limit_rejections_total{limit="connections_per_address"}). A node agent
+    /// needs a handful; many pods behind one NAT address need more.
+    #[arg(
+        long,
+        env = "CITADEL_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 256
+    )]
+    pub max_connections_per_address: usize,
     /// Time a client has to complete the TLS handshake before its connection is closed.
     #[arg(long, env = "CITADEL_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration_secs)]
     pub tls_handshake_timeout: i64,
@@ -141,8 +155,13 @@ fn secs(v: i64) -> Duration {
 impl LimitsArgs {
     /// The validated limits.
     pub fn into_limits(self) -> Result<Limits, String> {
-        if self.max_connections == 0 || self.max_concurrent_streams == 0 {
-            return Err("--max-connections and --max-concurrent-streams must be at least 1".into());
+        if self.max_connections == 0
+            || self.max_connections_per_address == 0
+            || self.max_concurrent_streams == 0
+        {
+            return Err("--max-connections, --max-connections-per-address and \
+                 --max-concurrent-streams must be at least 1"
+                .into());
         }
         if self.max_issuances_in_flight == 0 {
             return Err("--max-issuances-in-flight must be at least 1".into());
@@ -170,6 +189,7 @@ impl LimitsArgs {
         let renewals = (self.max_issuances_in_flight as f64 * self.renewal_share).floor() as usize;
         Ok(Limits {
             max_connections: self.max_connections,
+            max_connections_per_address: self.max_connections_per_address,
             handshake_timeout: secs(self.tls_handshake_timeout),
             idle_timeout: (self.idle_timeout > 0).then(|| secs(self.idle_timeout)),
             max_concurrent_streams: self.max_concurrent_streams,
@@ -297,6 +317,7 @@ mod tests {
         for bad in [
             vec!["x", "--renewal-share", "0"],
             vec!["x", "--max-connections", "0"],
+            vec!["x", "--max-connections-per-address", "0"],
             vec!["x", "--caller-rate", "5", "--caller-burst", "0"],
             vec!["x", "--join-token-rate=-1"],
         ] {

@@ -125,6 +125,48 @@ async fn excess_connections_are_refused() {
     h.stop().await;
 }
 
+#[tokio::test]
+async fn excess_connections_from_one_address_are_refused_while_others_are_served() {
+    let h = start(Limits {
+        max_connections_per_address: 2,
+        handshake_timeout: Duration::from_secs(120),
+        ..Limits::default()
+    })
+    .await;
+    // Two silent connections from 127.0.0.1 hold that address's share.
+    let held = [
+        TcpStream::connect(h.addr()).await.unwrap(),
+        TcpStream::connect(h.addr()).await.unwrap(),
+    ];
+    wait_for_open_connections(&h, 2).await;
+    let mut third = TcpStream::connect(h.addr()).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(30), third.read(&mut buf))
+        .await
+        .expect("an excess connection from the same address must be closed promptly");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(rejections(&metrics(&h).await, "connections_per_address") >= 1);
+    // A client from another address (127.0.0.2 is loopback too) still gets a place.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let from_other = socket.connect(h.addr()).await;
+    assert!(from_other.is_ok(), "{from_other:?}");
+    wait_for_open_connections(&h, 3).await;
+    drop(from_other);
+    // Once the first address's sockets go, it is served again.
+    drop(held);
+    let mut served = false;
+    for _ in 0..100 {
+        if connect(h.addr(), &h.bundle_pem, None).await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "the address's places were not given back");
+    h.stop().await;
+}
+
 async fn wait_for_open_connections(h: &Harness, n: u64) {
     let line = format!("citadel_ca_open_connections {n}");
     for _ in 0..200 {
