@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod node;
 pub mod policy;
 pub mod propagation;
+pub mod response_stream;
 pub mod sds;
 pub mod server;
 pub mod socket;

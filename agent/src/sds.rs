@@ -19,16 +19,15 @@ use citadel_proto::envoy::service::discovery::v3::{
 };
 use citadel_proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 use citadel_proto::prost_types::Any;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::attest::PeerInfo;
 use crate::bundle::BundleState;
 use crate::manager::cert_changed;
 use crate::propagation::Consumer;
+use crate::response_stream::{ResponseSender, ResponseStream, response_channel};
 use crate::server::AgentState;
 use crate::svid::WorkloadSvid;
 
@@ -196,8 +195,6 @@ impl SdsService {
     }
 }
 
-type ResponseStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl SecretDiscoveryService for SdsService {
     type DeltaSecretsStream = ResponseStream<DeltaDiscoveryResponse>;
@@ -221,7 +218,7 @@ impl SecretDiscoveryService for SdsService {
         // One message in flight at most: a client that does not read holds
         // up only its own stream, and changes meanwhile collapse into the
         // latest state (watch channels keep only the newest value).
-        let (tx, rx) = mpsc::channel(1);
+        let (tx, rx) = response_channel();
         let state = self.state.clone();
         let guard = state.metrics.stream_opened("sds");
         tokio::spawn(async move {
@@ -231,7 +228,7 @@ impl SecretDiscoveryService for SdsService {
                 let _ = tx.send(Err(status)).await;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(rx))
     }
 
     async fn fetch_secrets(
@@ -306,7 +303,7 @@ async fn serve_stream(
     peer: &PeerInfo,
     own_id: SpiffeId,
     mut inbound: Streaming<DiscoveryRequest>,
-    tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    tx: &ResponseSender<DiscoveryResponse>,
 ) -> Result<(), Status> {
     let mut session = SdsSession::default();
     let mut subscription = None;

@@ -9,9 +9,6 @@ use citadel_proto::spiffe_workload::{
     ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
     X509svidResponse,
 };
-use futures::Stream;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use citadel_identity::SpiffeId;
@@ -19,6 +16,7 @@ use citadel_identity::SpiffeId;
 use crate::attest::PeerInfo;
 use crate::bundle::BundleState;
 use crate::manager::{CertSubscription, cert_changed};
+use crate::response_stream::{ResponseStream, response_channel};
 use crate::server::AgentState;
 use crate::svid::WorkloadSvid;
 
@@ -72,8 +70,6 @@ impl WorkloadApiService {
         Self { state }
     }
 }
-
-type ResponseStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 const JWT_UNIMPLEMENTED: &str = "JWT-SVIDs are not issued by this agent yet";
 
@@ -151,7 +147,7 @@ fn full_state_stream<T: Send + 'static>(
     subscription: Option<CertSubscription>,
     render: impl Fn(Option<&WorkloadSvid>, &BundleState) -> Option<T> + Send + 'static,
 ) -> ResponseStream<T> {
-    let (tx, rx) = mpsc::channel(1);
+    let (tx, rx) = response_channel();
     let guard = state.metrics.stream_opened("workload_api");
     // The bundle must reach this stream before the agent acknowledges it to the CA.
     let consumer = state.propagation.register();
@@ -185,5 +181,5 @@ fn full_state_stream<T: Send + 'static>(
             }
         }
     });
-    Box::pin(ReceiverStream::new(rx))
+    rx
 }
