@@ -4,6 +4,7 @@
 # Fails if any target crashes, hangs (an input taking over 10 s) or leaks.
 #
 #   fuzz/run.sh [SECONDS]
+#   FUZZ_RUNS=10000000 fuzz/run.sh 3600   # stop each target at 10M executions
 #
 # Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz
 # --version 0.13.2 --locked`). New inputs libFuzzer finds go to a scratch
@@ -19,6 +20,9 @@ triple="$(rustc +nightly -vV | sed -n 's/^host: //p')"
 bin_dir="${CARGO_TARGET_DIR:-$(pwd)/target}/$triple/release"
 
 work="${FUZZ_WORK:-$(mktemp -d)}"
+# 0 (the default) or unset: no cap; libFuzzer's -runs=-1 means run until the time is up.
+runs="${FUZZ_RUNS:-0}"
+[ "$runs" -gt 0 ] || runs=-1
 failed=()
 printf '%-14s %14s %8s  %s\n' target executions exec/s result
 for t in "${targets[@]}"; do
@@ -26,7 +30,7 @@ for t in "${targets[@]}"; do
   log="$work/$t.log"
   status=ok
   # -max_len above the default 4096 so whole policy files and ClientHellos fit.
-  if ! "$bin_dir/$t" -max_total_time="$seconds" -timeout=10 -max_len=16384 \
+  if ! "$bin_dir/$t" -max_total_time="$seconds" -runs="$runs" -timeout=10 -max_len=16384 \
       -print_final_stats=1 -artifact_prefix="artifacts/$t/" \
       "$work/$t" "corpus/$t" >"$log" 2>&1; then
     status=CRASH
