@@ -5,6 +5,7 @@
 #
 #   fuzz/run.sh [SECONDS]
 #   FUZZ_RUNS=10000000 fuzz/run.sh 3600   # stop each target at 10M executions
+#   FUZZ_TARGETS="csr jwt" fuzz/run.sh 60  # only these targets
 #
 # Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz
 # --version 0.13.2 --locked`). New inputs libFuzzer finds go to a scratch
@@ -13,7 +14,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds="${1:-60}"
-targets=(csr jwt policy_yaml sds workload_api entries trust_bundle proxy_detect cgroup)
+all_targets=(csr jwt policy_yaml sds workload_api entries trust_bundle proxy_detect cgroup)
+read -r -a targets <<<"${FUZZ_TARGETS:-${all_targets[*]}}"
+for t in "${targets[@]}"; do
+  [[ " ${all_targets[*]} " == *" $t "* ]] || { echo "unknown fuzz target: $t" >&2; exit 2; }
+done
 
 cargo +nightly fuzz build
 triple="$(rustc +nightly -vV | sed -n 's/^host: //p')"
