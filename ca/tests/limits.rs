@@ -96,19 +96,7 @@ async fn excess_connections_are_refused() {
         ..Limits::default()
     })
     .await;
-    // Two connections that never say a word hold both slots.
-    let held = [
-        TcpStream::connect(h.addr()).await.unwrap(),
-        TcpStream::connect(h.addr()).await.unwrap(),
-    ];
-    wait_for_open_connections(&h, 2).await;
-    // A third is closed at once: the client sees the connection end, not a hang.
-    let mut third = TcpStream::connect(h.addr()).await.unwrap();
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(Duration::from_secs(30), third.read(&mut buf))
-        .await
-        .expect("an excess connection must be closed promptly");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let held = fill_two_places_and_see_a_third_closed(&h).await;
     assert!(connect(h.addr(), &h.bundle_pem, None).await.is_err());
     assert!(rejections(&metrics(&h).await, "connections") >= 2);
     // Once they go, the slots are free again.
@@ -125,18 +113,8 @@ async fn excess_connections_from_one_address_are_refused_while_others_are_served
         ..Limits::default()
     })
     .await;
-    // Two silent connections from 127.0.0.1 hold that address's share.
-    let held = [
-        TcpStream::connect(h.addr()).await.unwrap(),
-        TcpStream::connect(h.addr()).await.unwrap(),
-    ];
-    wait_for_open_connections(&h, 2).await;
-    let mut third = TcpStream::connect(h.addr()).await.unwrap();
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(Duration::from_secs(30), third.read(&mut buf))
-        .await
-        .expect("an excess connection from the same address must be closed promptly");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // The two silent connections come from 127.0.0.1 and hold that address's share.
+    let held = fill_two_places_and_see_a_third_closed(&h).await;
     assert!(rejections(&metrics(&h).await, "connections_per_address") >= 1);
     // A client from another address (127.0.0.2 is loopback too) still gets a place.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -152,6 +130,24 @@ async fn excess_connections_from_one_address_are_refused_while_others_are_served
         "the address's places were not given back"
     );
     h.stop().await;
+}
+
+/// Opens two connections that never say a word (they hold both places the limit under
+/// test allows), then checks that a third is closed at once: the client sees the
+/// connection end, not a hang. Returns the two held sockets.
+async fn fill_two_places_and_see_a_third_closed(h: &Harness) -> [TcpStream; 2] {
+    let held = [
+        TcpStream::connect(h.addr()).await.unwrap(),
+        TcpStream::connect(h.addr()).await.unwrap(),
+    ];
+    wait_for_open_connections(h, 2).await;
+    let mut third = TcpStream::connect(h.addr()).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(30), third.read(&mut buf))
+        .await
+        .expect("an excess connection must be closed promptly");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    held
 }
 
 /// Whether a TLS client gets through within 10 s (freed places come back asynchronously).

@@ -106,7 +106,7 @@ fn url_password(url: &str) -> Option<String> {
 ///
 /// SQLite: the file is created with mode 0600 if missing; WAL journal, `synchronous=FULL`
 /// (a commit is durable), 5 s busy timeout, temporary tables and journals in memory, a
-/// 16 MiB page cache per connection. Every backend: a connection is awaited at most
+/// 16 MiB page cache per connection, ledger appends on a connection of their own. Every backend: a connection is awaited at most
 /// 3 s, after which the call fails with [`StoreError::Unavailable`]. Any other URL is a
 /// [`StoreError::Config`]. Error messages never contain the URL's password.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
@@ -151,8 +151,25 @@ async fn connect_sqlite(path: &Path) -> Result<SqlStore, StoreError> {
     let url = SqliteConnectOptions::new().filename(path).to_url_lossy();
     let options = AnyConnectOptions::from_url(&url).map_err(from_sqlx)?;
     enable_wal(&options).await?;
-    let pool = AnyPoolOptions::new()
-        .max_connections(4)
+    let pool = sqlite_pool_options(4)
+        .connect_with(options.clone())
+        .await
+        .map_err(from_sqlx)?;
+    SQLITE_MIGRATOR.run(&pool).await.map_err(from_migrate)?;
+    // Opened at the first append: a store that never appends (the sealed-key store) keeps
+    // no idle connection for it.
+    let ledger_writer = sqlite_pool_options(1).connect_lazy_with(options);
+    Ok(SqlStore {
+        pool,
+        ledger_writer,
+        dialect: Dialect::Sqlite,
+    })
+}
+
+/// Pool options of every SQLite connection: the pragmas each connection needs.
+fn sqlite_pool_options(max_connections: u32) -> AnyPoolOptions {
+    AnyPoolOptions::new()
+        .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .after_release(|conn, _meta| Box::pin(async move { Ok(outside_transaction(conn)) }))
         .after_connect(|conn, _meta| {
@@ -170,14 +187,6 @@ async fn connect_sqlite(path: &Path) -> Result<SqlStore, StoreError> {
                 Ok(())
             })
         })
-        .connect_with(options)
-        .await
-        .map_err(from_sqlx)?;
-    SQLITE_MIGRATOR.run(&pool).await.map_err(from_migrate)?;
-    Ok(SqlStore {
-        pool,
-        dialect: Dialect::Sqlite,
-    })
 }
 
 /// Whether a connection handed back to the pool is outside any transaction. A COMMIT or
@@ -232,6 +241,7 @@ async fn connect_postgres(url: &str) -> Result<SqlStore, StoreError> {
         .map_err(from_sqlx)?;
     POSTGRES_MIGRATOR.run(&pool).await.map_err(from_migrate)?;
     Ok(SqlStore {
+        ledger_writer: pool.clone(),
         pool,
         dialect: Dialect::Postgres,
     })
@@ -282,9 +292,16 @@ impl Dialect {
     }
 }
 
-/// The SQL store: a pool and the dialect it speaks.
+/// The SQL store: its pools and the dialect it speaks.
 pub(crate) struct SqlStore {
     pub(crate) pool: AnyPool,
+    /// Where [`crate::LedgerStore::append_issuances`] writes: the group-commit writer's batches,
+    /// the hottest writes the CA makes. SQLite: one connection of its own. A SQLite connection
+    /// drops its whole page cache whenever another connection has committed since its last
+    /// transaction, so batches spread over the shared pool read their index pages back from
+    /// the file every time; on one connection they stay cached, and the appends never wait
+    /// behind the shared pool's readers. PostgreSQL keeps no such cache: the shared pool.
+    pub(crate) ledger_writer: AnyPool,
     pub(crate) dialect: Dialect,
 }
 
@@ -389,34 +406,79 @@ mod tests {
         let store = connect_sqlite(&dir.path().join("citadel.db"))
             .await
             .unwrap();
-        let mut conn = store.pool.acquire().await.unwrap();
-        // synchronous = FULL (2): a commit is on disk before it returns.
-        let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(&mut *conn)
+        // The ledger writer's connection is set up like the shared pool's.
+        for pool in [&store.pool, &store.ledger_writer] {
+            let mut conn = pool.acquire().await.unwrap();
+            // synchronous = FULL (2): a commit is on disk before it returns.
+            let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            assert_eq!(synchronous, 2);
+            let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            assert_eq!(busy, 5_000);
+            let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            assert_eq!(journal, "wal");
+            // temp_store = MEMORY (2); cache_size negative = KiB.
+            let temp_store: i64 = sqlx::query_scalar("PRAGMA temp_store")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            assert_eq!(temp_store, 2);
+            let cache: i64 = sqlx::query_scalar("PRAGMA cache_size")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            assert_eq!(cache, -SQLITE_CACHE_KIB);
+        }
+    }
+
+    /// Readers holding every connection of the shared pool (a long `ledger verify`, a burst
+    /// of status queries) do not hold up issuance: ledger appends have their own connection.
+    #[tokio::test]
+    async fn ledger_appends_do_not_wait_for_the_shared_pool() {
+        use crate::model::NewIssuance;
+        use crate::store::LedgerStore as _;
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let store = connect_sqlite(&dir.path().join("citadel.db"))
             .await
             .unwrap();
-        assert_eq!(synchronous, 2);
-        let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-        assert_eq!(busy, 5_000);
-        let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-        assert_eq!(journal, "wal");
-        // temp_store = MEMORY (2); cache_size negative = KiB.
-        let temp_store: i64 = sqlx::query_scalar("PRAGMA temp_store")
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-        assert_eq!(temp_store, 2);
-        let cache: i64 = sqlx::query_scalar("PRAGMA cache_size")
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-        assert_eq!(cache, -SQLITE_CACHE_KIB);
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(store.pool.acquire().await.unwrap());
+        }
+        let issuance = NewIssuance {
+            serial_hex: "0a".repeat(16),
+            spiffe_id: "spiffe://cluster.local/ns/default/sa/web".into(),
+            authority_id: "auth-1".into(),
+            not_before: 1_000,
+            not_after: 90_000,
+            requester: "spiffe://cluster.local/ns/default/sa/web".into(),
+            node: None,
+            der_sha256: [7; 32],
+            issued_at: 1_120,
+        };
+        // Well below ACQUIRE_TIMEOUT: an append queued behind the shared pool would time out.
+        let appended = tokio::time::timeout(
+            Duration::from_secs(2),
+            store.append_issuances(std::slice::from_ref(&issuance)),
+        )
+        .await
+        .expect("the append waited for the shared pool")
+        .unwrap();
+        assert_eq!(appended.len(), 1);
+        assert_eq!(appended[0].issuance, issuance);
+        drop(held);
+        let verification = store.verify_ledger().await.unwrap();
+        assert!(verification.is_valid(), "{verification:?}");
+        assert_eq!(verification.rows_checked, 1);
     }
 
     /// A failed COMMIT (SQLITE_FULL on a full disk) can leave a connection whose driver still

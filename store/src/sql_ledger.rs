@@ -7,7 +7,7 @@ use sqlx::{AnyConnection, Row};
 use crate::chain::{ChainVerifier, chain_batch};
 use crate::error::{StoreError, from_sqlx};
 use crate::model::{LedgerEntry, LedgerFilter, LedgerVerification, NewIssuance};
-use crate::sql::{SqlStore, column, decode_hash};
+use crate::sql::{Dialect, SqlStore, column, decode_hash};
 use crate::store::LedgerStore;
 
 /// Rows per multi-row INSERT (12 parameters each, below SQLite's historic 999 limit).
@@ -78,8 +78,12 @@ fn issuance_query(filter: &LedgerFilter) -> (String, Vec<Param>) {
     (sql, params)
 }
 
-/// `INSERT INTO issuances … VALUES (…), (…)` for `rows` rows.
-fn insert_sql(rows: usize) -> String {
+/// `INSERT INTO issuances … VALUES (…), (…)` for `rows` rows, in `dialect`'s placeholders.
+///
+/// SQLite gets anonymous `?`: for a numbered parameter, binding looks its name up, and SQLite
+/// finds a parameter's name by walking the statement's list of names, so a 768-parameter
+/// insert spent a visible share of the CA's time there. PostgreSQL only knows `$n`.
+fn insert_sql(rows: usize, dialect: Dialect) -> String {
     let mut sql = format!("INSERT INTO issuances ({ISSUANCE_COLUMNS}) VALUES ");
     for r in 0..rows {
         if r > 0 {
@@ -90,7 +94,10 @@ fn insert_sql(rows: usize) -> String {
             if c > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!("${}", r * 12 + c + 1));
+            match dialect {
+                Dialect::Sqlite => sql.push('?'),
+                Dialect::Postgres => sql.push_str(&format!("${}", r * 12 + c + 1)),
+            }
         }
         sql.push(')');
     }
@@ -103,6 +110,7 @@ fn insert_sql(rows: usize) -> String {
 /// appends to the ledger as part of a larger transaction takes the head lock last.
 pub(crate) async fn append_chained(
     conn: &mut AnyConnection,
+    dialect: Dialect,
     batch: &[NewIssuance],
 ) -> Result<Vec<LedgerEntry>, StoreError> {
     // Lock the head first: concurrent appenders (other tasks or other replicas) queue here,
@@ -125,7 +133,7 @@ pub(crate) async fn append_chained(
 
     let entries = chain_batch(last_seq, last_hash, batch);
     for chunk in entries.chunks(INSERT_CHUNK) {
-        let sql = insert_sql(chunk.len());
+        let sql = insert_sql(chunk.len(), dialect);
         let mut query = sqlx::query(&sql);
         for e in chunk {
             let i = &e.issuance;
@@ -168,11 +176,11 @@ impl LedgerStore for SqlStore {
             return Ok(Vec::new());
         }
         let mut tx = self
-            .pool
+            .ledger_writer
             .begin_with(self.dialect.begin_write())
             .await
             .map_err(from_sqlx)?;
-        let entries = append_chained(&mut tx, batch).await?;
+        let entries = append_chained(&mut tx, self.dialect, batch).await?;
         tx.commit().await.map_err(from_sqlx)?;
         Ok(entries)
     }
@@ -288,8 +296,12 @@ mod tests {
 
     #[test]
     fn insert_sql_has_twelve_placeholders_per_row() {
-        let sql = insert_sql(2);
+        let sql = insert_sql(2, Dialect::Postgres);
         assert!(sql.contains("($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12), ($13,"));
         assert!(sql.ends_with("$24)"));
+        let sql = insert_sql(2, Dialect::Sqlite);
+        let row = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+        assert!(sql.ends_with(&format!("VALUES {row}, {row}")), "{sql}");
+        assert!(!sql.contains('$'), "{sql}");
     }
 }

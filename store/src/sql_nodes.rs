@@ -164,7 +164,7 @@ impl SqlStore {
                 .map_err(from_sqlx)?;
             }
         }
-        let entry = append_chained(&mut tx, std::slice::from_ref(issuance))
+        let entry = append_chained(&mut tx, self.dialect, std::slice::from_ref(issuance))
             .await?
             .pop()
             .ok_or_else(|| StoreError::Corrupt("the ledger append returned no entry".into()))?;
