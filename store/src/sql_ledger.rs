@@ -114,19 +114,15 @@ pub(crate) async fn append_chained(
     batch: &[NewIssuance],
 ) -> Result<Vec<LedgerEntry>, StoreError> {
     // Lock the head first: concurrent appenders (other tasks or other replicas) queue here,
-    // so each one reads the head only after the previous one committed.
-    let locked = sqlx::query("UPDATE ledger_head SET last_seq = last_seq WHERE id = 1")
-        .execute(&mut *conn)
-        .await
-        .map_err(from_sqlx)?
-        .rows_affected();
-    if locked != 1 {
-        return Err(StoreError::Corrupt("the ledger head row is missing".into()));
-    }
-    let head = sqlx::query("SELECT last_seq, last_hash FROM ledger_head WHERE id = 1")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(from_sqlx)?;
+    // so each one reads the head only after the previous one committed. The same statement
+    // reads it: one round trip fewer to the database for every batch.
+    let head = sqlx::query(
+        "UPDATE ledger_head SET last_seq = last_seq WHERE id = 1 RETURNING last_seq, last_hash",
+    )
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(from_sqlx)?
+    .ok_or_else(|| StoreError::Corrupt("the ledger head row is missing".into()))?;
     let last_seq: i64 = head.try_get("last_seq").map_err(from_sqlx)?;
     let last_hash: String = head.try_get("last_hash").map_err(from_sqlx)?;
     let last_hash = decode_hash(&last_hash, "ledger head hash").map_err(StoreError::Corrupt)?;
