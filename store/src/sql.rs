@@ -106,9 +106,10 @@ fn url_password(url: &str) -> Option<String> {
 ///
 /// SQLite: the file is created with mode 0600 if missing; WAL journal, `synchronous=FULL`
 /// (a commit is durable), 5 s busy timeout, temporary tables and journals in memory, a
-/// 16 MiB page cache per connection, ledger appends on a connection of their own. Every backend: a connection is awaited at most
-/// 3 s, after which the call fails with [`StoreError::Unavailable`]. Any other URL is a
-/// [`StoreError::Config`]. Error messages never contain the URL's password.
+/// 16 MiB page cache per connection, ledger appends on a connection of their own. Every
+/// backend: a connection is awaited at most 3 s, after which the call fails with
+/// [`StoreError::Unavailable`]. Any other URL is a [`StoreError::Config`]. Error messages
+/// never contain the URL's password.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     sqlx::any::install_default_drivers();
     let store = match parse_url(url)? {
