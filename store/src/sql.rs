@@ -411,33 +411,27 @@ mod tests {
         for pool in [&store.pool, &store.ledger_writer] {
             let mut conn = pool.acquire().await.unwrap();
             // synchronous = FULL (2): a commit is on disk before it returns.
-            let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
-            assert_eq!(synchronous, 2);
-            let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
-            assert_eq!(busy, 5_000);
-            let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
-            assert_eq!(journal, "wal");
+            assert_eq!(pragma::<i64>(&mut conn, "synchronous").await, 2);
+            assert_eq!(pragma::<i64>(&mut conn, "busy_timeout").await, 5_000);
+            assert_eq!(pragma::<String>(&mut conn, "journal_mode").await, "wal");
             // temp_store = MEMORY (2); cache_size negative = KiB.
-            let temp_store: i64 = sqlx::query_scalar("PRAGMA temp_store")
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
-            assert_eq!(temp_store, 2);
-            let cache: i64 = sqlx::query_scalar("PRAGMA cache_size")
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
-            assert_eq!(cache, -SQLITE_CACHE_KIB);
+            assert_eq!(pragma::<i64>(&mut conn, "temp_store").await, 2);
+            assert_eq!(
+                pragma::<i64>(&mut conn, "cache_size").await,
+                -SQLITE_CACHE_KIB
+            );
         }
+    }
+
+    /// The current value of SQLite's `PRAGMA name` on `conn`.
+    async fn pragma<T>(conn: &mut sqlx::AnyConnection, name: &str) -> T
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any> + Send + Unpin,
+    {
+        sqlx::query_scalar(&format!("PRAGMA {name}"))
+            .fetch_one(conn)
+            .await
+            .unwrap()
     }
 
     /// Readers holding every connection of the shared pool (a long `ledger verify`, a burst
