@@ -434,6 +434,43 @@ mod tests {
             .unwrap()
     }
 
+    /// The SQLite ledger keeps no index on the SPIFFE ID (each issuance would write and sync
+    /// one more random page of it): a new database has none, an upgraded one loses it, and the
+    /// serial's uniqueness and the expiry index stay.
+    #[tokio::test]
+    async fn sqlite_ledger_has_no_index_on_the_spiffe_id() {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("citadel.db");
+        let store = connect_sqlite(&path).await.unwrap();
+        let indexes = |store: SqlStore| async move {
+            let names: Vec<String> = sqlx::query_scalar(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'issuances' \
+                 AND sql IS NOT NULL ORDER BY name",
+            )
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+            store.pool.close().await;
+            names
+        };
+        let expected = ["issuances_authority_serial", "issuances_not_after"];
+        assert_eq!(indexes(store).await, expected);
+
+        // A database written by the release before (schema version 7) has the index.
+        let old = connect_sqlite(&path).await.unwrap();
+        old.pool
+            .execute(
+                "CREATE INDEX issuances_spiffe_id ON issuances (spiffe_id, seq); \
+                 DELETE FROM _sqlx_migrations WHERE version = 8",
+            )
+            .await
+            .unwrap();
+        old.pool.close().await;
+        let upgraded = connect_sqlite(&path).await.unwrap();
+        assert_eq!(indexes(upgraded).await, expected);
+    }
+
     /// Readers holding every connection of the shared pool (a long `ledger verify`, a burst
     /// of status queries) do not hold up issuance: ledger appends have their own connection.
     #[tokio::test]
