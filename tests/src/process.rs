@@ -18,11 +18,47 @@ pub fn binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// Lowest port [`free_port`] hands out: above the well-known ports and above the fixed ports
+/// of the mesh's own components (15000–15100, which tests may start with their defaults).
+const FIRST_TEST_PORT: u32 = 20_000;
+
+/// A port that was free a moment ago on 127.0.0.1, for a server the test starts next. It is
+/// never one this process handed out before, and it lies below the kernel's ephemeral range:
+/// a port from that range (what binding port 0 returns) can become the source port of any
+/// outgoing connection between this check and the server's bind, and the server then fails
+/// with "Address already in use" (seen in CI). Each process starts at a place of its own in
+/// the range, so test binaries that follow each other do not reuse each other's ports first.
 pub fn free_port() -> u16 {
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+    let ephemeral_start = ephemeral_ports_start().unwrap_or(32_768);
+    let span = ephemeral_start.saturating_sub(FIRST_TEST_PORT);
+    if span >= 1_000 {
+        let next = NEXT.get_or_init(|| {
+            std::sync::atomic::AtomicU32::new(std::process::id().wrapping_mul(7_919) % span)
+        });
+        for _ in 0..span {
+            let offset = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % span;
+            if let Ok(port) = u16::try_from(FIRST_TEST_PORT + offset)
+                && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            {
+                return port;
+            }
+        }
+    }
+    // An unusual port range leaves no room below it: any free port, as a last resort.
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_or(0, |a| a.port())
+}
+
+/// The first port of the kernel's range for outgoing connections' source ports.
+fn ephemeral_ports_start() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Runs `citadel ARGS…` to completion.
@@ -175,6 +211,25 @@ impl Drop for CaProcess {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Outgoing connections take their source ports from the ephemeral range; a port handed
+    /// out from there could be taken before the server binds it.
+    #[test]
+    fn free_ports_are_distinct_and_below_the_ephemeral_range() {
+        let start = ephemeral_ports_start().unwrap_or(32_768);
+        let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        for port in ports {
+            assert!(u32::from(port) < start, "{port} is in the ephemeral range");
+            assert!(u32::from(port) >= FIRST_TEST_PORT, "{port}");
         }
     }
 }
