@@ -4,7 +4,7 @@
 -- returns. An index on the SPIFFE ID puts each issuance on another page of that index (the
 -- rows of one identity end on a page of their own), so every ledger batch wrote and synced
 -- one more page per certificate. The single ledger writer, which every issuance waits for,
--- was the CA's bottleneck, and without the index the CA issues about 13 % more certificates
+-- was the CA's bottleneck, and without the index the CA issues about 12 % more certificates
 -- per second. The index served only `citadel certs list --spiffe-id`, which now reads the
 -- ledger in order: about 0.15 s per million rows when the file is in the page cache.
 -- PostgreSQL keeps its index: its WAL logs a small record for a change to a page, and the

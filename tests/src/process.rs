@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -23,21 +25,21 @@ pub fn binary(name: &str) -> PathBuf {
 const FIRST_TEST_PORT: u32 = 20_000;
 
 /// A port that was free a moment ago on 127.0.0.1, for a server the test starts next. It is
-/// never one this process handed out before, and it lies below the kernel's ephemeral range:
-/// a port from that range (what binding port 0 returns) can become the source port of any
-/// outgoing connection between this check and the server's bind, and the server then fails
-/// with "Address already in use" (seen in CI). Each process starts at a place of its own in
-/// the range, so test binaries that follow each other do not reuse each other's ports first.
+/// not one this process handed out before (until the whole range has been handed out), and it
+/// lies below the kernel's ephemeral range: a port from that range (what binding port 0
+/// returns) can become the source port of any outgoing connection between this check and the
+/// server's bind, and the server then fails with "Address already in use" (seen in CI). Each
+/// process starts at a place of its own in the range, so test binaries that follow each other
+/// do not reuse each other's ports first.
 pub fn free_port() -> u16 {
-    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
     let ephemeral_start = ephemeral_ports_start().unwrap_or(32_768);
     let span = ephemeral_start.saturating_sub(FIRST_TEST_PORT);
     if span >= 1_000 {
-        let next = NEXT.get_or_init(|| {
-            std::sync::atomic::AtomicU32::new(std::process::id().wrapping_mul(7_919) % span)
-        });
+        let next =
+            NEXT.get_or_init(|| AtomicU32::new(std::process::id().wrapping_mul(7_919) % span));
         for _ in 0..span {
-            let offset = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % span;
+            let offset = next.fetch_add(1, Ordering::Relaxed) % span;
             if let Ok(port) = u16::try_from(FIRST_TEST_PORT + offset)
                 && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
             {
